@@ -1,0 +1,8 @@
+"""dma: Dynamic Mask Attention for PyTorch (fast, exact, trainable sparse attention)."""
+
+from .api import attention, explain
+from .dispatch import BackendUnavailableError, backends, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["attention", "explain", "use_backend", "backends", "BackendUnavailableError"]

@@ -1,0 +1,51 @@
+"""The public entry points: `attention` and `explain`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import autograd, dispatch
+from .validation import validate
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    key_bias=None,
+    window: Optional[int] = None,
+    attn_bias=None,
+    attn_mask=None,
+    key_padding_mask=None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """Dynamic Mask Attention (docs/semantics.md is the full contract).
+
+    q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D); key_bias: (B or 1, Hb, Sk) with Hb in {1, Hkv, H}.
+    With `window=w` each query row keeps the w allowed keys with the best
+    key_bias + attn_bias (ties go to the later key). Returns o like q, or (o, lse) with
+    `return_lse=True` (lse float32 (B, H, Sq)).
+    """
+    problem, inputs = validate(
+        q, k, v, key_bias=key_bias, window=window, attn_bias=attn_bias, attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask, causal=causal, scale=scale, softcap=softcap,
+        return_lse=return_lse,
+    )
+    chosen = dispatch.choose(problem, backend)
+    o, lse = autograd.run(problem, inputs, chosen)
+    return (o, lse) if return_lse else o
+
+
+def explain(q, k, v, **kwargs) -> dict[str, list[str]]:
+    """Per backend, the reasons it could not serve `attention(q, k, v, **kwargs)`.
+
+    An empty list means the backend can serve the call. The `backend` keyword is ignored.
+    """
+    kwargs.pop("backend", None)
+    problem, _ = validate(q, k, v, **kwargs)
+    return dispatch.explain(problem)

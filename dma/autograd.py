@@ -1,0 +1,76 @@
+"""The one autograd path shared by every backend.
+
+Forward builds the selection plan (once, saved for backward) and calls the backend's forward;
+backward turns the incoming gradients into `delta` and calls the backend's backward. Empty
+problems (B, Sq or Sk of 0) are answered here and never reach a backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends.base import Backend
+from .selection import build_interval_plan
+from .validation import SELECT_INTERVAL, Inputs, Problem
+
+
+def make_plan(problem: Problem, inputs: Inputs, backend: Backend):
+    if problem.selection != SELECT_INTERVAL or problem.is_empty:
+        return None
+    with torch.no_grad():
+        return build_interval_plan(problem, inputs, backend.block_m)
+
+
+def _empty_forward(problem: Problem):
+    o = torch.zeros(problem.batch, problem.seqlen_q, problem.heads, problem.head_dim,
+                    dtype=problem.dtype, device=problem.device)
+    lse = torch.full((problem.batch, problem.heads, problem.seqlen_q), float("-inf"),
+                     dtype=torch.float32, device=problem.device)
+    return o, lse
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, problem, backend, attn_mask, key_padding_mask, q, k, v, key_bias,
+                attn_bias):
+        inputs = Inputs(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask)
+        if problem.is_empty:
+            o, lse = _empty_forward(problem)
+            plan = None
+        else:
+            plan = make_plan(problem, inputs, backend)
+            o, lse = backend.forward(problem, inputs, plan)
+        ctx.problem, ctx.backend, ctx.plan = problem, backend, plan
+        ctx.save_for_backward(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask, o, lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        problem, backend = ctx.problem, ctx.backend
+        q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask, o, lse = ctx.saved_tensors
+        inputs = Inputs(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask)
+        if do is None:
+            do = torch.zeros_like(o)
+        if problem.is_empty:
+            grads = tuple(
+                None if (t is None or not need) else torch.zeros_like(t)
+                for t, need in zip((q, k, v, key_bias, attn_bias), problem.needs_grad)
+            )
+        else:
+            # ds = p * (dp - delta) with delta = rowsum(do * o) - dlse covers gradients of
+            # both outputs (d lse_i / d s_ij = p_ij).
+            acc = torch.float64 if problem.dtype == torch.float64 else torch.float32
+            delta = (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
+            if dlse is not None:
+                delta = delta - torch.where(torch.isfinite(lse), dlse.to(acc), 0.0)
+            grads = backend.backward(problem, inputs, ctx.plan, o, lse, do.contiguous(),
+                                     delta.contiguous())
+        return (None, None, None, None) + tuple(grads)
+
+
+def run(problem: Problem, inputs: Inputs, backend: Backend):
+    """Forward through the shared autograd function; returns (o, lse)."""
+    return AttentionFunction.apply(
+        problem, backend, inputs.attn_mask, inputs.key_padding_mask,
+        inputs.q, inputs.k, inputs.v, inputs.key_bias, inputs.attn_bias,
+    )

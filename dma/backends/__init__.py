@@ -1,0 +1,12 @@
+"""Built-in backends, registered in the dispatcher on first use.
+
+Importing this package imports no optional dependency: each backend probes for its packages
+with importlib.util.find_spec and imports them only when it runs.
+"""
+
+from ..dispatch import register
+from .pending import CupyBackend, NumbaBackend, TritonBackend
+from .torch_backend import TorchBackend
+
+for _backend in (TritonBackend(), CupyBackend(), NumbaBackend(), TorchBackend()):
+    register(_backend)

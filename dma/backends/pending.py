@@ -1,0 +1,61 @@
+"""Backends whose kernels have not landed yet.
+
+They are registered so that `python -m dma info`, `dma.explain` and forced-backend errors name
+them with the real reasons they cannot run here, including the missing kernels. Each one is
+replaced by its own module when its kernels land (see docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..validation import SUPPORTED_DTYPES
+from .base import Backend, Capabilities
+
+
+def missing_packages(*names: str) -> list[str]:
+    """Reasons for optional packages that are not installed (nothing is imported)."""
+    return [f"package '{n}' is not installed (pip install 'dma-attention[{n}]')"
+            for n in names if importlib.util.find_spec(n) is None]
+
+
+def cuda_reasons() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["no CUDA device is available"]
+    return []
+
+
+class _PendingBackend(Backend):
+    packages: tuple = ()
+    needs_cuda = False
+
+    def environment_reasons(self) -> list[str]:
+        reasons = missing_packages(*self.packages)
+        if self.needs_cuda:
+            reasons += cuda_reasons()
+        reasons.append(f"the {self.name} kernels are not part of this release yet")
+        return reasons
+
+
+class TritonBackend(_PendingBackend):
+    name = "triton"
+    packages = ("triton",)
+    needs_cuda = True
+    capabilities = Capabilities(devices=frozenset({"cuda"}),
+                                dtypes=frozenset(SUPPORTED_DTYPES[:3]), max_head_dim=256)
+
+
+class CupyBackend(_PendingBackend):
+    name = "cupy"
+    packages = ("cupy",)
+    needs_cuda = True
+    capabilities = Capabilities(devices=frozenset({"cuda"}),
+                                dtypes=frozenset(SUPPORTED_DTYPES[:3]), max_head_dim=256)
+
+
+class NumbaBackend(_PendingBackend):
+    name = "numba"
+    packages = ("numba",)
+    capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset(SUPPORTED_DTYPES))

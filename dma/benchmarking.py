@@ -1,0 +1,206 @@
+"""Side-by-side timing of dma against dense attention and FlexAttention, on one device.
+
+Shared by `python -m dma demo` and `benchmarks/bench_attention.py`. Every contender gets the
+same random inputs (never zeros); times are medians of repeated runs, with CUDA events on GPUs.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import dma
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seqlen: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: Optional[int]
+    dtype: torch.dtype
+
+    @property
+    def label(self):
+        w = "none" if self.window is None else self.window
+        return (f"B{self.batch} S{self.seqlen} H{self.heads}/{self.kv_heads} D{self.head_dim} "
+                f"w={w} {str(self.dtype).replace('torch.', '')}")
+
+
+def make_inputs(shape: Shape, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*size):
+        return torch.randn(*size, generator=g).to(device=device, dtype=shape.dtype)
+
+    q = rand(shape.batch, shape.seqlen, shape.heads, shape.head_dim)
+    k = rand(shape.batch, shape.seqlen, shape.kv_heads, shape.head_dim)
+    v = rand(shape.batch, shape.seqlen, shape.kv_heads, shape.head_dim)
+    key_bias = rand(shape.batch, shape.kv_heads, shape.seqlen)
+    return q, k, v, key_bias
+
+
+def median_ms(fn: Callable, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _fwd_bwd(forward: Callable, leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = forward()
+        out.backward(torch.ones_like(out))  # a fixed, non-zero upstream gradient
+
+    return run
+
+
+def dma_contender(shape: Shape, inputs, backend: Optional[str]):
+    q, k, v, key_bias = inputs
+
+    def forward():
+        return dma.attention(q, k, v, key_bias=key_bias, window=shape.window, causal=True,
+                             backend=backend)
+
+    return forward
+
+
+def sdpa_contender(inputs, kernel: Optional[str]):
+    """Dense causal attention through torch SDPA, optionally pinned to one kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, _ = inputs
+    group = q.shape[2] // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    pinned = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+              "math": SDPBackend.MATH}.get(kernel)
+
+    def forward():
+        kk = kt.repeat_interleave(group, 1) if group > 1 else kt
+        vv = vt.repeat_interleave(group, 1) if group > 1 else vt
+        if pinned is None:
+            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=True)
+        with sdpa_kernel([pinned]):
+            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=True)
+
+    return forward
+
+
+def flex_contender(shape: Shape, inputs):
+    """FlexAttention given DMA's exact mask (per-key row intervals from dma's plan) and the
+    key_bias as a score_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from .autograd import make_plan
+    from .dispatch import get_backend
+    from .validation import validate
+
+    q, k, v, key_bias = inputs
+    problem, vinputs = validate(q, k, v, key_bias=key_bias, window=shape.window, causal=True)
+    plan = make_plan(problem, vinputs, get_backend("torch"))
+    group = shape.heads // shape.kv_heads
+    if plan is None:
+        def mask_mod(b, h, i, j):
+            return j <= i
+    else:
+        first, end = plan.key_first_row, plan.key_end_row  # (B, Hkv, S)
+
+        def mask_mod(b, h, i, j):
+            hk = h // group
+            return (i >= first[b, hk, j]) & (i < end[b, hk, j])
+
+    def score_mod(score, b, h, i, j):
+        return score + key_bias[b, h // group, j]
+
+    block_mask = create_block_mask(mask_mod, shape.batch, shape.heads, shape.seqlen,
+                                   shape.seqlen, device=q.device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def forward():
+        return compiled(qt, kt, vt, score_mod=score_mod, block_mask=block_mask,
+                        enable_gqa=group > 1)
+
+    return forward
+
+
+def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, modes=("fwd",
+                  "fwd+bwd"), warmup=2, reps=5, progress=True):
+    """Return a list of dict rows: shape, contender, mode, ms, ratio to the dense baseline."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    jobs = [(s, c, m) for s in shapes for c in contenders for m in modes]
+    rows = []
+    cache = {}
+    for shape, contender, mode in tqdm(jobs, desc="timing", disable=not progress):
+        if shape not in cache:
+            cache[shape] = make_inputs(shape, device)
+        inputs = cache[shape]
+        leaves = inputs[:4] if mode == "fwd+bwd" else ()
+        for t in inputs:
+            t.requires_grad_(mode == "fwd+bwd")
+        try:
+            if contender == "dma":
+                forward = dma_contender(shape, inputs, backend)
+            elif contender.startswith("sdpa"):
+                forward = sdpa_contender(inputs, contender.partition("-")[2] or None)
+            elif contender == "flex":
+                forward = flex_contender(shape, inputs)
+            else:
+                raise ValueError(f"unknown contender {contender!r}")
+            fn = _fwd_bwd(forward, leaves) if mode == "fwd+bwd" else forward
+            if mode == "fwd":
+                fn = torch.no_grad()(fn)
+            ms = median_ms(fn, device, warmup, reps)
+            note = ""
+        except Exception as exc:  # a contender that cannot run here is reported, not fatal
+            ms, note = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        rows.append(dict(shape=shape.label, contender=contender, mode=mode, ms=ms, note=note))
+    baseline = {}
+    for r in rows:
+        if r["contender"] == contenders[1 if len(contenders) > 1 else 0]:
+            baseline[(r["shape"], r["mode"])] = r["ms"]
+    for r in rows:
+        base = baseline.get((r["shape"], r["mode"]))
+        r["ratio"] = r["ms"] / base if base else float("nan")
+    return rows
+
+
+def format_table(rows, baseline_name) -> str:
+    header = f"{'shape':44} {'contender':14} {'mode':8} {'ms':>10} {'x ' + baseline_name:>12}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['shape']:44} {r['contender']:14} {r['mode']:8} {r['ms']:10.3f} "
+                     f"{r['ratio']:12.3f} {r['note']}".rstrip())
+    return "\n".join(lines)
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,249 @@
+"""The selection plan: which keys each query row keeps (SPEC section 3), in one place.
+
+Backend-neutral torch code that runs on CPU and CUDA.
+
+* `build_interval_plan` serves the DMA case (key_bias ranks keys; masks are causal, key padding
+  or per-key only). Each row keeps the `window` best allowed keys by (key_bias_j, j). The w-th
+  best pair tau_i never gets worse as the row index grows, so every key is kept by one
+  interval of rows [first_row_j, end_row_j). The plan stores those two numbers per key (O(Sk)
+  per head) and, for every block of `block_m` query rows, the list of keys that any of its rows
+  keeps: at most window + block_m keys (the block's first row keeps `window`, each later row
+  adds at most one new key). No Sq x Sk tensor is ever built.
+* `rowwise_keep` serves the general case (window together with attn_bias or a row-varying
+  attn_mask): a dense top-w per row over a range of rows, O(rows x Sk).
+
+Selection scores are compared in float32 and carry no gradient; ties go to the later key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import expand_heads, to_query_heads
+from .validation import Inputs, Problem
+
+
+def plan_layout(problem: Problem) -> tuple[int, int]:
+    """(batch, heads) of the interval plan: the finest of key_bias, per-key mask and padding."""
+    batch = 1
+    heads = 1
+    for bc in (problem.key_bias, problem.attn_mask):
+        if bc is not None:
+            batch = max(batch, bc.batch)
+            heads = max(heads, bc.heads)
+    if problem.key_padding:
+        batch = problem.batch
+    return batch, heads
+
+
+def allowed_keys(problem: Problem, inputs: Inputs, batch: int, heads: int) -> torch.Tensor:
+    """(batch, heads, Sk) bool: keys that no row-independent mask removes."""
+    allowed = torch.ones(batch, heads, problem.seqlen_k, dtype=torch.bool, device=problem.device)
+    if inputs.key_padding_mask is not None:
+        allowed = allowed & inputs.key_padding_mask[:, None, :]
+    if inputs.attn_mask is not None:
+        mask = inputs.attn_mask[:, :, 0, :]  # rows == 1 in the interval case
+        mask = expand_heads(mask, heads, problem.heads)
+        allowed = allowed & mask
+    return allowed
+
+
+def key_selection_scores(problem: Problem, inputs: Inputs, batch: int, heads: int):
+    """(batch, heads, Sk) float32 key_bias, detached (zeros when absent)."""
+    shape = (batch, heads, problem.seqlen_k)
+    if inputs.key_bias is None:
+        return torch.zeros(shape, dtype=torch.float32, device=problem.device)
+    kb = inputs.key_bias.detach().float()
+    kb = expand_heads(kb, heads, problem.heads)
+    return kb.expand(shape)
+
+
+@dataclass(frozen=True)
+class IntervalPlan:
+    """Kept pairs of the DMA case. Query head h reads plan head h // (H // heads)."""
+
+    block_m: int
+    batch: int  # 1 or B
+    heads: int  # 1, Hkv or H
+    key_first_row: torch.Tensor  # (batch, heads, Sk) int32: first row that keeps key j
+    key_end_row: torch.Tensor  # (batch, heads, Sk) int32: rows [first, end) keep key j
+    candidates: torch.Tensor  # (batch, heads, n_blocks, max_candidates) int32, ascending, -1 pad
+    candidate_count: torch.Tensor  # (batch, heads, n_blocks) int32
+
+    @property
+    def max_candidates(self) -> int:
+        return self.candidates.shape[-1]
+
+
+def best_first_order(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Key indices along the last dim, best first: allowed keys by (score, index) descending,
+    then every disallowed key (whatever its score, even -inf for an allowed one ranks above)."""
+    s = scores.shape[-1]
+    # Later keys win ties: sort the reversed sequence stably, descending.
+    order = s - 1 - torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+    disallowed = (~allowed).gather(-1, order).to(torch.int8)
+    return order.gather(-1, torch.sort(disallowed, dim=-1, stable=True).indices)
+
+
+def _ranks(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Rank of every key per row of `scores` (N, S): 0 = best; disallowed keys rank last."""
+    order = best_first_order(scores, allowed)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return ranks
+
+
+def _prefix_kth_smallest(values: torch.Tensor, prefix_len: torch.Tensor, k: int) -> torch.Tensor:
+    """k-th smallest (0-based) of values[r, :prefix_len[r, t]] for every query t.
+
+    `values` (N, S) holds a permutation of 0..S-1 in every row. A wavelet matrix answers
+    every query in one pass over the bits of S: O(S log S) to build, O(log S) per query,
+    with a loop over bit levels only. Queries with prefix_len <= k return garbage (callers
+    mask them).
+    """
+    n, s = values.shape
+    device = values.device
+    levels = max(1, (s - 1).bit_length())
+    position = torch.arange(s, device=device)
+    zeros_before = []  # per level: (N, S+1) count of 0-bits before each position
+    cur = values
+    for level in reversed(range(levels)):
+        bit = (cur >> level) & 1
+        zb = torch.zeros(n, s + 1, dtype=torch.int64, device=device)
+        torch.cumsum(1 - bit, dim=-1, out=zb[:, 1:])
+        zeros_before.append(zb)
+        total_zeros = zb[:, -1:]
+        # Stable partition: 0-bits first, then 1-bits.
+        dest = torch.where(bit == 0, zb[:, :-1], total_zeros + position - zb[:, :-1])
+        cur = torch.empty_like(cur).scatter_(-1, dest, cur)
+
+    start = torch.zeros_like(prefix_len)
+    end = prefix_len.clone()
+    rank = torch.full_like(prefix_len, k)
+    result = torch.zeros_like(prefix_len)
+    for zb, level in zip(zeros_before, reversed(range(levels))):
+        total_zeros = zb[:, -1:]
+        z_start = zb.gather(-1, start)
+        z_end = zb.gather(-1, end)
+        zeros_in_range = z_end - z_start
+        go_ones = rank >= zeros_in_range
+        result |= go_ones.to(result.dtype) << level
+        rank = torch.where(go_ones, rank - zeros_in_range, rank)
+        start = torch.where(go_ones, total_zeros + start - z_start, z_start)
+        end = torch.where(go_ones, total_zeros + end - z_end, z_end)
+    return result
+
+
+def row_key_limit(problem: Problem, device) -> torch.Tensor:
+    """(Sq,) int64: the number of leading keys row i may see before masks (causal prefix)."""
+    rows = torch.arange(problem.seqlen_q, device=device)
+    if not problem.causal:
+        return torch.full_like(rows, problem.seqlen_k)
+    return (rows + problem.causal_offset + 1).clamp(0, problem.seqlen_k)
+
+
+def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int) -> IntervalPlan:
+    window = problem.window
+    sq, sk = problem.seqlen_q, problem.seqlen_k
+    device = problem.device
+    batch, heads = plan_layout(problem)
+    allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk)
+    scores = key_selection_scores(problem, inputs, batch, heads).reshape(batch * heads, sk)
+    n = batch * heads
+
+    ranks = _ranks(scores, allowed)  # (N, Sk)
+    limit = row_key_limit(problem, device).expand(n, sq).contiguous()  # (N, Sq)
+    allowed_before = torch.zeros(n, sk + 1, dtype=torch.int64, device=device)
+    torch.cumsum(allowed, dim=-1, out=allowed_before[:, 1:])
+    allowed_in_prefix = allowed_before.gather(-1, limit)
+    # tau_i: rank of the w-th best allowed key in row i's prefix; rows with at most w allowed
+    # keys keep all of them (tau = Sk, worse than every rank).
+    tau = _prefix_kth_smallest(ranks, limit, window - 1)
+    tau = torch.where(allowed_in_prefix > window, tau, torch.full_like(tau, sk))
+
+    # Row i keeps key j iff j < limit_i and rank_j <= tau_i. tau never increases with i, so the
+    # rows with rank_j <= tau_i are a prefix [0, end); the causal limit gives the start.
+    end_row = torch.searchsorted(-tau, -ranks, right=True)
+    end_row = torch.where(allowed, end_row, torch.zeros_like(end_row))
+    keys = torch.arange(sk, device=device)
+    if problem.causal:
+        first_row = (keys - problem.causal_offset).clamp(min=0).expand(n, sk)
+    else:
+        first_row = torch.zeros_like(end_row)
+    end_row = torch.maximum(end_row, first_row)  # an empty interval reads as first == end
+
+    candidates, counts = _candidate_lists(first_row, end_row, sq, block_m, window)
+    n_blocks = candidates.shape[1]
+    return IntervalPlan(
+        block_m=block_m,
+        batch=batch,
+        heads=heads,
+        key_first_row=first_row.to(torch.int32).reshape(batch, heads, sk),
+        key_end_row=end_row.to(torch.int32).reshape(batch, heads, sk),
+        candidates=candidates.reshape(batch, heads, n_blocks, -1),
+        candidate_count=counts.reshape(batch, heads, n_blocks),
+    )
+
+
+def _candidate_lists(first_row, end_row, seqlen_q: int, block_m: int, window: int):
+    """Per block of rows, the ascending list of keys kept by any of its rows.
+
+    Key j joins blocks first_row_j // block_m .. (end_row_j - 1) // block_m. The lists are
+    built by expanding every key into its blocks and sorting the entries by block; no row x
+    key tensor is involved.
+    """
+    n, sk = first_row.shape
+    device = first_row.device
+    n_blocks = max(1, -(-seqlen_q // block_m))
+    width = min(sk, window + block_m)
+    kept = end_row > first_row
+    first_block = torch.div(first_row, block_m, rounding_mode="floor")
+    last_block = torch.div(end_row - 1, block_m, rounding_mode="floor")
+    blocks_per_key = torch.where(kept, last_block - first_block + 1, torch.zeros_like(first_row))
+    flat_counts = blocks_per_key.reshape(-1)
+    total = int(flat_counts.sum())
+    entry_key = torch.repeat_interleave(torch.arange(n * sk, device=device), flat_counts)
+    entry_start = torch.cumsum(flat_counts, 0) - flat_counts
+    entry_block = (
+        torch.arange(total, device=device)
+        - torch.repeat_interleave(entry_start, flat_counts)
+        + torch.repeat_interleave(first_block.reshape(-1), flat_counts)
+    )
+    head = torch.div(entry_key, sk, rounding_mode="floor")
+    bucket = head * n_blocks + entry_block  # (plan head, block)
+    # Entries are in (head, key) order; a stable sort by bucket keeps keys ascending.
+    bucket, order = torch.sort(bucket, stable=True)
+    entry_key = entry_key[order] - head[order] * sk
+    counts = torch.bincount(bucket, minlength=n * n_blocks)
+    bucket_start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(total, device=device) - bucket_start[bucket]
+    candidates = torch.full((n * n_blocks, width), -1, dtype=torch.int32, device=device)
+    candidates[bucket, slot] = entry_key.to(torch.int32)
+    return candidates.reshape(n, n_blocks, width), counts.to(torch.int32).reshape(n, n_blocks)
+
+
+def rowwise_keep(problem: Problem, inputs: Inputs, row_start: int, row_end: int,
+                 allowed: torch.Tensor) -> torch.Tensor:
+    """General case: bool (B', H', rows, Sk) of kept keys for rows [row_start, row_end).
+
+    `allowed` broadcasts to (B, H, rows, Sk) and already holds every mask. Scores are
+    key_bias + attn_bias in float32; ties go to the later key. O(rows x Sk) memory.
+    """
+    sel = torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=problem.device)
+    if inputs.key_bias is not None:
+        sel = sel + to_query_heads(inputs.key_bias.detach().float(), problem.heads)[:, :, None, :]
+    if inputs.attn_bias is not None:
+        ab = inputs.attn_bias.detach()
+        if ab.shape[2] > 1:
+            ab = ab[:, :, row_start:row_end]
+        sel = sel + to_query_heads(ab.float(), problem.heads)
+    allowed = to_query_heads(allowed, problem.heads)
+    shape = torch.broadcast_shapes(sel.shape, allowed.shape)
+    shape = shape[:2] + (row_end - row_start, problem.seqlen_k)
+    allowed = allowed.expand(shape)
+    top = best_first_order(sel.expand(shape), allowed)[..., : problem.window]
+    keep = torch.zeros(shape, dtype=torch.bool, device=problem.device)
+    keep.scatter_(-1, top, True)
+    return keep & allowed

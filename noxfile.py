@@ -1,0 +1,60 @@
+"""Test sessions, one per backend, plus lint.
+
+`nox` runs the default set: everything this machine can run (GPU sessions run their CPU
+variants without a GPU: the triton session under the Triton interpreter, the cupy session as
+an nvcc compile check). CPU environments pin the CPU build of torch so that pip never pulls a
+multi-GB CUDA build; set DMA_TORCH_SPEC to install another torch.
+"""
+
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["lint", "torch", "numba", "triton", "cupy"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("DMA_TORCH_SPEC", "torch==2.13.0")
+HAS_GPU = shutil.which("nvidia-smi") is not None
+
+
+def install(session, extras):
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", "dma", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def torch(session):
+    """The whole suite (validation, dispatch, selection, memory) on the torch backend."""
+    install(session, "test")
+    session.run("pytest", "-q", "-k", "not conformance or torch", *session.posargs)
+
+
+@nox.session
+def numba(session):
+    install(session, "test,numba")
+    session.run("pytest", "-q", "tests/conformance", "-k", "numba", *session.posargs)
+
+
+@nox.session
+def triton(session):
+    """On a GPU: the conformance suite for triton. Without one: the interpreter subset."""
+    install(session, "test,triton")
+    env = {} if HAS_GPU else {"TRITON_INTERPRET": "1"}
+    session.run("pytest", "-q", "tests/conformance", "-k", "triton", *session.posargs, env=env)
+
+
+@nox.session
+def cupy(session):
+    """On a GPU: the conformance suite for cupy. Without one: compile the CUDA sources."""
+    install(session, "test")
+    if HAS_GPU:
+        session.install(".[cupy13]")
+    session.run("pytest", "-q", "tests/conformance", "tests/test_cuda_sources.py", "-k", "cupy",
+                *session.posargs)
