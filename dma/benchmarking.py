@@ -136,7 +136,7 @@ def flex_contender(shape: Shape, inputs):
         return score + key_bias[b, h // group, j]
 
     block_mask = create_block_mask(mask_mod, shape.batch, shape.heads, shape.seqlen,
-                                   shape.seqlen, device=q.device)
+                                   shape.seqlen, device=q.device, _compile=True)
     compiled = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 

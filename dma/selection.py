@@ -203,13 +203,14 @@ def _candidate_lists(first_row, end_row, seqlen_q: int, block_m: int, window: in
     last_block = torch.div(end_row - 1, block_m, rounding_mode="floor")
     blocks_per_key = torch.where(kept, last_block - first_block + 1, torch.zeros_like(first_row))
     flat_counts = blocks_per_key.reshape(-1)
-    total = int(flat_counts.sum())
-    entry_key = torch.repeat_interleave(torch.arange(n * sk, device=device), flat_counts)
+    total = int(flat_counts.sum())  # the one host sync of the plan: sizes the entry list
+    repeat = dict(repeats=flat_counts, output_size=total)
+    entry_key = torch.repeat_interleave(torch.arange(n * sk, device=device), **repeat)
     entry_start = torch.cumsum(flat_counts, 0) - flat_counts
     entry_block = (
         torch.arange(total, device=device)
-        - torch.repeat_interleave(entry_start, flat_counts)
-        + torch.repeat_interleave(first_block.reshape(-1), flat_counts)
+        - torch.repeat_interleave(entry_start, **repeat)
+        + torch.repeat_interleave(first_block.reshape(-1), **repeat)
     )
     head = torch.div(entry_key, sk, rounding_mode="floor")
     bucket = head * n_blocks + entry_block  # (plan head, block)

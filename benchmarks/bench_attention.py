@@ -1,0 +1,52 @@
+"""dma against dense SDPA (cuDNN, flash) and FlexAttention, side by side in one run.
+
+    python benchmarks/bench_attention.py --seqlens 4096 16384 --window 2048
+    python benchmarks/bench_attention.py --device cpu --seqlens 2048 8192 --window 512 \
+        --heads 8 --kv-heads 8 --head-dim 64 --dtype float32
+
+Prints a table of median times and ratios to the dense baseline (cuDNN on GPU, SDPA on CPU)
+and writes the rows to CSV (--csv).
+"""
+
+import argparse
+
+import torch
+
+from dma.benchmarking import Shape, format_table, run_benchmark, write_csv
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if gpu else "cpu")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16" if gpu else "float32")
+    parser.add_argument("--backend", default=None, help="dma backend (default: automatic)")
+    parser.add_argument("--contenders", nargs="+", default=None,
+                        help="dma, sdpa, sdpa-cudnn, sdpa-flash, sdpa-math, flex "
+                             "(the second one listed is the ratio baseline)")
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--csv", default="bench-results.csv")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    contenders = args.contenders or (
+        ["dma", "sdpa-cudnn", "sdpa-flash", "flex"] if device.type == "cuda" else ["dma", "sdpa"])
+    dtype = getattr(torch, args.dtype)
+    shapes = [Shape(args.batch, s, args.heads, args.kv_heads, args.head_dim, args.window, dtype)
+              for s in args.seqlens]
+    rows = run_benchmark(shapes, device, contenders=tuple(contenders), backend=args.backend,
+                         modes=tuple(args.modes), reps=args.reps)
+    write_csv(rows, args.csv)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {name}; csv: {args.csv}")
+    print(format_table(rows, contenders[1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Time the selection plan (tau, key intervals, candidate lists) on its own.
+
+    python benchmarks/bench_plan.py --seqlens 16384 131072 --window 2048
+
+Prints the plan time next to cuDNN dense causal forward on the same shape (GPU) so the
+"plan under 10% of the attention forward" budget can be read off directly.
+"""
+
+import argparse
+
+import torch
+
+from dma.autograd import make_plan
+from dma.benchmarking import Shape, make_inputs, median_ms, sdpa_contender
+from dma.dispatch import get_backend
+from dma.validation import validate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-m", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    print(f"{'seqlen':>8} {'block_m':>8} {'plan ms':>9} {'dense fwd ms':>13} {'plan/dense':>11}"
+          f" {'max cand':>9} {'plan MiB':>9}")
+    backend = get_backend("torch")
+    for seqlen in args.seqlens:
+        shape = Shape(1, seqlen, args.heads, args.kv_heads, args.head_dim, args.window, dtype)
+        q, k, v, kb = make_inputs(shape, device)
+        problem, inputs = validate(q, k, v, key_bias=kb, window=args.window, causal=True)
+        dense = float("nan")
+        if device.type == "cuda":
+            dense = median_ms(torch.no_grad()(sdpa_contender((q, k, v, kb), "cudnn")), device,
+                              3, 10)
+        for block_m in args.block_m:
+            backend.block_m = block_m
+            plan_ms = median_ms(lambda: make_plan(problem, inputs, backend), device, 2, 10)
+            plan = make_plan(problem, inputs, backend)
+            size = sum(t.numel() * t.element_size() for t in (
+                plan.key_first_row, plan.key_end_row, plan.candidates, plan.candidate_count))
+            print(f"{seqlen:8d} {block_m:8d} {plan_ms:9.3f} {dense:13.3f} "
+                  f"{plan_ms / dense:11.3f} {int(plan.candidate_count.max()):9d} "
+                  f"{size / 2**20:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
