@@ -225,6 +225,31 @@ def _candidate_lists(first_row, end_row, seqlen_q: int, block_m: int, window: in
     return candidates.reshape(n, n_blocks, width), counts.to(torch.int32).reshape(n, n_blocks)
 
 
+def rows_and_keys(t: torch.Tensor, rows: slice, key_count: int) -> torch.Tensor:
+    """Slice a (b, h, Sq or 1, Sk or 1) bias or mask to some rows and the first keys."""
+    if t.shape[2] > 1:
+        t = t[:, :, rows]
+    if t.shape[3] > 1:
+        t = t[:, :, :, :key_count]
+    return t
+
+
+def allowed_pairs(problem: Problem, inputs: Inputs, rows: slice, key_count: int):
+    """(b, h, rows, key_count) bool: causal, attn_mask and key padding (SPEC section 2)."""
+    device = problem.device
+    row_ids = torch.arange(rows.start, rows.stop, device=device)
+    key_ids = torch.arange(key_count, device=device)
+    allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    if problem.causal:
+        allowed = allowed & (key_ids[None, :] <= row_ids[:, None] + problem.causal_offset)
+    if inputs.attn_mask is not None:
+        allowed = allowed & rows_and_keys(inputs.attn_mask, rows, key_count)
+    if inputs.key_padding_mask is not None:
+        allowed = allowed & inputs.key_padding_mask[:, None, None, :key_count]
+    shape = torch.broadcast_shapes(allowed.shape, (1, 1, len(row_ids), key_count))
+    return allowed.expand(shape)
+
+
 def rowwise_keep(problem: Problem, inputs: Inputs, row_start: int, row_end: int,
                  allowed: torch.Tensor) -> torch.Tensor:
     """General case: bool (B', H', rows, Sk) of kept keys for rows [row_start, row_end).

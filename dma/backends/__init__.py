@@ -5,8 +5,9 @@ with importlib.util.find_spec and imports them only when it runs.
 """
 
 from ..dispatch import register
-from .pending import CupyBackend, NumbaBackend, TritonBackend
+from .pending import CupyBackend, NumbaBackend
 from .torch_backend import TorchBackend
+from .triton_backend import TritonBackend
 
 for _backend in (TritonBackend(), CupyBackend(), NumbaBackend(), TorchBackend()):
     register(_backend)

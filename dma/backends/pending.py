@@ -39,14 +39,6 @@ class _PendingBackend(Backend):
         return reasons
 
 
-class TritonBackend(_PendingBackend):
-    name = "triton"
-    packages = ("triton",)
-    needs_cuda = True
-    capabilities = Capabilities(devices=frozenset({"cuda"}),
-                                dtypes=frozenset(SUPPORTED_DTYPES[:3]), max_head_dim=256)
-
-
 class CupyBackend(_PendingBackend):
     name = "cupy"
     packages = ("cupy",)

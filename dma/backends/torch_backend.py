@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..layout import split_heads, sum_to_heads
-from ..selection import rowwise_keep
+from ..selection import allowed_pairs, rows_and_keys, rowwise_keep
 from ..validation import SELECT_ROWWISE, SUPPORTED_DTYPES, Inputs, Problem
 from .base import Backend, Capabilities, new_output
 
@@ -103,11 +103,11 @@ class TorchBackend(Backend):
             kb = kb[..., :key_count] if key_index is None else self._gather_bias(kb, key_index)
             scores = scores + kb[..., None, :]
         if inputs.attn_bias is not None:  # never in the interval case
-            ab = self._rows_keys(inputs.attn_bias, rows, key_count)
+            ab = rows_and_keys(inputs.attn_bias, rows, key_count)
             scores = scores + split_heads(ab, problem.kv_heads, problem.heads).to(t.dtype)
 
         if plan is None:
-            allowed = self._allowed(problem, inputs, rows, row_ids, key_count)
+            allowed = allowed_pairs(problem, inputs, rows, key_count)
             if problem.selection == SELECT_ROWWISE:
                 allowed = rowwise_keep(problem, inputs, rows.start, rows.stop, allowed)
             keep = split_heads(allowed, problem.kv_heads, problem.heads)
@@ -132,28 +132,6 @@ class TorchBackend(Backend):
     def _gather_bias(t, key_index):
         """t (b, hkv', g', Sk) at key_index (B, Hkv, G', C) -> (B, Hkv, G', C)."""
         return torch.gather(t.expand(*key_index.shape[:3], t.shape[-1]), 3, key_index)
-
-    @staticmethod
-    def _rows_keys(t, rows, key_count):
-        """Slice a (b, h, Sq or 1, Sk or 1) bias or mask to a chunk's rows and keys in view."""
-        if t.shape[2] > 1:
-            t = t[:, :, rows]
-        if t.shape[3] > 1:
-            t = t[:, :, :, :key_count]
-        return t
-
-    def _allowed(self, problem, inputs, rows, row_ids, key_count):
-        """(b, h, rows, keys) bool: causal, attn_mask and key padding (SPEC section 2)."""
-        key_ids = torch.arange(key_count, device=row_ids.device)
-        allowed = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=row_ids.device)
-        if problem.causal:
-            allowed = allowed & (key_ids[None, :] <= row_ids[:, None] + problem.causal_offset)
-        if inputs.attn_mask is not None:
-            allowed = allowed & self._rows_keys(inputs.attn_mask, rows, key_count)
-        if inputs.key_padding_mask is not None:
-            allowed = allowed & inputs.key_padding_mask[:, None, None, :key_count]
-        shape = torch.broadcast_shapes(allowed.shape, (1, 1, len(row_ids), key_count))
-        return allowed.expand(shape)
 
     @staticmethod
     def _softmax(scores):

@@ -1,0 +1,278 @@
+"""Triton backend: the GPU path (kernels in triton_kernels.py).
+
+The DMA case walks each query block's candidate keys from the selection plan (at most
+window + BLOCK_M of them), so work follows the kept pairs rather than the causal triangle.
+Explicit masks and biases walk dense key tiles with broadcast dims read at stride 0.
+
+Backward: dq walks the same tiles as the forward. dk/dv come from one of two kernels:
+* DMA case (default): candidate tiles of each query block, added with float32 atomics;
+* dense case, or deterministic mode (`torch.use_deterministic_algorithms(True)` or
+  DMA_DETERMINISTIC=1): tiles of consecutive keys walking the rows that may keep them, one
+  writer per output element.
+
+Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (float32, float16), which is how
+CI exercises them without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..layout import split_heads, sum_to_heads
+from ..selection import allowed_pairs, rowwise_keep
+from ..validation import SELECT_ROWWISE, Inputs, Problem
+from .base import Backend, Capabilities, new_output
+
+BLOCK_M = 64  # query rows per program; also the plan's block size
+MAX_HEAD_DIM = 256
+
+
+def interpreter_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def deterministic_mode() -> bool:
+    return (torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("DMA_DETERMINISTIC") == "1")
+
+
+def _kernels():
+    from . import triton_kernels  # imported on first use: importing triton is slow
+
+    return triton_kernels
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype):
+    if dtype != torch.float32:
+        return "ieee"  # unused for half inputs: the dot takes fp16/bf16 operands
+    return "tf32" if os.environ.get("DMA_ALLOW_TF32") == "1" else "ieee"
+
+
+class _Launch:
+    """Pointer and stride arguments shared by every kernel, built once per call."""
+
+    def __init__(self, problem: Problem, inputs: Inputs, plan, keep_mask=None):
+        self.problem = problem
+        q, k, v = (_last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
+        self.q, self.k, self.v = q, k, v
+        h = problem.heads
+        dummy = q
+        self.qkv = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2))
+
+        kb = inputs.key_bias
+        if kb is not None:
+            kb = kb.contiguous()
+            self.key_bias = (kb, kb.stride(0) if kb.shape[0] > 1 else 0, kb.stride(1),
+                             h // kb.shape[1])
+        else:
+            self.key_bias = (dummy, 0, 0, 1)
+        self.attn_bias = self._bias4(inputs.attn_bias, h, dummy)
+        mask = keep_mask if keep_mask is not None else inputs.attn_mask
+        self.attn_mask = self._bias4(None if mask is None else mask.view(torch.uint8), h, dummy)
+        pad = inputs.key_padding_mask
+        if pad is not None and keep_mask is None:
+            pad = pad.contiguous().view(torch.uint8)
+            self.padding = (pad, pad.stride(0))
+        else:
+            self.padding = (dummy, 0)
+        if plan is not None:
+            first, end = plan.key_first_row, plan.key_end_row
+            cand, count = plan.candidates, plan.candidate_count
+            batched = plan.batch > 1
+            self.plan_rows = (first, end, first.stride(0) if batched else 0, first.stride(1),
+                              h // plan.heads)
+            self.candidates = (cand, count, cand.stride(0) if batched else 0, cand.stride(1),
+                               cand.stride(2), count.stride(0) if batched else 0, count.stride(1))
+        else:
+            self.plan_rows = (dummy, dummy, 0, 0, 1)
+            self.candidates = (dummy, dummy, 0, 0, 0, 0, 0)
+        self.flags = dict(
+            CAUSAL=problem.causal,
+            HAS_KB=inputs.key_bias is not None,
+            HAS_AB=inputs.attn_bias is not None,
+            HAS_AM=mask is not None,
+            HAS_PAD=self.padding[0] is not dummy,
+            SOFTCAP=problem.softcap is not None,
+            INTERVAL=plan is not None,
+        )
+        head_dim = problem.head_dim
+        self.dims = dict(HEAD_DIM=head_dim, D_PAD=max(16, triton_next_pow2(head_dim)))
+        self.sizes = (problem.seqlen_q, problem.seqlen_k, problem.causal_offset)
+        self.scale = problem.scale
+        self.softcap = problem.softcap if problem.softcap is not None else 1.0
+        self.precision = _dot_precision(problem.dtype)
+
+    @staticmethod
+    def _bias4(t, heads, dummy):
+        if t is None:
+            return (dummy, 0, 0, 0, 0, 1)
+        strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
+        return (t, *strides, heads // t.shape[1])
+
+    def masks(self):
+        """The (key_bias, attn_bias, attn_mask, padding, plan rows) argument run."""
+        return (*self.key_bias, *self.attn_bias, *self.attn_mask, *self.padding,
+                *self.plan_rows)
+
+    def block_n(self):
+        d = self.dims["D_PAD"]
+        if interpreter_mode():
+            return 16
+        return 64 if d <= 128 else 32
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    capabilities = Capabilities(
+        devices=frozenset({"cuda", "cpu"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        max_head_dim=MAX_HEAD_DIM,
+        notes=("float32 dots are IEEE by default (DMA_ALLOW_TF32=1 for tf32)",),
+    )
+    block_m = BLOCK_M
+
+    def environment_reasons(self) -> list[str]:
+        reasons = []
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("package 'triton' is not installed (pip install "
+                           "'dma-attention[triton]')")
+        if not interpreter_mode() and not torch.cuda.is_available():
+            reasons.append("no CUDA device is available (set TRITON_INTERPRET=1 to run the "
+                           "kernels on CPU through the Triton interpreter)")
+        return reasons
+
+    def problem_reasons(self, problem: Problem) -> list[str]:
+        reasons = []
+        if problem.device.type == "cpu" and not interpreter_mode():
+            reasons.append("device cpu not supported (supports cuda; CPU only under "
+                           "TRITON_INTERPRET=1)")
+        if problem.device.type == "cpu" and problem.dtype == torch.bfloat16:
+            reasons.append("dtype bfloat16 not supported by the Triton interpreter on CPU")
+        if problem.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(problem.device)
+            if major < 8:
+                reasons.append(f"compute capability {major}.{minor} below 8.0")
+        return reasons
+
+    def forward(self, problem: Problem, inputs: Inputs, plan):
+        kern = _kernels()
+        launch = _Launch(problem, inputs, plan, self._keep_mask(problem, inputs))
+        b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
+        out = new_output((b, sq, h, d), problem.dtype, problem.device)
+        lse = new_output((b, h, sq), torch.float32, problem.device)
+        grid = (triton_cdiv(sq, BLOCK_M), b * h)
+        kern._fwd_kernel[grid](
+            launch.q, launch.k, launch.v, out, lse, *launch.qkv,
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            *launch.masks(), *launch.candidates,
+            *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
+            **launch.dims, BLOCK_M=BLOCK_M, BLOCK_N=launch.block_n(), **launch.flags,
+            DOT_PRECISION=launch.precision,
+        )
+        return out, lse
+
+    @staticmethod
+    def _keep_mask(problem: Problem, inputs: Inputs):
+        """Row-wise selection (window with attn_bias or a row-varying mask): a dense kept mask
+        for all rows, O(Sq x Sk), that replaces attn_mask and key padding in the kernels."""
+        if problem.selection != SELECT_ROWWISE:
+            return None
+        rows = slice(0, problem.seqlen_q)
+        allowed = allowed_pairs(problem, inputs, rows, problem.seqlen_k)
+        return rowwise_keep(problem, inputs, 0, problem.seqlen_q, allowed)
+
+    def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
+        kern = _kernels()
+        launch = _Launch(problem, inputs, plan, self._keep_mask(problem, inputs))
+        need_q, need_k, need_v, need_kb, need_ab = problem.needs_grad
+        b, h, hkv = problem.batch, problem.heads, problem.kv_heads
+        sq, sk, d = problem.seqlen_q, problem.seqlen_k, problem.head_dim
+        # dq and do share q's strides, so the kernels take one set of query strides.
+        do = _like_strides(launch.q, problem.dtype).copy_(do) if do.stride() != launch.q.stride() \
+            else do
+        lse = lse.contiguous()
+        delta = delta.float().contiguous()
+        device = problem.device
+        common = dict(**launch.dims, BLOCK_M=BLOCK_M, BLOCK_N=launch.block_n(),
+                      DOT_PRECISION=launch.precision)
+
+        dq = _like_strides(launch.q, problem.dtype)
+        if os.environ.get("DMA_DEBUG_POISON") == "1":
+            dq.fill_(float("nan"))
+        dab_full = torch.zeros(b, h, sq, sk, dtype=torch.float32, device=device) \
+            if need_ab else launch.q
+        kern._bwd_dq_kernel[(triton_cdiv(sq, BLOCK_M), b * h)](
+            launch.q, launch.k, launch.v, do, lse, delta, dq, dab_full, *launch.qkv,
+            lse.stride(0), lse.stride(1),
+            *((dab_full.stride(0), dab_full.stride(1), dab_full.stride(2)) if need_ab
+              else (0, 0, 0)),
+            *launch.masks(), *launch.candidates,
+            *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
+            **launch.flags, NEED_DAB=need_ab, **common,
+        )
+
+        use_atomics = plan is not None and not deterministic_mode()
+        acc_dtype = torch.float32 if use_atomics else problem.dtype
+        alloc = torch.zeros if use_atomics else (lambda *s, **kw: new_output(s, **kw))
+        dk = alloc(b, sk, hkv, d, dtype=acc_dtype, device=device)
+        dv = alloc(b, sk, hkv, d, dtype=acc_dtype, device=device)
+        dkb = alloc(b, h, sk, dtype=torch.float32, device=device) if need_kb else launch.q
+        dkb_strides = (dkb.stride(0), dkb.stride(1)) if need_kb else (0, 0)
+        if use_atomics:
+            shared = plan.heads < h or problem.group_size == 1
+            heads_per_program = problem.group_size if shared else 1
+            programs_per_batch = h // heads_per_program
+            kern._bwd_dkdv_candidates_kernel[(triton_cdiv(sq, BLOCK_M), b * programs_per_batch)](
+                launch.q, launch.k, launch.v, do, lse, delta, dk, dv, dkb, *launch.qkv,
+                lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
+                *dkb_strides, *launch.key_bias, *launch.plan_rows, *launch.candidates,
+                *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
+                launch.scale, launch.softcap,
+                HAS_KB=launch.flags["HAS_KB"], SOFTCAP=launch.flags["SOFTCAP"],
+                NEED_DKB=need_kb, **common,
+            )
+        else:
+            block_n = common["BLOCK_N"]
+            kern._bwd_dkdv_keys_kernel[(triton_cdiv(sk, block_n), b * hkv)](
+                launch.q, launch.k, launch.v, do, lse, delta, dk, dv, dkb, *launch.qkv,
+                lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
+                *dkb_strides, *launch.masks(), *launch.sizes, hkv, problem.group_size,
+                launch.scale, launch.softcap,
+                **launch.flags, NEED_DKB=need_kb, **common,
+            )
+
+        grad_kb = None
+        if need_kb:
+            kb = inputs.key_bias
+            grad_kb = sum_to_heads(split_heads(dkb, hkv, h), kb.shape[0], kb.shape[1], hkv)
+            grad_kb = grad_kb.to(kb.dtype)
+        grad_ab = None
+        if need_ab:
+            ab = inputs.attn_bias
+            grad_ab = sum_to_heads(split_heads(dab_full, hkv, h), ab.shape[0], ab.shape[1], hkv)
+            for dim in (2, 3):
+                if ab.shape[dim] == 1:
+                    grad_ab = grad_ab.sum(dim, keepdim=True)
+            grad_ab = grad_ab.to(ab.dtype)
+        return (dq if need_q else None, dk.to(problem.dtype) if need_k else None,
+                dv.to(problem.dtype) if need_v else None, grad_kb, grad_ab)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _like_strides(t: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)

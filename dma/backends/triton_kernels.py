@@ -1,0 +1,400 @@
+"""Triton kernels of the triton backend.
+
+Every kernel walks the same two kinds of key tiles, so they read side by side:
+
+* dense tiles (INTERVAL=False): consecutive keys 0..limit, with causal, attn_mask, key padding
+  and attn_bias applied per element (broadcast dims have stride 0 and are never materialised);
+* candidate tiles (INTERVAL=True, the DMA case): the query block's candidate keys from the
+  selection plan, gathered from K and V; a key j is kept by row i when
+  key_first_row[j] <= i < key_end_row[j].
+
+`_tile_scores` is the one place where a tile's scores and kept mask are computed (SPEC
+section 2); the kernels differ only in what they accumulate. Scores are float32; softmax runs
+in base 2 (exp2) with the natural-log lse stored for the SPEC.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp keeps the interpreter and every CUDA arch on one code path.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _tile_scores(
+    qk, rows, keys, key_ok, b, h,
+    KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    seqlen_q, causal_offset, scale, softcap,
+    CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
+    HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
+):
+    """Scores s (float32, -inf where not kept), the kept mask, and tanh(t / softcap)."""
+    t = qk * scale
+    th = t
+    if SOFTCAP:
+        th = _tanh(t / softcap)
+        t = softcap * th
+    keep = (rows[:, None] < seqlen_q) & key_ok[None, :]
+    keys64 = keys.to(tl.int64)
+    rows64 = rows.to(tl.int64)
+    if HAS_KB:
+        kb_ptr = KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64
+        t += tl.load(kb_ptr, mask=key_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_AB:
+        ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + rows64[:, None] * sab_r
+                  + keys64[None, :] * sab_c)
+        t += tl.load(ab_ptr, mask=keep, other=0.0).to(tl.float32)
+    if INTERVAL:
+        plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
+        first = tl.load(FIRST + plan, mask=key_ok, other=0)
+        end = tl.load(END + plan, mask=key_ok, other=0)
+        keep = keep & (rows[:, None] >= first[None, :]) & (rows[:, None] < end[None, :])
+    else:
+        if CAUSAL:
+            keep = keep & (keys[None, :] <= rows[:, None] + causal_offset)
+        if HAS_AM:
+            am_ptr = (AM + b * sam_b + (h // am_hdiv) * sam_h + rows64[:, None] * sam_r
+                      + keys64[None, :] * sam_c)
+            keep = keep & (tl.load(am_ptr, mask=keep, other=0) != 0)
+        if HAS_PAD:
+            pad = tl.load(PAD + b * spad_b + keys64, mask=key_ok, other=0)
+            keep = keep & (pad != 0)[None, :]
+    s = tl.where(keep, t, float("-inf"))
+    return s, keep, th
+
+
+@triton.jit
+def _key_tile(
+    start, block, b, h, seqlen_k, key_limit,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv,
+    BLOCK_N: tl.constexpr, INTERVAL: tl.constexpr,
+):
+    """Key ids of one tile and which of them are real: candidates or consecutive keys."""
+    offs = start + tl.arange(0, BLOCK_N)
+    if INTERVAL:
+        base = b * scand_b + (h // plan_hdiv) * scand_h
+        count = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block)
+        key_ok = offs < count
+        keys = tl.load(CAND + base + block * scand_blk + offs, mask=key_ok, other=0)
+    else:
+        key_ok = offs < key_limit
+        keys = offs
+    return keys, key_ok
+
+
+@triton.jit
+def _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset,
+                COUNT, scnt_b, scnt_h, plan_hdiv,
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, INTERVAL: tl.constexpr):
+    """How many key slots a query block walks: its candidate count, or its causal limit."""
+    if INTERVAL:
+        n = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block)
+    else:
+        n = seqlen_k
+        if CAUSAL:
+            last_row = tl.minimum((block + 1) * BLOCK_M, seqlen_q) - 1
+            n = tl.maximum(tl.minimum(seqlen_k, last_row + causal_offset + 1), 0)
+    return n
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h, slse_b, slse_h,
+    KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    seqlen_q, seqlen_k, causal_offset, heads, group, scale, softcap,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
+    HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    hk = h // group
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D_PAD)
+    row_ok = rows < seqlen_q
+    dim_ok = dims < HEAD_DIM
+    rows64 = rows.to(tl.int64)
+    q = tl.load(Q + b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
+                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL)
+    for start in range(0, n_slots, BLOCK_N):
+        keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                                 scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
+                                 INTERVAL)
+        keys64 = keys.to(tl.int64)
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, keep, th = _tile_scores(
+            qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+            AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+            seqlen_q, causal_offset, scale, softcap,
+            CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(Out + b * so_b + h * so_h + rows64[:, None] * so_s + dims[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + b * slse_b + h * slse_h + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DAB,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, slse_b, slse_h,
+    sdab_b, sdab_h, sdab_r,
+    KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    seqlen_q, seqlen_k, causal_offset, heads, group, scale, softcap,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
+    HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEED_DAB: tl.constexpr,
+):
+    """dq (and the full-size ds for d attn_bias) of one query block: the forward's walk."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    hk = h // group
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D_PAD)
+    row_ok = rows < seqlen_q
+    dim_ok = dims < HEAD_DIM
+    rows64 = rows.to(tl.int64)
+    qmask = row_ok[:, None] & dim_ok[None, :]
+    q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
+    q = tl.load(Q + q_off, mask=qmask, other=0.0)
+    do = tl.load(DO + q_off, mask=qmask, other=0.0)
+    lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
+    delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
+                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL)
+    for start in range(0, n_slots, BLOCK_N):
+        keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                                 scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
+                                 INTERVAL)
+        keys64 = keys.to(tl.int64)
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, keep, th = _tile_scores(
+            qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+            AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+            seqlen_q, causal_offset, scale, softcap,
+            CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
+        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if NEED_DAB:
+            dab_ptr = DAB + b * sdab_b + h * sdab_h + rows64[:, None] * sdab_r + keys64[None, :]
+            tl.store(dab_ptr, ds, mask=row_ok[:, None] & key_ok[None, :])
+        dt = ds
+        if SOFTCAP:
+            dt = ds * (1.0 - th * th)
+        dq += tl.dot(dt.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DQ + b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _bwd_dkdv_keys_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DKB,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, slse_b, slse_h,
+    sdk_b, sdk_s, sdk_h, sdkb_b, sdkb_h,
+    KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    seqlen_q, seqlen_k, causal_offset, kv_heads, group, scale, softcap,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
+    HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEED_DKB: tl.constexpr,
+):
+    """dk, dv (and d key_bias per query head) of one tile of consecutive keys, walking the
+    query rows that can keep them. Deterministic: every output element has one writer."""
+    kblock = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // kv_heads
+    hk = bhk % kv_heads
+    keys = kblock * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D_PAD)
+    key_ok = keys < seqlen_k
+    dim_ok = dims < HEAD_DIM
+    keys64 = keys.to(tl.int64)
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for g in range(0, group):
+        h = hk * group + g
+        # Rows that may keep a key of this tile.
+        if INTERVAL:
+            plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
+            first = tl.load(FIRST + plan, mask=key_ok, other=seqlen_q)
+            end = tl.load(END + plan, mask=key_ok, other=0)
+            row_lo = tl.min(tl.where(end > first, first, seqlen_q), 0)
+            row_hi = tl.max(tl.where(end > first, end, 0), 0)
+        else:
+            row_lo = 0
+            if CAUSAL:
+                row_lo = tl.maximum(kblock * BLOCK_N - causal_offset, 0)
+            row_hi = seqlen_q
+        row_lo = (row_lo // BLOCK_M) * BLOCK_M
+        dkb = tl.zeros([BLOCK_N], tl.float32)
+        for row_start in range(row_lo, row_hi, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < seqlen_q
+            rows64 = rows.to(tl.int64)
+            qmask = row_ok[:, None] & dim_ok[None, :]
+            q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
+            q = tl.load(Q + q_off, mask=qmask, other=0.0)
+            do = tl.load(DO + q_off, mask=qmask, other=0.0)
+            lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s, keep, th = _tile_scores(
+                qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+                AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c,
+                am_hdiv, PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+                seqlen_q, causal_offset, scale, softcap,
+                CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dkb += tl.sum(ds, 0)
+            dt = ds
+            if SOFTCAP:
+                dt = ds * (1.0 - th * th)
+            dk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if NEED_DKB:
+            tl.store(DKB + b * sdkb_b + h * sdkb_h + keys64, dkb, mask=key_ok)
+    out = b * sdk_b + hk * sdk_h + keys64[:, None] * sdk_s + dims[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dkdv_candidates_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DKB,
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, slse_b, slse_h,
+    sdk_b, sdk_s, sdk_h, sdkb_b, sdkb_h,
+    KB, skb_b, skb_h, kb_hdiv,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    seqlen_q, seqlen_k, causal_offset, programs_per_batch, heads_per_program, group, scale,
+    softcap,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KB: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DKB: tl.constexpr,
+):
+    """DMA case, fast path: dk, dv and d key_bias from one query block's candidate tiles,
+    added atomically (float32) into the gathered key rows. Work follows the kept pairs; the
+    query heads that share a candidate list share each gathered K/V tile."""
+    block = tl.program_id(0)
+    bp = tl.program_id(1)
+    b = bp // programs_per_batch
+    h0 = (bp % programs_per_batch) * heads_per_program
+    hk = h0 // group
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    row_base = block * BLOCK_M
+    n_slots = tl.load(COUNT + b * scnt_b + (h0 // plan_hdiv) * scnt_h + block)
+    for start in range(0, n_slots, BLOCK_N):
+        keys, key_ok = _key_tile(start, block, b, h0, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                                 scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N, True)
+        keys64 = keys.to(tl.int64)
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        for g in range(0, heads_per_program):
+            h = h0 + g
+            rows = row_base + tl.arange(0, BLOCK_M)
+            row_ok = rows < seqlen_q
+            rows64 = rows.to(tl.int64)
+            qmask = row_ok[:, None] & dim_ok[None, :]
+            q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
+            q = tl.load(Q + q_off, mask=qmask, other=0.0)
+            do = tl.load(DO + q_off, mask=qmask, other=0.0)
+            lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s, keep, th = _tile_scores(
+                qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+                KB, 0, 0, 0, 0, 1, KB, 0, 0, 0, 0, 1, KB, 0,
+                FIRST, END, splan_b, splan_h, plan_hdiv,
+                seqlen_q, causal_offset, scale, softcap,
+                False, HAS_KB, False, False, False, SOFTCAP, True)
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            if NEED_DKB:
+                tl.atomic_add(DKB + b * sdkb_b + h * sdkb_h + keys64, tl.sum(ds, 0),
+                              mask=key_ok)
+            dt = ds
+            if SOFTCAP:
+                dt = ds * (1.0 - th * th)
+            dk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        out = b * sdk_b + hk * sdk_h + keys64[:, None] * sdk_s + dims[None, :]
+        tl.atomic_add(DK + out, dk * scale, mask=kv_mask)
+        tl.atomic_add(DV + out, dv, mask=kv_mask)
