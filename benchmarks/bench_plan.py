@@ -42,7 +42,7 @@ def main():
                               3, 10)
         for block_m in args.block_m:
             backend.block_m = block_m
-            plan_ms = median_ms(lambda: make_plan(problem, inputs, backend), device, 2, 10)
+            plan_ms = median_ms(lambda p=problem, i=inputs: make_plan(p, i, backend), device, 2, 10)
             plan = make_plan(problem, inputs, backend)
             size = sum(t.numel() * t.element_size() for t in (
                 plan.key_first_row, plan.key_end_row, plan.candidates, plan.candidate_count))
