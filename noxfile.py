@@ -47,7 +47,8 @@ def triton(session):
     """On a GPU: the conformance suite for triton. Without one: the interpreter subset."""
     install(session, "test,triton")
     env = {} if HAS_GPU else {"TRITON_INTERPRET": "1"}
-    session.run("pytest", "-q", "tests/conformance", "-k", "triton", *session.posargs, env=env)
+    session.run("pytest", "-q", "tests/conformance", "tests/test_triton_modes.py",
+                "tests/test_selection.py", "-k", "triton", *session.posargs, env=env)
 
 
 @nox.session

@@ -17,7 +17,10 @@ Selection scores are compared in float32 and carry no gradient; ties go to the l
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -77,22 +80,23 @@ class IntervalPlan:
         return self.candidates.shape[-1]
 
 
+def sortable_int32(x: torch.Tensor) -> torch.Tensor:
+    """Map float32 to int32 so that integer order is float order (-0.0 and 0.0 compare equal,
+    as floats do; NaN is outside the contract)."""
+    bits = (x.float() + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def best_first_order(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Key indices along the last dim, best first: allowed keys by (score, index) descending,
-    then every disallowed key (whatever its score, even -inf for an allowed one ranks above)."""
-    s = scores.shape[-1]
-    # Later keys win ties: sort the reversed sequence stably, descending.
-    order = s - 1 - torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
-    disallowed = (~allowed).gather(-1, order).to(torch.int8)
-    return order.gather(-1, torch.sort(disallowed, dim=-1, stable=True).indices)
+    """Key indices along the last dim, best first: allowed keys by (score, index) descending
+    (later keys win ties), then every disallowed key, whatever its score.
 
-
-def _ranks(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Rank of every key per row of `scores` (N, S): 0 = best; disallowed keys rank last."""
-    order = best_first_order(scores, allowed)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks
+    One sort of packed int64 keys: the score's order-preserving bits above the key index.
+    """
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    packed = (sortable_int32(scores).to(torch.int64) << 32) | index
+    packed = packed.masked_fill(~allowed, torch.iinfo(torch.int64).min)
+    return torch.sort(packed, dim=-1, descending=True).indices
 
 
 def _prefix_kth_smallest(values: torch.Tensor, prefix_len: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,7 +148,16 @@ def row_key_limit(problem: Problem, device) -> torch.Tensor:
     return (rows + problem.causal_offset + 1).clamp(0, problem.seqlen_k)
 
 
-def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int) -> IntervalPlan:
+def use_plan_kernels(device: torch.device) -> bool:
+    """The Triton plan kernels serve CUDA tensors (and CPU ones under TRITON_INTERPRET=1);
+    DMA_PLAN=torch forces the torch path."""
+    if os.environ.get("DMA_PLAN") == "torch" or importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
+                        kernels: Optional[bool] = None) -> IntervalPlan:
     window = problem.window
     sq, sk = problem.seqlen_q, problem.seqlen_k
     device = problem.device
@@ -152,16 +165,18 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int) -> Inter
     allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk)
     scores = key_selection_scores(problem, inputs, batch, heads).reshape(batch * heads, sk)
     n = batch * heads
+    order = best_first_order(scores, allowed)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(sk, device=device).expand_as(order))
+    if kernels is None:
+        kernels = use_plan_kernels(device)
 
-    ranks = _ranks(scores, allowed)  # (N, Sk)
-    limit = row_key_limit(problem, device).expand(n, sq).contiguous()  # (N, Sq)
-    allowed_before = torch.zeros(n, sk + 1, dtype=torch.int64, device=device)
-    torch.cumsum(allowed, dim=-1, out=allowed_before[:, 1:])
-    allowed_in_prefix = allowed_before.gather(-1, limit)
     # tau_i: rank of the w-th best allowed key in row i's prefix; rows with at most w allowed
     # keys keep all of them (tau = Sk, worse than every rank).
-    tau = _prefix_kth_smallest(ranks, limit, window - 1)
-    tau = torch.where(allowed_in_prefix > window, tau, torch.full_like(tau, sk))
+    if kernels:
+        tau = _row_thresholds_triton(problem, order, ranks, allowed, block_m)
+    else:
+        tau = _row_thresholds_torch(problem, ranks, allowed)
 
     # Row i keeps key j iff j < limit_i and rank_j <= tau_i. tau never increases with i, so the
     # rows with rank_j <= tau_i are a prefix [0, end); the causal limit gives the start.
@@ -173,18 +188,66 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int) -> Inter
     else:
         first_row = torch.zeros_like(end_row)
     end_row = torch.maximum(end_row, first_row)  # an empty interval reads as first == end
+    first_row = first_row.to(torch.int32).contiguous()
+    end_row = end_row.to(torch.int32).contiguous()
 
-    candidates, counts = _candidate_lists(first_row, end_row, sq, block_m, window)
+    if kernels:
+        candidates, counts = _candidate_lists_triton(problem, first_row, end_row, block_m)
+    else:
+        candidates, counts = _candidate_lists(first_row, end_row, sq, block_m, window)
     n_blocks = candidates.shape[1]
     return IntervalPlan(
         block_m=block_m,
         batch=batch,
         heads=heads,
-        key_first_row=first_row.to(torch.int32).reshape(batch, heads, sk),
-        key_end_row=end_row.to(torch.int32).reshape(batch, heads, sk),
+        key_first_row=first_row.reshape(batch, heads, sk),
+        key_end_row=end_row.reshape(batch, heads, sk),
         candidates=candidates.reshape(batch, heads, n_blocks, -1),
         candidate_count=counts.reshape(batch, heads, n_blocks),
     )
+
+
+def _row_thresholds_torch(problem: Problem, ranks, allowed):
+    n, sk = ranks.shape
+    limit = row_key_limit(problem, ranks.device).expand(n, problem.seqlen_q).contiguous()
+    allowed_before = torch.zeros(n, sk + 1, dtype=torch.int64, device=ranks.device)
+    torch.cumsum(allowed, dim=-1, out=allowed_before[:, 1:])
+    allowed_in_prefix = allowed_before.gather(-1, limit)
+    tau = _prefix_kth_smallest(ranks, limit, problem.window - 1)
+    return torch.where(allowed_in_prefix > problem.window, tau, torch.full_like(tau, sk))
+
+
+def _row_thresholds_triton(problem: Problem, order, ranks, allowed, block_m: int):
+    from .selection_kernels import _row_threshold_kernel
+
+    n, sk = order.shape
+    order32 = order.to(torch.int32).contiguous()
+    ranks32 = ranks.to(torch.int32).contiguous()
+    n_allowed = allowed.sum(-1, dtype=torch.int32)
+    tau = torch.empty(n, problem.seqlen_q, dtype=torch.int32, device=order.device)
+    grid = (-(-problem.seqlen_q // block_m), n)
+    _row_threshold_kernel[grid](
+        order32, ranks32, n_allowed, tau, order32.stride(0), tau.stride(0),
+        problem.seqlen_q, sk, problem.causal_offset, problem.window,
+        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=1024, WCHUNK=64,
+    )
+    return tau.to(torch.int64)
+
+
+def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int):
+    from .selection_kernels import _candidates_kernel
+
+    n, sk = first_row.shape
+    n_blocks = max(1, -(-problem.seqlen_q // block_m))
+    width = min(sk, problem.window + block_m)
+    candidates = torch.full((n, n_blocks, width), -1, dtype=torch.int32, device=first_row.device)
+    counts = torch.empty(n, n_blocks, dtype=torch.int32, device=first_row.device)
+    _candidates_kernel[(n_blocks, n)](
+        first_row, end_row, candidates, counts, first_row.stride(0), candidates.stride(0),
+        candidates.stride(1), counts.stride(0), problem.seqlen_q, sk, problem.causal_offset,
+        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=1024,
+    )
+    return candidates, counts
 
 
 def _candidate_lists(first_row, end_row, seqlen_q: int, block_m: int, window: int):

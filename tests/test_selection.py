@@ -1,5 +1,7 @@
 """The interval plan against a brute-force per-row selection, and its bounds."""
 
+import os
+
 import pytest
 import torch
 
@@ -18,8 +20,13 @@ def brute_force_keep(kb, allowed, sq, sk, w, causal):
     return keep
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("seed", range(60))
-def test_interval_plan_matches_brute_force(seed):
+def test_interval_plan_matches_brute_force(seed, kernels):
+    if kernels:
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
     g = torch.Generator().manual_seed(seed)
     sq = int(torch.randint(1, 40, (), generator=g))
     sk = int(torch.randint(2, 40, (), generator=g))
@@ -31,13 +38,17 @@ def test_interval_plan_matches_brute_force(seed):
     else:
         kb = torch.randn(b, 1, sk, generator=g)
     pad = torch.rand(b, sk, generator=g) > 0.2
-    q, k = torch.randn(b, sq, 2, 8), torch.randn(b, sk, 1, 8)
+    device = "cuda" if kernels and torch.cuda.is_available() else "cpu"
+    kb, pad = kb.to(device), pad.to(device)
+    q, k = torch.randn(b, sq, 2, 8, device=device), torch.randn(b, sk, 1, 8, device=device)
     problem, inputs = validate(q, k, k, key_bias=kb, window=w, causal=causal,
                                key_padding_mask=pad)
     assert problem.selection == "interval"
-    block_m = int(torch.randint(1, 9, (), generator=g))
-    plan = build_interval_plan(problem, inputs, block_m)
+    block_m = 2 ** int(torch.randint(0, 4, (), generator=g))  # kernels need powers of two
+    plan = build_interval_plan(problem, inputs, block_m, kernels=kernels)
     rows = torch.arange(sq)[:, None]
+    plan = type(plan)(*(t.cpu() if torch.is_tensor(t) else t for t in plan.__dict__.values()))
+    kb, pad = kb.cpu(), pad.cpu()
     for bi in range(b):
         expected = brute_force_keep(kb[bi, 0], pad[bi], sq, sk, w, causal)
         first, end = plan.key_first_row[bi, 0].long(), plan.key_end_row[bi, 0].long()

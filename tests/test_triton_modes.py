@@ -1,8 +1,8 @@
 """Triton-specific modes that the shared suite does not switch: deterministic backward."""
 
 import pytest
-
 from conformance.cases import CASES
+
 from harness import available_devices, check_case
 
 WINDOW_CASES = [c for c in CASES if c.window is not None and c.attn_bias is None][:8]

@@ -72,8 +72,8 @@ class _Launch:
             kb = kb.contiguous()
             self.key_bias = (kb, kb.stride(0) if kb.shape[0] > 1 else 0, kb.stride(1),
                              h // kb.shape[1])
-        else:
-            self.key_bias = (dummy, 0, 0, 1)
+        else:  # absent inputs: a head divisor of H reads "shared by every head"
+            self.key_bias = (dummy, 0, 0, h)
         self.attn_bias = self._bias4(inputs.attn_bias, h, dummy)
         mask = keep_mask if keep_mask is not None else inputs.attn_mask
         self.attn_mask = self._bias4(None if mask is None else mask.view(torch.uint8), h, dummy)
@@ -92,7 +92,7 @@ class _Launch:
             self.candidates = (cand, count, cand.stride(0) if batched else 0, cand.stride(1),
                                cand.stride(2), count.stride(0) if batched else 0, count.stride(1))
         else:
-            self.plan_rows = (dummy, dummy, 0, 0, 1)
+            self.plan_rows = (dummy, dummy, 0, 0, h)
             self.candidates = (dummy, dummy, 0, 0, 0, 0, 0)
         self.flags = dict(
             CAUSAL=problem.causal,
@@ -113,7 +113,7 @@ class _Launch:
     @staticmethod
     def _bias4(t, heads, dummy):
         if t is None:
-            return (dummy, 0, 0, 0, 0, 1)
+            return (dummy, 0, 0, 0, 0, heads)
         strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
         return (t, *strides, heads // t.shape[1])
 
@@ -121,6 +121,15 @@ class _Launch:
         """The (key_bias, attn_bias, attn_mask, padding, plan rows) argument run."""
         return (*self.key_bias, *self.attn_bias, *self.attn_mask, *self.padding,
                 *self.plan_rows)
+
+    def heads_per_program(self) -> int:
+        """Query heads stacked per forward program: 2 when the kv group is even and every
+        per-head input (plan, key_bias, attn_bias, mask) is shared by the group."""
+        problem = self.problem
+        group = problem.group_size
+        per_head = [self.plan_rows[4], self.key_bias[3], self.attn_bias[5], self.attn_mask[5]]
+        shared = all(hdiv % group == 0 for hdiv in per_head)
+        return 2 if group % 2 == 0 and shared else 1
 
     def block_n(self):
         d = self.dims["D_PAD"]
@@ -172,14 +181,16 @@ class TritonBackend(Backend):
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        grid = (triton_cdiv(sq, BLOCK_M), b * h)
+        stacked = launch.heads_per_program()
+        grid = (triton_cdiv(sq, BLOCK_M), b * h // stacked)
         kern._fwd_kernel[grid](
             launch.q, launch.k, launch.v, out, lse, *launch.qkv,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             *launch.masks(), *launch.candidates,
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
             **launch.dims, BLOCK_M=BLOCK_M, BLOCK_N=launch.block_n(), **launch.flags,
-            DOT_PRECISION=launch.precision,
+            DOT_PRECISION=launch.precision, HEADS_PER_PROG=stacked,
+            num_warps=4 * stacked if not interpreter_mode() else 1,
         )
         return out, lse
 

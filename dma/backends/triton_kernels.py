@@ -121,24 +121,30 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
 ):
+    """One query block of HEADS_PER_PROG query heads of one kv group, stacked into one tile
+    so that each gathered K/V tile serves all of them (the host stacks heads only when every
+    bias, mask and plan is shared by the group)."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
+    programs_per_batch = heads // HEADS_PER_PROG
+    b = bh // programs_per_batch
+    h = (bh % programs_per_batch) * HEADS_PER_PROG
     hk = h // group
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
+    row_head = h + tile // BLOCK_M
+    rows = block * BLOCK_M + tile % BLOCK_M
     dims = tl.arange(0, D_PAD)
     row_ok = rows < seqlen_q
     dim_ok = dims < HEAD_DIM
     rows64 = rows.to(tl.int64)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :],
+    q = tl.load(Q + b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    m_i = tl.full([HEADS_PER_PROG * BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([HEADS_PER_PROG * BLOCK_M], tl.float32)
+    acc = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
                           scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL)
     for start in range(0, n_slots, BLOCK_N):
@@ -168,10 +174,10 @@ def _fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(Out + b * so_b + h * so_h + rows64[:, None] * so_s + dims[None, :],
+    tl.store(Out + b * so_b + row_head[:, None] * so_h + rows64[:, None] * so_s + dims[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + b * slse_b + h * slse_h + rows, lse, mask=row_ok)
+    tl.store(LSE + b * slse_b + row_head * slse_h + rows, lse, mask=row_ok)
 
 
 @triton.jit
