@@ -129,13 +129,20 @@ class _Launch:
         group = problem.group_size
         per_head = [self.plan_rows[4], self.key_bias[3], self.attn_bias[5], self.attn_mask[5]]
         shared = all(hdiv % group == 0 for hdiv in per_head)
-        return 2 if group % 2 == 0 and shared else 1
+        small_tiles = self.dims["D_PAD"] <= 128  # two heads of 256 dims overflow shared memory
+        return 2 if group % 2 == 0 and shared and small_tiles else 1
 
     def block_n(self):
         d = self.dims["D_PAD"]
         if interpreter_mode():
             return 16
         return 64 if d <= 128 else 32
+
+    def pipeline(self) -> dict:
+        """Launch options: a shallower software pipeline for 256-dim tiles (shared memory)."""
+        if interpreter_mode():
+            return {}
+        return {"num_stages": 1} if self.dims["D_PAD"] > 128 else {}
 
 
 def triton_next_pow2(n: int) -> int:
@@ -190,7 +197,7 @@ class TritonBackend(Backend):
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
             **launch.dims, BLOCK_M=BLOCK_M, BLOCK_N=launch.block_n(), **launch.flags,
             DOT_PRECISION=launch.precision, HEADS_PER_PROG=stacked,
-            num_warps=4 * stacked if not interpreter_mode() else 1,
+            **({} if interpreter_mode() else {"num_warps": 4 * stacked}), **launch.pipeline(),
         )
         return out, lse
 
@@ -217,7 +224,7 @@ class TritonBackend(Backend):
         delta = delta.float().contiguous()
         device = problem.device
         common = dict(**launch.dims, BLOCK_M=BLOCK_M, BLOCK_N=launch.block_n(),
-                      DOT_PRECISION=launch.precision)
+                      DOT_PRECISION=launch.precision, **launch.pipeline())
 
         dq = _like_strides(launch.q, problem.dtype)
         if os.environ.get("DMA_DEBUG_POISON") == "1":
