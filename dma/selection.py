@@ -207,6 +207,22 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
     )
 
 
+def coarse_candidate_lists(problem: Problem, plan: IntervalPlan, block_m: int):
+    """Candidate lists of the plan's kept pairs for blocks of `block_m` rows (any size), as
+    (batch, heads, n_blocks, min(Sk, window + block_m)) and counts."""
+    n = plan.batch * plan.heads
+    first = plan.key_first_row.reshape(n, -1)
+    end = plan.key_end_row.reshape(n, -1)
+    if use_plan_kernels(problem.device):
+        candidates, counts = _candidate_lists_triton(problem, first, end, block_m)
+    else:
+        candidates, counts = _candidate_lists(first.long(), end.long(), problem.seqlen_q,
+                                              block_m, problem.window)
+    n_blocks = candidates.shape[1]
+    return (candidates.reshape(plan.batch, plan.heads, n_blocks, -1),
+            counts.reshape(plan.batch, plan.heads, n_blocks))
+
+
 def _row_thresholds_torch(problem: Problem, ranks, allowed):
     n, sk = ranks.shape
     limit = row_key_limit(problem, ranks.device).expand(n, problem.seqlen_q).contiguous()

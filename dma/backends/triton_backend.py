@@ -22,11 +22,14 @@ import os
 import torch
 
 from ..layout import split_heads, sum_to_heads
-from ..selection import allowed_pairs, rowwise_keep
+from ..selection import allowed_pairs, coarse_candidate_lists, rowwise_keep
 from ..validation import SELECT_ROWWISE, Inputs, Problem
 from .base import Backend, Capabilities, new_output
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
+# Rows per program of the atomic dk/dv kernel: coarse blocks mean fewer atomic adds (one per
+# candidate key and block) at the cost of some rows that keep few keys of a tile.
+BACKWARD_ROWS_PER_PROGRAM = 512
 MAX_HEAD_DIM = 256
 
 
@@ -231,14 +234,16 @@ class TritonBackend(Backend):
             dq.fill_(float("nan"))
         dab_full = torch.zeros(b, h, sq, sk, dtype=torch.float32, device=device) \
             if need_ab else launch.q
-        kern._bwd_dq_kernel[(triton_cdiv(sq, BLOCK_M), b * h)](
+        stacked = launch.heads_per_program()
+        kern._bwd_dq_kernel[(triton_cdiv(sq, BLOCK_M), b * h // stacked)](
             launch.q, launch.k, launch.v, do, lse, delta, dq, dab_full, *launch.qkv,
             lse.stride(0), lse.stride(1),
             *((dab_full.stride(0), dab_full.stride(1), dab_full.stride(2)) if need_ab
               else (0, 0, 0)),
             *launch.masks(), *launch.candidates,
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-            **launch.flags, NEED_DAB=need_ab, **common,
+            **launch.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, **common,
+            **({} if interpreter_mode() else {"num_warps": 4 * stacked}),
         )
 
         use_atomics = plan is not None and not deterministic_mode()
@@ -252,12 +257,20 @@ class TritonBackend(Backend):
             shared = plan.heads < h or problem.group_size == 1
             heads_per_program = problem.group_size if shared else 1
             programs_per_batch = h // heads_per_program
-            kern._bwd_dkdv_candidates_kernel[(triton_cdiv(sq, BLOCK_M), b * programs_per_batch)](
+            rows = BACKWARD_ROWS_PER_PROGRAM
+            cand, count = coarse_candidate_lists(problem, plan, rows)
+            n_blocks = cand.shape[2]
+            programs = n_blocks * b * programs_per_batch
+            key_split = max(1, min(8, -(-4 * _multiprocessors(device) // programs)))
+            batched = plan.batch > 1
+            kern._bwd_dkdv_candidates_kernel[(n_blocks, b * programs_per_batch, key_split)](
                 launch.q, launch.k, launch.v, do, lse, delta, dk, dv, dkb, *launch.qkv,
                 lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
-                *dkb_strides, *launch.key_bias, *launch.plan_rows, *launch.candidates,
+                *dkb_strides, *launch.key_bias, *launch.plan_rows,
+                cand, count, cand.stride(0) if batched else 0, cand.stride(1), cand.stride(2),
+                count.stride(0) if batched else 0, count.stride(1),
                 *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
-                launch.scale, launch.softcap,
+                key_split, launch.scale, launch.softcap, ROWS_PER_PROGRAM=rows,
                 HAS_KB=launch.flags["HAS_KB"], SOFTCAP=launch.flags["SOFTCAP"],
                 NEED_DKB=need_kb, **common,
             )
@@ -290,6 +303,12 @@ class TritonBackend(Backend):
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _multiprocessors(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _like_strides(t: torch.Tensor, dtype) -> torch.Tensor:

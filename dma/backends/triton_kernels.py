@@ -195,28 +195,33 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NEED_DAB: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEED_DAB: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
 ):
-    """dq (and the full-size ds for d attn_bias) of one query block: the forward's walk."""
+    """dq (and the full-size ds for d attn_bias) of one query block: the forward's walk,
+    with the same head stacking."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
+    programs_per_batch = heads // HEADS_PER_PROG
+    b = bh // programs_per_batch
+    h = (bh % programs_per_batch) * HEADS_PER_PROG
     hk = h // group
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
+    row_head = h + tile // BLOCK_M
+    rows = block * BLOCK_M + tile % BLOCK_M
     dims = tl.arange(0, D_PAD)
     row_ok = rows < seqlen_q
     dim_ok = dims < HEAD_DIM
     rows64 = rows.to(tl.int64)
     qmask = row_ok[:, None] & dim_ok[None, :]
-    q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
+    q_off = b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :]
     q = tl.load(Q + q_off, mask=qmask, other=0.0)
     do = tl.load(DO + q_off, mask=qmask, other=0.0)
-    lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok, other=float("-inf"))
+    stat_off = b * slse_b + row_head * slse_h + rows
+    lse = tl.load(LSE + stat_off, mask=row_ok, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-    delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + stat_off, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    dq = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
                           scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL)
     for start in range(0, n_slots, BLOCK_N):
@@ -240,14 +245,14 @@ def _bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if NEED_DAB:
-            dab_ptr = DAB + b * sdab_b + h * sdab_h + rows64[:, None] * sdab_r + keys64[None, :]
+            dab_ptr = (DAB + b * sdab_b + row_head[:, None] * sdab_h + rows64[:, None] * sdab_r
+                       + keys64[None, :])
             tl.store(dab_ptr, ds, mask=row_ok[:, None] & key_ok[None, :])
         dt = ds
         if SOFTCAP:
             dt = ds * (1.0 - th * th)
         dq += tl.dot(dt.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
 @triton.jit
@@ -342,25 +347,29 @@ def _bwd_dkdv_candidates_kernel(
     KB, skb_b, skb_h, kb_hdiv,
     FIRST, END, splan_b, splan_h, plan_hdiv,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
-    seqlen_q, seqlen_k, causal_offset, programs_per_batch, heads_per_program, group, scale,
-    softcap,
+    seqlen_q, seqlen_k, causal_offset, programs_per_batch, heads_per_program, group, key_split,
+    scale, softcap,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KB: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NEED_DKB: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_KB: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEED_DKB: tl.constexpr,
 ):
-    """DMA case, fast path: dk, dv and d key_bias from one query block's candidate tiles,
-    added atomically (float32) into the gathered key rows. Work follows the kept pairs; the
-    query heads that share a candidate list share each gathered K/V tile."""
+    """DMA case, fast path: dk, dv and d key_bias over the candidate keys of a coarse block of
+    ROWS_PER_PROGRAM rows (the union of its rows' kept keys, at most window + rows), added
+    atomically (float32) into the gathered key rows. The query heads that share a candidate
+    list share each gathered K/V tile, and each key tile only walks the rows of the block that
+    its keys' intervals reach; coarse blocks keep the number of atomic adds low."""
     block = tl.program_id(0)
     bp = tl.program_id(1)
+    split = tl.program_id(2)
     b = bp // programs_per_batch
     h0 = (bp % programs_per_batch) * heads_per_program
     hk = h0 // group
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < HEAD_DIM
-    row_base = block * BLOCK_M
+    row_base = block * ROWS_PER_PROGRAM
+    row_end = tl.minimum(row_base + ROWS_PER_PROGRAM, seqlen_q)
     n_slots = tl.load(COUNT + b * scnt_b + (h0 // plan_hdiv) * scnt_h + block)
-    for start in range(0, n_slots, BLOCK_N):
+    for start in range(split * BLOCK_N, n_slots, key_split * BLOCK_N):
         keys, key_ok = _key_tile(start, block, b, h0, seqlen_k, n_slots, CAND, COUNT, scand_b,
                                  scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N, True)
         keys64 = keys.to(tl.int64)
@@ -369,38 +378,49 @@ def _bwd_dkdv_candidates_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
                     mask=kv_mask, other=0.0)
+        # The rows of this block that the tile's key intervals reach.
+        plan = b * splan_b + (h0 // plan_hdiv) * splan_h + keys64
+        first = tl.load(FIRST + plan, mask=key_ok, other=0)
+        end = tl.load(END + plan, mask=key_ok, other=0)
+        live = key_ok & (end > first)
+        row_lo = tl.maximum(tl.min(tl.where(live, first, seqlen_q), 0), row_base)
+        row_hi = tl.minimum(tl.max(tl.where(live, end, 0), 0), row_end)
+        row_lo = row_base + ((row_lo - row_base) // BLOCK_M) * BLOCK_M
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for g in range(0, heads_per_program):
             h = h0 + g
-            rows = row_base + tl.arange(0, BLOCK_M)
-            row_ok = rows < seqlen_q
-            rows64 = rows.to(tl.int64)
-            qmask = row_ok[:, None] & dim_ok[None, :]
-            q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
-            q = tl.load(Q + q_off, mask=qmask, other=0.0)
-            do = tl.load(DO + q_off, mask=qmask, other=0.0)
-            lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s, keep, th = _tile_scores(
-                qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
-                KB, 0, 0, 0, 0, 1, KB, 0, 0, 0, 0, 1, KB, 0,
-                FIRST, END, splan_b, splan_h, plan_hdiv,
-                seqlen_q, causal_offset, scale, softcap,
-                False, HAS_KB, False, False, False, SOFTCAP, True)
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+            dkb = tl.zeros([BLOCK_N], tl.float32)
+            for row_start in range(row_lo, row_hi, BLOCK_M):
+                rows = row_start + tl.arange(0, BLOCK_M)
+                row_ok = rows < seqlen_q
+                rows64 = rows.to(tl.int64)
+                qmask = row_ok[:, None] & dim_ok[None, :]
+                q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
+                q = tl.load(Q + q_off, mask=qmask, other=0.0)
+                do = tl.load(DO + q_off, mask=qmask, other=0.0)
+                lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok,
+                              other=float("inf"))
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                s, keep, th = _tile_scores(
+                    qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+                    KB, 0, 0, 0, 0, 1, KB, 0, 0, 0, 0, 1, KB, 0,
+                    FIRST, END, splan_b, splan_h, plan_hdiv,
+                    seqlen_q, causal_offset, scale, softcap,
+                    False, HAS_KB, False, False, False, SOFTCAP, True)
+                p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dkb += tl.sum(ds, 0)
+                dt = ds
+                if SOFTCAP:
+                    dt = ds * (1.0 - th * th)
+                dk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
             if NEED_DKB:
-                tl.atomic_add(DKB + b * sdkb_b + h * sdkb_h + keys64, tl.sum(ds, 0),
-                              mask=key_ok)
-            dt = ds
-            if SOFTCAP:
-                dt = ds * (1.0 - th * th)
-            dk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                tl.atomic_add(DKB + b * sdkb_b + h * sdkb_h + keys64, dkb, mask=key_ok)
         out = b * sdk_b + hk * sdk_h + keys64[:, None] * sdk_s + dims[None, :]
         tl.atomic_add(DK + out, dk * scale, mask=kv_mask)
         tl.atomic_add(DV + out, dv, mask=kv_mask)

@@ -58,6 +58,11 @@ def _cases():
     yield base.with_(name="bias_only_grad", grads=("key_bias",), key_bias=(B, H), window=5)
     yield base.with_(name="attn_bias_only_grad", grads=("attn_bias",), attn_bias=(B, H, SQ, SK))
     yield base.with_(name="no_grad", grads=())
+    # Long enough for several coarse backward blocks and many candidate tiles per block.
+    yield base.with_(name="long_window", batch=1, seqlen_q=600, seqlen_k=640, window=40,
+                     key_bias=(1, HKV))
+    yield base.with_(name="long_window_ties", batch=1, seqlen_q=600, seqlen_k=600, window=70,
+                     key_bias=(1, 1), key_bias_ties=True, grads=("q", "k", "v", "key_bias"))
     # Head dims, with a short sequence to keep the dense reference cheap.
     for d in (16, 32, 64, 80, 96, 128, 256):
         yield base.with_(name=f"head_dim{d}", head_dim=d, seqlen_q=16, seqlen_k=20,
