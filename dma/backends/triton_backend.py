@@ -27,9 +27,35 @@ from ..validation import SELECT_ROWWISE, Inputs, Problem
 from .base import Backend, Capabilities, new_output
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
-# Rows per program of the atomic dk/dv kernel: coarse blocks mean fewer atomic adds (one per
-# candidate key and block) at the cost of some rows that keep few keys of a tile.
-BACKWARD_ROWS_PER_PROGRAM = 512
+
+# Launch configuration per kernel: BLOCK_N (keys per tile), num_warps and num_stages; the
+# forward and dq stack up to STACK heads of a kv group per program; the candidate dk/dv kernel
+# walks ROWS rows per program (coarse blocks: fewer atomic adds, one per candidate key and
+# block, at the cost of rows that keep few keys of a tile) in tiles of BLOCK_M rows.
+# `benchmarks/tune_triton.py` times alternatives; OVERRIDES lets it (or a user) replace them.
+CONFIGS = {
+    "fwd": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "STACK": 2},
+    "dq": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "STACK": 2},
+    "dkdv_candidates": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
+                        "ROWS": 512},
+    "dkdv_keys": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+}
+OVERRIDES: dict = {}
+
+
+def kernel_config(kernel: str, d_pad: int) -> dict:
+    """The launch configuration of one kernel for a padded head dim."""
+    config = dict(CONFIGS[kernel])
+    if d_pad > 128:  # 256-dim tiles: smaller key tiles, no stacking, shallow pipeline
+        config.update(BLOCK_N=32, num_stages=1)
+        if "STACK" in config:
+            config["STACK"] = 1
+    config.update(OVERRIDES.get(kernel, {}))
+    if interpreter_mode():  # the interpreter is slow on big tiles and ignores the rest
+        config.update(BLOCK_N=16, num_warps=1, num_stages=1)
+        if "ROWS" in config:
+            config["ROWS"] = 128
+    return config
 MAX_HEAD_DIM = 256
 
 
@@ -125,27 +151,19 @@ class _Launch:
         return (*self.key_bias, *self.attn_bias, *self.attn_mask, *self.padding,
                 *self.plan_rows)
 
-    def heads_per_program(self) -> int:
-        """Query heads stacked per forward program: 2 when the kv group is even and every
-        per-head input (plan, key_bias, attn_bias, mask) is shared by the group."""
-        problem = self.problem
-        group = problem.group_size
+    def heads_per_program(self, stack: int) -> int:
+        """Query heads stacked per program (at most `stack`): only when the kv group divides
+        evenly and every per-head input (plan, key_bias, attn_bias, mask) is shared by it."""
+        group = self.problem.group_size
         per_head = [self.plan_rows[4], self.key_bias[3], self.attn_bias[5], self.attn_mask[5]]
-        shared = all(hdiv % group == 0 for hdiv in per_head)
-        small_tiles = self.dims["D_PAD"] <= 128  # two heads of 256 dims overflow shared memory
-        return 2 if group % 2 == 0 and shared and small_tiles else 1
+        if not all(hdiv % group == 0 for hdiv in per_head):
+            return 1
+        while stack > 1 and group % stack:
+            stack //= 2
+        return stack
 
-    def block_n(self):
-        d = self.dims["D_PAD"]
-        if interpreter_mode():
-            return 16
-        return 64 if d <= 128 else 32
-
-    def pipeline(self) -> dict:
-        """Launch options: a shallower software pipeline for 256-dim tiles (shared memory)."""
-        if interpreter_mode():
-            return {}
-        return {"num_stages": 1} if self.dims["D_PAD"] > 128 else {}
+    def config(self, kernel: str) -> dict:
+        return kernel_config(kernel, self.dims["D_PAD"])
 
 
 def triton_next_pow2(n: int) -> int:
@@ -191,16 +209,16 @@ class TritonBackend(Backend):
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        stacked = launch.heads_per_program()
+        config = launch.config("fwd")
+        stacked = launch.heads_per_program(config.pop("STACK"))
         grid = (triton_cdiv(sq, BLOCK_M), b * h // stacked)
         kern._fwd_kernel[grid](
             launch.q, launch.k, launch.v, out, lse, *launch.qkv,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             *launch.masks(), *launch.candidates,
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-            **launch.dims, BLOCK_M=BLOCK_M, BLOCK_N=launch.block_n(), **launch.flags,
-            DOT_PRECISION=launch.precision, HEADS_PER_PROG=stacked,
-            **({} if interpreter_mode() else {"num_warps": 4 * stacked}), **launch.pipeline(),
+            **launch.dims, BLOCK_M=BLOCK_M, **launch.flags, DOT_PRECISION=launch.precision,
+            HEADS_PER_PROG=stacked, **config,
         )
         return out, lse
 
@@ -226,15 +244,15 @@ class TritonBackend(Backend):
         lse = lse.contiguous()
         delta = delta.float().contiguous()
         device = problem.device
-        common = dict(**launch.dims, BLOCK_M=BLOCK_M, BLOCK_N=launch.block_n(),
-                      DOT_PRECISION=launch.precision, **launch.pipeline())
+        common = dict(**launch.dims, DOT_PRECISION=launch.precision)
 
         dq = _like_strides(launch.q, problem.dtype)
         if os.environ.get("DMA_DEBUG_POISON") == "1":
             dq.fill_(float("nan"))
         dab_full = torch.zeros(b, h, sq, sk, dtype=torch.float32, device=device) \
             if need_ab else launch.q
-        stacked = launch.heads_per_program()
+        config = launch.config("dq")
+        stacked = launch.heads_per_program(config.pop("STACK"))
         kern._bwd_dq_kernel[(triton_cdiv(sq, BLOCK_M), b * h // stacked)](
             launch.q, launch.k, launch.v, do, lse, delta, dq, dab_full, *launch.qkv,
             lse.stride(0), lse.stride(1),
@@ -242,8 +260,8 @@ class TritonBackend(Backend):
               else (0, 0, 0)),
             *launch.masks(), *launch.candidates,
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-            **launch.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, **common,
-            **({} if interpreter_mode() else {"num_warps": 4 * stacked}),
+            **launch.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
+            **common, **config,
         )
 
         use_atomics = plan is not None and not deterministic_mode()
@@ -257,7 +275,8 @@ class TritonBackend(Backend):
             shared = plan.heads < h or problem.group_size == 1
             heads_per_program = problem.group_size if shared else 1
             programs_per_batch = h // heads_per_program
-            rows = BACKWARD_ROWS_PER_PROGRAM
+            config = launch.config("dkdv_candidates")
+            rows = config.pop("ROWS")
             cand, count = coarse_candidate_lists(problem, plan, rows)
             n_blocks = cand.shape[2]
             programs = n_blocks * b * programs_per_batch
@@ -272,16 +291,16 @@ class TritonBackend(Backend):
                 *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
                 key_split, launch.scale, launch.softcap, ROWS_PER_PROGRAM=rows,
                 HAS_KB=launch.flags["HAS_KB"], SOFTCAP=launch.flags["SOFTCAP"],
-                NEED_DKB=need_kb, **common,
+                NEED_DKB=need_kb, **common, **config,
             )
         else:
-            block_n = common["BLOCK_N"]
-            kern._bwd_dkdv_keys_kernel[(triton_cdiv(sk, block_n), b * hkv)](
+            config = launch.config("dkdv_keys")
+            kern._bwd_dkdv_keys_kernel[(triton_cdiv(sk, config["BLOCK_N"]), b * hkv)](
                 launch.q, launch.k, launch.v, do, lse, delta, dk, dv, dkb, *launch.qkv,
                 lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
                 *dkb_strides, *launch.masks(), *launch.sizes, hkv, problem.group_size,
                 launch.scale, launch.softcap,
-                **launch.flags, NEED_DKB=need_kb, **common,
+                **launch.flags, NEED_DKB=need_kb, **common, **config,
             )
 
         grad_kb = None

@@ -1,0 +1,73 @@
+"""Time launch configurations of the triton kernels on one DMA shape (GPU).
+
+    python benchmarks/tune_triton.py --seqlen 16384 --window 2048
+
+For each kernel it varies one configuration at a time around the defaults in
+dma/backends/triton_backend.py (CONFIGS) and prints the forward or forward+backward time, so a
+better default can be read off and written back.
+"""
+
+import argparse
+import itertools
+
+import torch
+
+import dma
+from dma.backends import triton_backend
+from dma.benchmarking import Shape, make_inputs, median_ms
+
+CANDIDATES = {
+    "fwd": dict(BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4], STACK=[1, 2]),
+    "dq": dict(BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3], STACK=[1, 2]),
+    "dkdv_candidates": dict(BLOCK_M=[32, 64, 128], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
+                            num_stages=[1, 2, 3], ROWS=[256, 512, 1024]),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlen", type=int, default=16384)
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
+    parser.add_argument("--full-grid", action="store_true", help="every combination")
+    args = parser.parse_args()
+    shape = Shape(1, args.seqlen, 32, 8, 128, args.window, torch.bfloat16)
+    q, k, v, kb = make_inputs(shape, "cuda")
+    device = torch.device("cuda")
+
+    def run_fwd():
+        with torch.no_grad():
+            dma.attention(q, k, v, key_bias=kb, window=args.window, causal=True,
+                          backend="triton")
+
+    leaves = [t.requires_grad_(True) for t in (q, k, v, kb)]
+
+    def run_train():
+        for t in leaves:
+            t.grad = None
+        o = dma.attention(q, k, v, key_bias=kb, window=args.window, causal=True,
+                          backend="triton")
+        o.backward(torch.ones_like(o))
+
+    print(f"device: {torch.cuda.get_device_name()}  shape: {shape.label}")
+    for kernel in args.kernels:
+        run = run_fwd if kernel == "fwd" else run_train
+        space = CANDIDATES[kernel]
+        base = triton_backend.CONFIGS[kernel]
+        if args.full_grid:
+            trials = [dict(zip(space, values)) for values in itertools.product(*space.values())]
+        else:
+            trials = [{}] + [{name: value} for name, values in space.items() for value in values
+                             if value != base.get(name)]
+        for trial in trials:
+            triton_backend.OVERRIDES[kernel] = trial
+            try:
+                ms = f"{median_ms(run, device, 2, 5):9.3f}"
+            except Exception as exc:  # out of resources and the like
+                ms = f"{type(exc).__name__}"
+            print(f"{kernel:16} {str(trial or 'default'):48} {ms}", flush=True)
+        triton_backend.OVERRIDES.pop(kernel, None)
+
+
+if __name__ == "__main__":
+    main()
