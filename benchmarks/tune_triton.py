@@ -17,10 +17,10 @@ from dma.backends import triton_backend
 from dma.benchmarking import Shape, make_inputs, median_ms
 
 CANDIDATES = {
-    "fwd": dict(BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4], STACK=[1, 2]),
-    "dq": dict(BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3], STACK=[1, 2]),
-    "dkdv_candidates": dict(BLOCK_M=[32, 64, 128], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
-                            num_stages=[1, 2, 3], ROWS=[256, 512, 1024]),
+    "fwd": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 4], STACK=[1, 2]),
+    "dq": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[2, 3], STACK=[1, 2]),
+    "dkdv_candidates": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[32, 64], num_warps=[4],
+                            num_stages=[1, 2], ROWS=[512, 1024]),
 }
 
 
