@@ -20,7 +20,9 @@ def main():
     gpu = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if gpu else "cpu")
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=2048, help="0 = no window")
+    parser.add_argument("--seqlen-q", type=int, default=None,
+                        help="query length (default: the sequence length; 1 = decoding)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -38,8 +40,9 @@ def main():
     contenders = args.contenders or (
         ["dma", "sdpa-cudnn", "sdpa-flash", "flex"] if device.type == "cuda" else ["dma", "sdpa"])
     dtype = getattr(torch, args.dtype)
-    shapes = [Shape(args.batch, s, args.heads, args.kv_heads, args.head_dim, args.window, dtype)
-              for s in args.seqlens]
+    window = args.window or None
+    shapes = [Shape(args.batch, s, args.heads, args.kv_heads, args.head_dim, window, dtype,
+                    args.seqlen_q) for s in args.seqlens]
     rows = run_benchmark(shapes, device, contenders=tuple(contenders), backend=args.backend,
                          modes=tuple(args.modes), reps=args.reps)
     write_csv(rows, args.csv)

@@ -26,11 +26,17 @@ class Shape:
     head_dim: int
     window: Optional[int]
     dtype: torch.dtype
+    seqlen_q: Optional[int] = None  # None: same as seqlen; 1: decoding one token
+
+    @property
+    def queries(self) -> int:
+        return self.seqlen if self.seqlen_q is None else self.seqlen_q
 
     @property
     def label(self):
         w = "none" if self.window is None else self.window
-        return (f"B{self.batch} S{self.seqlen} H{self.heads}/{self.kv_heads} D{self.head_dim} "
+        seq = f"S{self.seqlen}" if self.seqlen_q is None else f"Sq{self.seqlen_q}/Sk{self.seqlen}"
+        return (f"B{self.batch} {seq} H{self.heads}/{self.kv_heads} D{self.head_dim} "
                 f"w={w} {str(self.dtype).replace('torch.', '')}")
 
 
@@ -40,7 +46,7 @@ def make_inputs(shape: Shape, device, seed: int = 0):
     def rand(*size):
         return torch.randn(*size, generator=g).to(device=device, dtype=shape.dtype)
 
-    q = rand(shape.batch, shape.seqlen, shape.heads, shape.head_dim)
+    q = rand(shape.batch, shape.queries, shape.heads, shape.head_dim)
     k = rand(shape.batch, shape.seqlen, shape.kv_heads, shape.head_dim)
     v = rand(shape.batch, shape.seqlen, shape.kv_heads, shape.head_dim)
     key_bias = rand(shape.batch, shape.kv_heads, shape.seqlen)
@@ -98,13 +104,16 @@ def sdpa_contender(inputs, kernel: Optional[str]):
     pinned = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
               "math": SDPBackend.MATH}.get(kernel)
 
+    # SDPA's causal mask is top-left aligned; a single decoding query sees every key anyway.
+    causal = q.shape[1] > 1
+
     def forward():
         kk = kt.repeat_interleave(group, 1) if group > 1 else kt
         vv = vt.repeat_interleave(group, 1) if group > 1 else vt
         if pinned is None:
-            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=True)
+            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=causal)
         with sdpa_kernel([pinned]):
-            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=True)
+            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=causal)
 
     return forward
 
@@ -135,7 +144,7 @@ def flex_contender(shape: Shape, inputs):
     def score_mod(score, b, h, i, j):
         return score + key_bias[b, h // group, j]
 
-    block_mask = create_block_mask(mask_mod, shape.batch, shape.heads, shape.seqlen,
+    block_mask = create_block_mask(mask_mod, shape.batch, shape.heads, shape.queries,
                                    shape.seqlen, device=q.device, _compile=True)
     compiled = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -175,11 +184,21 @@ def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, mode
             fn = _fwd_bwd(forward, leaves) if mode == "fwd+bwd" else forward
             if mode == "fwd":
                 fn = torch.no_grad()(fn)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             ms = median_ms(fn, device, warmup, reps)
             note = ""
+            if device.type == "cuda":
+                peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
         except Exception as exc:  # a contender that cannot run here is reported, not fatal
             ms, note = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        rows.append(dict(shape=shape.label, contender=contender, mode=mode, ms=ms, note=note))
+            peak_mib = float("nan")
+        if device.type != "cuda":
+            peak_mib = float("nan")
+        rows.append(dict(shape=shape.label, contender=contender, mode=mode, ms=ms,
+                         extra_mib=peak_mib, note=note))
     baseline = {}
     for r in rows:
         if r["contender"] == contenders[1 if len(contenders) > 1 else 0]:
@@ -191,11 +210,12 @@ def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, mode
 
 
 def format_table(rows, baseline_name) -> str:
-    header = f"{'shape':44} {'contender':14} {'mode':8} {'ms':>10} {'x ' + baseline_name:>12}"
+    header = (f"{'shape':46} {'contender':12} {'mode':8} {'ms':>9} {'x ' + baseline_name:>12} "
+              f"{'extra MiB':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['shape']:44} {r['contender']:14} {r['mode']:8} {r['ms']:10.3f} "
-                     f"{r['ratio']:12.3f} {r['note']}".rstrip())
+        lines.append(f"{r['shape']:46} {r['contender']:12} {r['mode']:8} {r['ms']:9.3f} "
+                     f"{r['ratio']:12.3f} {r['extra_mib']:10.0f} {r['note']}".rstrip())
     return "\n".join(lines)
 
 

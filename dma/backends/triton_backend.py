@@ -34,9 +34,10 @@ BLOCK_M = 64  # query rows per program; also the plan's block size
 # block, at the cost of rows that keep few keys of a tile) in tiles of BLOCK_M rows.
 # `benchmarks/tune_triton.py` times alternatives; OVERRIDES lets it (or a user) replace them.
 CONFIGS = {
-    "fwd": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "STACK": 2},
-    "dq": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "STACK": 2},
-    "dkdv_candidates": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
+    # Tuned with benchmarks/tune_triton.py on an H100 (bf16, D=128, 16k tokens, window 2048).
+    "fwd": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "STACK": 2},
+    "dq": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "STACK": 2},
+    "dkdv_candidates": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,
                         "ROWS": 512},
     "dkdv_keys": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
 }
