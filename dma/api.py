@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from . import autograd, dispatch
 from .validation import validate
 
@@ -31,6 +33,13 @@ def attention(
     key_bias + attn_bias (ties go to the later key). Returns o like q, or (o, lse) with
     `return_lse=True` (lse float32 (B, H, Sq)).
     """
+    if torch.compiler.is_compiling():
+        # Traced models call the custom ops; validation and dispatch run inside them.
+        from .compiled import attention_traceable
+
+        o, lse = attention_traceable(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask,
+                                     window, causal, scale, softcap, backend)
+        return (o, lse) if return_lse else o
     problem, inputs = validate(
         q, k, v, key_bias=key_bias, window=window, attn_bias=attn_bias, attn_mask=attn_mask,
         key_padding_mask=key_padding_mask, causal=causal, scale=scale, softcap=softcap,

@@ -29,42 +29,51 @@ def _empty_forward(problem: Problem):
     return o, lse
 
 
+def forward_impl(problem: Problem, inputs: Inputs, backend: Backend):
+    """(o, lse, plan): the forward every route shares."""
+    if problem.is_empty:
+        return (*_empty_forward(problem), None)
+    plan = make_plan(problem, inputs, backend)
+    o, lse = backend.forward(problem, inputs, plan)
+    return o, lse, plan
+
+
+def backward_impl(problem: Problem, inputs: Inputs, backend: Backend, plan, o, lse, do, dlse):
+    """(dq, dk, dv, d key_bias, d attn_bias), None where no gradient is needed."""
+    if do is None:
+        do = torch.zeros_like(o)
+    if problem.is_empty:
+        return tuple(
+            None if (t is None or not need) else torch.zeros_like(t)
+            for t, need in zip(inputs[:3] + (inputs.key_bias, inputs.attn_bias),
+                               problem.needs_grad)
+        )
+    # ds = p * (dp - delta) with delta = rowsum(do * o) - dlse covers the gradients of both
+    # outputs (d lse_i / d s_ij = p_ij).
+    acc = torch.float64 if problem.dtype == torch.float64 else torch.float32
+    delta = (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isfinite(lse), dlse.to(acc), 0.0)
+    return backend.backward(problem, inputs, plan, o, lse, do.contiguous(), delta.contiguous())
+
+
 class AttentionFunction(torch.autograd.Function):
+    """The eager route: the plan built in forward is saved for backward."""
+
     @staticmethod
     def forward(ctx, problem, backend, attn_mask, key_padding_mask, q, k, v, key_bias,
                 attn_bias):
         inputs = Inputs(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask)
-        if problem.is_empty:
-            o, lse = _empty_forward(problem)
-            plan = None
-        else:
-            plan = make_plan(problem, inputs, backend)
-            o, lse = backend.forward(problem, inputs, plan)
+        o, lse, plan = forward_impl(problem, inputs, backend)
         ctx.problem, ctx.backend, ctx.plan = problem, backend, plan
         ctx.save_for_backward(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask, o, lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        problem, backend = ctx.problem, ctx.backend
-        q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask, o, lse = ctx.saved_tensors
-        inputs = Inputs(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask)
-        if do is None:
-            do = torch.zeros_like(o)
-        if problem.is_empty:
-            grads = tuple(
-                None if (t is None or not need) else torch.zeros_like(t)
-                for t, need in zip((q, k, v, key_bias, attn_bias), problem.needs_grad)
-            )
-        else:
-            # ds = p * (dp - delta) with delta = rowsum(do * o) - dlse covers gradients of
-            # both outputs (d lse_i / d s_ij = p_ij).
-            acc = torch.float64 if problem.dtype == torch.float64 else torch.float32
-            delta = (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
-            if dlse is not None:
-                delta = delta - torch.where(torch.isfinite(lse), dlse.to(acc), 0.0)
-            grads = backend.backward(problem, inputs, ctx.plan, o, lse, do.contiguous(),
-                                     delta.contiguous())
+        inputs = Inputs(*ctx.saved_tensors[:7])
+        o, lse = ctx.saved_tensors[7:]
+        grads = backward_impl(ctx.problem, inputs, ctx.backend, ctx.plan, o, lse, do, dlse)
         return (None, None, None, None) + tuple(grads)
 
 

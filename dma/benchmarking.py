@@ -100,16 +100,23 @@ def sdpa_contender(inputs, kernel: Optional[str]):
 
     q, k, v, _ = inputs
     group = q.shape[2] // k.shape[2]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def per_query_head(t):
+        """K or V with one head per query head, built once outside the timed region so the
+        dense baseline pays no GQA copy (a leaf of its own when gradients are timed)."""
+        t = t.transpose(1, 2)
+        if group == 1:
+            return t
+        return t.repeat_interleave(group, 1).detach().requires_grad_(t.requires_grad)
+
+    qt, kk, vv = q.transpose(1, 2), per_query_head(k), per_query_head(v)
     pinned = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
               "math": SDPBackend.MATH}.get(kernel)
-
     # SDPA's causal mask is top-left aligned; a single decoding query sees every key anyway.
     causal = q.shape[1] > 1
 
     def forward():
-        kk = kt.repeat_interleave(group, 1) if group > 1 else kt
-        vv = vt.repeat_interleave(group, 1) if group > 1 else vt
+        kk.grad = vv.grad = None
         if pinned is None:
             return F.scaled_dot_product_attention(qt, kk, vv, is_causal=causal)
         with sdpa_kernel([pinned]):
