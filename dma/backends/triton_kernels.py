@@ -74,6 +74,14 @@ def _tile_scores(
 
 
 @triton.jit
+def _load_rows(base, rows64, row_stride, dims, row_ok, dim_ok):
+    """A (rows, D_PAD) tile of one head's (seq, dim) slice; masked rows and padded dims read 0.
+    `rows64` may be any key or row ids (gathered candidates included)."""
+    return tl.load(base + rows64[:, None] * row_stride + dims[None, :],
+                   mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _key_tile(
     start, block, b, h, seqlen_k, key_limit,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv,
@@ -152,9 +160,8 @@ def _fwd_kernel(
                                  scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
                                  INTERVAL)
         keys64 = keys.to(tl.int64)
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
-                    mask=kv_mask, other=0.0)
+        k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
+                       dim_ok)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, keep, th = _tile_scores(
             qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
@@ -167,8 +174,8 @@ def _fwd_kernel(
         p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
         alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
-                    mask=kv_mask, other=0.0)
+        v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
+                       dim_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -229,11 +236,10 @@ def _bwd_dq_kernel(
                                  scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
                                  INTERVAL)
         keys64 = keys.to(tl.int64)
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
-                    mask=kv_mask, other=0.0)
+        k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
+                       dim_ok)
+        v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
+                       dim_ok)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, keep, th = _tile_scores(
             qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
@@ -283,10 +289,10 @@ def _bwd_dkdv_keys_kernel(
     dim_ok = dims < HEAD_DIM
     keys64 = keys.to(tl.int64)
     kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
-                mask=kv_mask, other=0.0)
+    k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
+                       dim_ok)
+    v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
+                       dim_ok)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for g in range(0, group):
@@ -374,10 +380,10 @@ def _bwd_dkdv_candidates_kernel(
                                  scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N, True)
         keys64 = keys.to(tl.int64)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + b * sk_b + hk * sk_h + keys64[:, None] * sk_s + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * sv_b + hk * sv_h + keys64[:, None] * sv_s + dims[None, :],
-                    mask=kv_mask, other=0.0)
+        k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
+                       dim_ok)
+        v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
+                       dim_ok)
         # The rows of this block that the tile's key intervals reach.
         plan = b * splan_b + (h0 // plan_hdiv) * splan_h + keys64
         first = tl.load(FIRST + plan, mask=key_ok, other=0)
