@@ -5,7 +5,8 @@ with importlib.util.find_spec and imports them only when it runs.
 """
 
 from ..dispatch import register
-from .pending import CupyBackend, NumbaBackend
+from .numba_backend import NumbaBackend
+from .pending import CupyBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 

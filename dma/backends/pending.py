@@ -45,9 +45,3 @@ class CupyBackend(_PendingBackend):
     needs_cuda = True
     capabilities = Capabilities(devices=frozenset({"cuda"}),
                                 dtypes=frozenset(SUPPORTED_DTYPES[:3]), max_head_dim=256)
-
-
-class NumbaBackend(_PendingBackend):
-    name = "numba"
-    packages = ("numba",)
-    capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset(SUPPORTED_DTYPES))

@@ -1,0 +1,171 @@
+"""Numba backend: the CPU path (kernels in numba_kernels.py, imported on first use).
+
+float32 and float64 are computed natively; float16 and bfloat16 inputs are computed in float32
+and returned in their own dtype. Threads: numba's pool (NUMBA_NUM_THREADS, or
+`numba.set_num_threads`); the kernels call no BLAS, so there is no oversubscription with
+torch's or numpy's BLAS threads. The first call of each kernel signature compiles it (a few
+seconds); compiled code is cached on disk (`cache=True`) for later processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+
+from ..layout import split_heads, sum_to_heads
+from ..selection import allowed_pairs, rowwise_keep
+from ..validation import SELECT_ROWWISE, SUPPORTED_DTYPES, Inputs, Problem
+from .base import Backend, Capabilities, new_output
+
+BLOCK_M = 64  # query rows per parallel task; also the plan's block size
+BLOCK_N = 64  # keys per parallel task of the dk/dv pass
+
+
+def _kernels():
+    from . import numba_kernels
+
+    return numba_kernels
+
+
+def _compute_dtype(problem: Problem):
+    return torch.float64 if problem.dtype == torch.float64 else torch.float32
+
+
+def _heads_first(t: torch.Tensor, dtype) -> np.ndarray:
+    """(B, S, H, D) -> contiguous (B, H, S, D) numpy array in the compute dtype."""
+    return t.detach().transpose(1, 2).to(dtype).contiguous().numpy()
+
+
+def _broadcast_args(t, heads, np_dtype):
+    """A bias or mask at its own shape plus (batch, head divisor, row, key, present) ints:
+    index [b * m0, h // m1, i * m2, j * m3]; dims of size 1 get multiplier 0."""
+    if t is None:
+        return np.zeros((1, 1, 1, 1), np_dtype), np.array([0, heads, 0, 0, 0], np.int64)
+    torch_dtype = {np.bool_: torch.bool, np.float64: torch.float64}.get(np_dtype, torch.float32)
+    mults = [int(t.shape[0] > 1), heads // t.shape[1], int(t.shape[2] > 1), int(t.shape[3] > 1),
+             1]
+    return t.detach().to(torch_dtype).contiguous().numpy(), np.array(mults, np.int64)
+
+
+class _Arrays:
+    """Numpy views and index multipliers for one call, shared by forward and backward."""
+
+    def __init__(self, problem: Problem, inputs: Inputs, plan, keep_mask):
+        dtype = _compute_dtype(problem)
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        h = problem.heads
+        self.q = _heads_first(inputs.q, dtype)
+        self.k = _heads_first(inputs.k, dtype)
+        self.v = _heads_first(inputs.v, dtype)
+        kb = inputs.key_bias
+        if kb is None:
+            self.kb, self.kb_m = np.zeros((1, 1, 1), np_dtype), np.array([0, h, 0], np.int64)
+        else:
+            self.kb = kb.detach().to(dtype).contiguous().numpy()
+            self.kb_m = np.array([int(kb.shape[0] > 1), h // kb.shape[1], 1], np.int64)
+        self.ab, self.ab_m = _broadcast_args(inputs.attn_bias, h, np_dtype)
+        mask = keep_mask if keep_mask is not None else inputs.attn_mask
+        self.am, self.am_m = _broadcast_args(mask, h, np.bool_)
+        pad = inputs.key_padding_mask if keep_mask is None else None
+        self.has_pad = pad is not None
+        self.pad = pad.contiguous().numpy() if pad is not None else np.zeros((1, 1), np.bool_)
+        self.interval = plan is not None
+        if plan is not None:
+            self.first = plan.key_first_row.contiguous().numpy()
+            self.end = plan.key_end_row.contiguous().numpy()
+            self.cand = plan.candidates.contiguous().numpy()
+            self.count = plan.candidate_count.contiguous().numpy()
+            self.plan_m = np.array([int(plan.batch > 1), h // plan.heads], np.int64)
+        else:
+            zeros3 = np.zeros((1, 1, 1), np.int32)
+            self.first = self.end = self.count = zeros3
+            self.cand = np.zeros((1, 1, 1, 1), np.int32)
+            self.plan_m = np.array([0, h], np.int64)
+        self.masks = (self.kb, self.kb_m, self.ab, self.ab_m, self.am, self.am_m, self.pad,
+                      self.has_pad)
+        self.scalars = (problem.causal, problem.causal_offset, problem.scale,
+                        problem.softcap if problem.softcap is not None else 0.0)
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu"}),
+        dtypes=frozenset(SUPPORTED_DTYPES),
+        notes=("float16/bfloat16 computed in float32; deterministic backward",),
+    )
+    block_m = BLOCK_M
+
+    def environment_reasons(self) -> list[str]:
+        if importlib.util.find_spec("numba") is None:
+            return ["package 'numba' is not installed (pip install 'dma-attention[numba]')"]
+        return []
+
+    @staticmethod
+    def _keep_mask(problem: Problem, inputs: Inputs):
+        if problem.selection != SELECT_ROWWISE:
+            return None
+        allowed = allowed_pairs(problem, inputs, slice(0, problem.seqlen_q), problem.seqlen_k)
+        return rowwise_keep(problem, inputs, 0, problem.seqlen_q, allowed)
+
+    def _forward_arrays(self, problem, arrays):
+        b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
+        out = np.empty((b, h, sq, d), arrays.q.dtype)
+        lse = np.empty((b, h, sq), arrays.q.dtype)
+        a = arrays
+        _kernels().forward_kernel(
+            a.q, a.k, a.v, out, lse, *a.masks, a.first, a.end, a.cand, a.count, a.plan_m,
+            a.interval, *a.scalars, BLOCK_M)
+        return out, lse
+
+    def forward(self, problem: Problem, inputs: Inputs, plan):
+        arrays = _Arrays(problem, inputs, plan, self._keep_mask(problem, inputs))
+        out_np, lse_np = self._forward_arrays(problem, arrays)
+        out = new_output(inputs.q.shape, problem.dtype, problem.device)
+        out.copy_(torch.from_numpy(out_np).transpose(1, 2))
+        return out, torch.from_numpy(lse_np).float()
+
+    def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
+        kern = _kernels()
+        arrays = _Arrays(problem, inputs, plan, self._keep_mask(problem, inputs))
+        a = arrays
+        need_q, need_k, need_v, need_kb, need_ab = problem.needs_grad
+        b, h, hkv = problem.batch, problem.heads, problem.kv_heads
+        sq, sk = problem.seqlen_q, problem.seqlen_k
+        dtype = a.q.dtype
+        if dtype == np.float64:  # the float32 lse would cost float64 gradients precision
+            _, lse_np = self._forward_arrays(problem, arrays)
+        else:
+            lse_np = lse.contiguous().numpy()
+        do_np = _heads_first(do, _compute_dtype(problem))
+        delta_np = delta.to(_compute_dtype(problem)).contiguous().numpy()
+        dq = np.empty_like(a.q)
+        dab = np.zeros((b, h, sq, sk) if need_ab else (1, 1, 1, 1), dtype)
+        kern.dq_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dq, dab, need_ab, *a.masks,
+                       a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
+                       BLOCK_M)
+        dk, dv = np.empty_like(a.k), np.empty_like(a.v)
+        dkb = np.empty((b, h, sk), dtype)
+        kern.dkdv_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, *a.masks,
+                         a.first, a.end, a.plan_m, a.interval, *a.scalars, BLOCK_N)
+
+        def back(array, like):
+            return torch.from_numpy(array).transpose(1, 2).to(like.dtype)
+
+        grad_kb = grad_ab = None
+        if need_kb:
+            kb = inputs.key_bias
+            grad_kb = sum_to_heads(split_heads(torch.from_numpy(dkb), hkv, h), kb.shape[0],
+                                   kb.shape[1], hkv).to(kb.dtype)
+        if need_ab:
+            ab = inputs.attn_bias
+            grad_ab = sum_to_heads(split_heads(torch.from_numpy(dab), hkv, h), ab.shape[0],
+                                   ab.shape[1], hkv)
+            for dim in (2, 3):
+                if ab.shape[dim] == 1:
+                    grad_ab = grad_ab.sum(dim, keepdim=True)
+            grad_ab = grad_ab.to(ab.dtype)
+        return (back(dq, inputs.q) if need_q else None, back(dk, inputs.k) if need_k else None,
+                back(dv, inputs.v) if need_v else None, grad_kb, grad_ab)
