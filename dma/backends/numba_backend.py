@@ -148,10 +148,7 @@ class NumbaBackend(Backend):
                        BLOCK_M)
         dk, dv = np.empty_like(a.k), np.empty_like(a.v)
         dkb = np.empty((b, h, sk), dtype)
-        # The key-major pass reads rows contiguously per feature: (B, H, D, Sq) copies.
-        q_cols = np.ascontiguousarray(a.q.transpose(0, 1, 3, 2))
-        do_cols = np.ascontiguousarray(do_np.transpose(0, 1, 3, 2))
-        kern.dkdv_kernel(q_cols, a.k, a.v, do_cols, lse_np, delta_np, dk, dv, dkb, *a.masks,
+        kern.dkdv_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, *a.masks,
                          a.first, a.end, a.plan_m, a.interval, *a.scalars, BLOCK_N)
 
         def back(array, like):

@@ -5,11 +5,9 @@ dk/dv pass over key blocks, each walking either the block's candidate keys from 
 plan (the DMA case) or consecutive keys with the masks applied per element. `_kept_bias` is
 the one place that decides whether (row i, key j) is kept and adds the biases (SPEC section 2).
 
-The query-block kernels gather a tile of keys into contiguous (D, tile) copies and compute
-scores as rank-1 updates, so their inner loops run over keys and vectorise. The dk/dv pass
-walks, for each key, exactly the rows that may keep it ([first_row_j, end_row_j) in the DMA
-case) in chunks whose inner loops run over rows, so work is the kept pairs and every output
-element has one writer (no races, deterministic).
+On a CPU the backward needs no tiles: the dk/dv pass walks, for each key, exactly the rows
+that keep it ([first_row_j, end_row_j) in the DMA case), so work is the kept pairs and every
+output element has one writer (no races, deterministic).
 
 Arrays arrive in the compute dtype (float32, float64 for float64 inputs), heads before
 sequence: q (B, H, Sq, D), k and v (B, Hkv, Sk, D). A bias or mask is passed at its own shape
@@ -23,6 +21,14 @@ import numpy as np
 from numba import njit, prange
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot(x, y):
+    acc = 0.0
+    for d in range(x.shape[0]):
+        acc += x[d] * y[d]
+    return acc
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -66,57 +72,15 @@ def _slots(b, h, i, block, interval, causal, causal_offset, seqlen_k, count, pla
     return seqlen_k
 
 
-KEY_TILE = 64  # keys gathered per tile of the query-block kernels
-
-
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _gather_tile(b, hk, h, block, start, n_tile, interval, cand, plan_m, k, v, keys, k_cols,
-                 k_rows, v_cols):
-    """Copy a tile of (gathered) keys: K as (D, tile) and (tile, D), V as (D, tile), so the
-    inner loops below run over contiguous memory and vectorise."""
-    for t in range(n_tile):
-        j = _key_at(b, h, block, start + t, interval, cand, plan_m)
-        keys[t] = j
-        for d in range(k.shape[3]):
-            k_cols[d, t] = k[b, hk, j, d]
-            k_rows[t, d] = k[b, hk, j, d]
-            v_cols[d, t] = v[b, hk, j, d]
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _tile_scores(b, h, row0, n_rows, keys, n_tile, q_block, k_cols, scores, tanh_out,
-                 interval, causal, causal_offset, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
-                 first, end, plan_m, scale, softcap):
-    """scores[i, t] = s of (row0 + i, keys[t]) or -inf where not kept; tanh for softcap."""
-    dim = q_block.shape[1]
-    for i in range(n_rows):
-        for t in range(n_tile):
-            scores[i, t] = 0.0
-        for d in range(dim):  # rank-1 updates: the inner loop runs over keys and vectorises
-            x = q_block[i, d]
-            for t in range(n_tile):
-                scores[i, t] += x * k_cols[d, t]
-        for t in range(n_tile):
-            kept, bias = _kept_bias(b, h, row0 + i, keys[t], interval, causal, causal_offset,
-                                    kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end,
-                                    plan_m)
-            if not kept:
-                scores[i, t] = -np.inf
-                continue
-            x = scale * scores[i, t]
-            if softcap > 0.0:
-                th = math.tanh(x / softcap)
-                tanh_out[i, t] = th
-                x = softcap * th
-            scores[i, t] = x + bias
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _block_slots(b, h, block, row_end, interval, causal, causal_offset, seqlen_k, count,
-                 plan_m):
-    """Key slots a query block walks: its candidates, or keys up to its last row's limit."""
-    return _slots(b, h, row_end - 1, block, interval, causal, causal_offset, seqlen_k, count,
-                  plan_m)
+def _score(qrow, krow, scale, softcap):
+    """(s before biases, tanh(t / softcap)) for one pair; softcap <= 0 means none."""
+    t = scale * _dot(qrow, krow)
+    th = 0.0
+    if softcap > 0.0:
+        th = math.tanh(t / softcap)
+        t = softcap * th
+    return t, th
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -131,54 +95,39 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
         h = (task // n_blocks) % heads
         block = task % n_blocks
         hk = h // group
-        row0 = block * block_m
-        row_end = min(seqlen_q, row0 + block_m)
-        n_rows = row_end - row0
-        q_block = q[b, h, row0:row_end]
-        m = np.full(n_rows, -np.inf, dtype=q.dtype)
-        total = np.zeros(n_rows, dtype=q.dtype)
-        acc = np.zeros((n_rows, dim), dtype=q.dtype)
-        keys = np.empty(KEY_TILE, dtype=np.int64)
-        k_cols = np.empty((dim, KEY_TILE), dtype=q.dtype)
-        k_rows = np.empty((KEY_TILE, dim), dtype=q.dtype)
-        v_cols = np.empty((dim, KEY_TILE), dtype=q.dtype)
-        scores = np.empty((n_rows, KEY_TILE), dtype=q.dtype)
-        tanh_out = np.empty((n_rows, KEY_TILE), dtype=q.dtype)
-        n = _block_slots(b, h, block, row_end, interval, causal, causal_offset, seqlen_k, count,
-                         plan_m)
-        for start in range(0, n, KEY_TILE):
-            n_tile = min(KEY_TILE, n - start)
-            _gather_tile(b, hk, h, block, start, n_tile, interval, cand, plan_m, k, v, keys,
-                         k_cols, k_rows, v_cols)
-            _tile_scores(b, h, row0, n_rows, keys, n_tile, q_block, k_cols, scores, tanh_out,
-                         interval, causal, causal_offset, kb, kb_m, ab, ab_m, am, am_m, pad,
-                         has_pad, first, end, plan_m, scale, softcap)
-            for i in range(n_rows):
-                tile_max = -np.inf
-                for t in range(n_tile):
-                    tile_max = max(tile_max, scores[i, t])
-                if tile_max == -np.inf:
+        acc = np.zeros(dim, dtype=q.dtype)
+        for i in range(block * block_m, min(seqlen_q, (block + 1) * block_m)):
+            acc[:] = 0.0
+            m = -np.inf
+            total = 0.0
+            n = _slots(b, h, i, block, interval, causal, causal_offset, seqlen_k, count, plan_m)
+            for slot in range(n):
+                j = _key_at(b, h, block, slot, interval, cand, plan_m)
+                kept, bias = _kept_bias(b, h, i, j, interval, causal, causal_offset, kb, kb_m,
+                                        ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m)
+                if not kept:
                     continue
-                if tile_max > m[i]:  # new running max: rescale what was summed so far
-                    correction = math.exp(m[i] - tile_max) if m[i] > -np.inf else 0.0
-                    total[i] *= correction
+                t, _ = _score(q[b, h, i], k[b, hk, j], scale, softcap)
+                s = t + bias
+                if s == -np.inf:
+                    continue
+                if s > m:  # new running max: rescale what has been summed so far
+                    correction = math.exp(m - s) if m > -np.inf else 0.0
+                    total *= correction
                     for d in range(dim):
-                        acc[i, d] *= correction
-                    m[i] = tile_max
-                for t in range(n_tile):
-                    p = math.exp(scores[i, t] - m[i]) if scores[i, t] > -np.inf else 0.0
-                    total[i] += p
-                    if p != 0.0:
-                        for d in range(dim):
-                            acc[i, d] += p * v_cols[d, t]
-        for i in range(n_rows):
-            if total[i] > 0.0:
+                        acc[d] *= correction
+                    m = s
+                p = math.exp(s - m)
+                total += p
                 for d in range(dim):
-                    out[b, h, row0 + i, d] = acc[i, d] / total[i]
-                lse[b, h, row0 + i] = m[i] + math.log(total[i])
+                    acc[d] += p * v[b, hk, j, d]
+            if total > 0.0:
+                for d in range(dim):
+                    out[b, h, i, d] = acc[d] / total
+                lse[b, h, i] = m + math.log(total)
             else:
-                out[b, h, row0 + i, :] = 0.0
-                lse[b, h, row0 + i] = -np.inf
+                out[b, h, i, :] = 0.0
+                lse[b, h, i] = -np.inf
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -195,64 +144,33 @@ def dq_kernel(q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am
         h = (task // n_blocks) % heads
         block = task % n_blocks
         hk = h // group
-        row0 = block * block_m
-        row_end = min(seqlen_q, row0 + block_m)
-        n_rows = row_end - row0
-        q_block = q[b, h, row0:row_end]
-        do_block = do[b, h, row0:row_end]
-        acc = np.zeros((n_rows, dim), dtype=q.dtype)
-        keys = np.empty(KEY_TILE, dtype=np.int64)
-        k_cols = np.empty((dim, KEY_TILE), dtype=q.dtype)
-        k_rows = np.empty((KEY_TILE, dim), dtype=q.dtype)
-        v_cols = np.empty((dim, KEY_TILE), dtype=q.dtype)
-        scores = np.empty((n_rows, KEY_TILE), dtype=q.dtype)
-        tanh_out = np.empty((n_rows, KEY_TILE), dtype=q.dtype)
-        dp = np.empty(KEY_TILE, dtype=q.dtype)
-        n = _block_slots(b, h, block, row_end, interval, causal, causal_offset, seqlen_k, count,
-                         plan_m)
-        for start in range(0, n, KEY_TILE):
-            n_tile = min(KEY_TILE, n - start)
-            _gather_tile(b, hk, h, block, start, n_tile, interval, cand, plan_m, k, v, keys,
-                         k_cols, k_rows, v_cols)
-            _tile_scores(b, h, row0, n_rows, keys, n_tile, q_block, k_cols, scores, tanh_out,
-                         interval, causal, causal_offset, kb, kb_m, ab, ab_m, am, am_m, pad,
-                         has_pad, first, end, plan_m, scale, softcap)
-            for i in range(n_rows):
-                row_lse = lse[b, h, row0 + i]
-                if row_lse == -np.inf:
+        for i in range(block * block_m, min(seqlen_q, (block + 1) * block_m)):
+            dq[b, h, i, :] = 0.0
+            if lse[b, h, i] == -np.inf:
+                continue
+            n = _slots(b, h, i, block, interval, causal, causal_offset, seqlen_k, count, plan_m)
+            for slot in range(n):
+                j = _key_at(b, h, block, slot, interval, cand, plan_m)
+                kept, bias = _kept_bias(b, h, i, j, interval, causal, causal_offset, kb, kb_m,
+                                        ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m)
+                if not kept:
                     continue
-                for t in range(n_tile):
-                    dp[t] = 0.0
+                t, th = _score(q[b, h, i], k[b, hk, j], scale, softcap)
+                p = math.exp(t + bias - lse[b, h, i])
+                ds = p * (_dot(do[b, h, i], v[b, hk, j]) - delta[b, h, i])
+                if need_dab:
+                    dab[b, h, i, j] = ds
+                dt = ds * (1.0 - th * th) if softcap > 0.0 else ds
                 for d in range(dim):
-                    x = do_block[i, d]
-                    for t in range(n_tile):
-                        dp[t] += x * v_cols[d, t]
-                for t in range(n_tile):
-                    if scores[i, t] == -np.inf:
-                        continue
-                    p = math.exp(scores[i, t] - row_lse)
-                    ds = p * (dp[t] - delta[b, h, row0 + i])
-                    if need_dab:
-                        dab[b, h, row0 + i, keys[t]] = ds
-                    dt = ds * (1.0 - tanh_out[i, t] ** 2) if softcap > 0.0 else ds
-                    for d in range(dim):
-                        acc[i, d] += dt * k_rows[t, d]
-        for i in range(n_rows):
-            for d in range(dim):
-                dq[b, h, row0 + i, d] = scale * acc[i, d]
-
-
-ROW_CHUNK = 64  # rows per chunk of the key-major dk/dv pass
+                    dq[b, h, i, d] += scale * dt * k[b, hk, j, d]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def dkdv_kernel(q_cols, k, v, do_cols, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am_m,
-                pad, has_pad, first, end, plan_m, interval, causal, causal_offset, scale,
-                softcap, block_n):
+def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
+                first, end, plan_m, interval, causal, causal_offset, scale, softcap, block_n):
     """dk, dv (summed over each kv group) and d key_bias per query head, over key blocks:
-    each key walks exactly the rows that may keep it, in chunks whose inner loops run over
-    rows. q_cols and do_cols are (B, H, D, Sq): rows contiguous per feature."""
-    batch, heads, dim, seqlen_q = q_cols.shape
+    each key walks the rows that may keep it."""
+    batch, heads, seqlen_q, dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
     n_blocks = (seqlen_k + block_n - 1) // block_n
@@ -260,8 +178,6 @@ def dkdv_kernel(q_cols, k, v, do_cols, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab
         b = task // (kv_heads * n_blocks)
         hk = (task // n_blocks) % kv_heads
         block = task % n_blocks
-        s = np.empty(ROW_CHUNK, dtype=k.dtype)
-        dp = np.empty(ROW_CHUNK, dtype=k.dtype)
         for j in range(block * block_n, min(seqlen_k, (block + 1) * block_n)):
             dk[b, hk, j, :] = 0.0
             dv[b, hk, j, :] = 0.0
@@ -274,42 +190,18 @@ def dkdv_kernel(q_cols, k, v, do_cols, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab
                     row_lo = max(0, j - causal_offset) if causal else 0
                     row_hi = seqlen_q
                 d_bias = 0.0
-                for r0 in range(row_lo, row_hi, ROW_CHUNK):
-                    n = min(ROW_CHUNK, row_hi - r0)
-                    for r in range(n):
-                        s[r] = 0.0
-                        dp[r] = 0.0
-                    for d in range(dim):  # inner loops over rows vectorise
-                        kd = k[b, hk, j, d]
-                        vd = v[b, hk, j, d]
-                        for r in range(n):
-                            s[r] += q_cols[b, h, d, r0 + r] * kd
-                            dp[r] += do_cols[b, h, d, r0 + r] * vd
-                    for r in range(n):
-                        i = r0 + r
-                        kept, bias = _kept_bias(b, h, i, j, interval, causal, causal_offset,
-                                                kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
-                                                first, end, plan_m)
-                        if not kept or lse[b, h, i] == -np.inf:
-                            s[r] = 0.0  # p
-                            dp[r] = 0.0  # dt
-                            continue
-                        t = scale * s[r]
-                        th = 0.0
-                        if softcap > 0.0:
-                            th = math.tanh(t / softcap)
-                            t = softcap * th
-                        p = math.exp(t + bias - lse[b, h, i])
-                        ds = p * (dp[r] - delta[b, h, i])
-                        d_bias += ds
-                        s[r] = p
-                        dp[r] = ds * (1.0 - th * th) if softcap > 0.0 else ds
+                for i in range(row_lo, row_hi):
+                    kept, bias = _kept_bias(b, h, i, j, interval, causal, causal_offset, kb,
+                                            kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end,
+                                            plan_m)
+                    if not kept:
+                        continue
+                    t, th = _score(q[b, h, i], k[b, hk, j], scale, softcap)
+                    p = math.exp(t + bias - lse[b, h, i])
+                    ds = p * (_dot(do[b, h, i], v[b, hk, j]) - delta[b, h, i])
+                    d_bias += ds
+                    dt = ds * (1.0 - th * th) if softcap > 0.0 else ds
                     for d in range(dim):
-                        acc_v = 0.0
-                        acc_k = 0.0
-                        for r in range(n):
-                            acc_v += s[r] * do_cols[b, h, d, r0 + r]
-                            acc_k += dp[r] * q_cols[b, h, d, r0 + r]
-                        dv[b, hk, j, d] += acc_v
-                        dk[b, hk, j, d] += scale * acc_k
+                        dv[b, hk, j, d] += p * do[b, h, i, d]
+                        dk[b, hk, j, d] += scale * dt * q[b, h, i, d]
                 dkb[b, h, j] = d_bias
