@@ -13,13 +13,18 @@ def cmd_info(_args) -> int:
 
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "not available"
     print(f"dma {dma.__version__}, torch {torch.__version__}, CUDA: {cuda}")
-    print(f"{'backend':8} {'usable':7} {'devices':12} reasons / notes")
+    print(f"{'backend':8} {'usable':7} {'devices':10} {'dtypes':24} {'bwd':4} {'compile':8} "
+          "reasons / notes")
     for name, backend in dma.backends().items():
         reasons = backend.reasons(None)
         cap = backend.capabilities
         status = "no" if reasons else "yes"
         detail = "; ".join(reasons) if reasons else "; ".join(cap.notes) or "ready"
-        print(f"{name:8} {status:7} {','.join(sorted(cap.devices)):12} {detail}")
+        dtypes = ",".join(sorted(str(d).replace("torch.", "").replace("float", "f")
+                                 for d in cap.dtypes))
+        print(f"{name:8} {status:7} {','.join(sorted(cap.devices)):10} {dtypes:24} "
+              f"{'yes' if cap.backward else 'no':4} {'yes' if cap.torch_compile else 'no':8} "
+              f"{detail}")
     return 0
 
 

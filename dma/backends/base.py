@@ -35,7 +35,7 @@ class Capabilities:
     attn_bias: bool = True
     attn_mask: bool = True
     backward: bool = True
-    torch_compile: bool = False
+    torch_compile: bool = True  # traceable through dma's custom ops (dma/compiled.py)
     notes: tuple = field(default_factory=tuple)  # free text shown by `python -m dma info`
 
 
