@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import attention
+from .selection import best_first_order
 
 
 def key_scores(v: torch.Tensor, proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
@@ -59,6 +60,53 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+class DecodeCache:
+    """Bounded key/value cache for token-by-token or chunked decoding of one layer.
+
+    A key that leaves a row's window never returns (SPEC section 3), so after each step the
+    cache keeps, per (batch, kv head), only the keys the newest row keeps: at most `window`
+    of them, whatever the number of tokens decoded. Each head's keys are stored in their
+    original order, so causality and the later-key-wins tie rule hold on the compacted
+    slots. Key padding is not supported while decoding.
+    """
+
+    def __init__(self, window: int):
+        if window is None or window < 1:
+            raise ValueError(f"DecodeCache needs a window >= 1; got {window}")
+        self.window = window
+        self.k = self.v = self.scores = self.positions = None  # (B, n, Hkv, D) / (B, Hkv, n)
+        self.length = 0  # tokens seen so far
+
+    @property
+    def size(self) -> int:
+        """Keys held per (batch, kv head)."""
+        return 0 if self.k is None else self.k.shape[1]
+
+    def extend(self, k, v, scores):
+        """Cached keys followed by the new ones: (k, v, scores, positions) for one step."""
+        b, n_new, hkv, _ = k.shape
+        new_pos = torch.arange(self.length, self.length + n_new, device=k.device)
+        new_pos = new_pos.expand(b, hkv, n_new)
+        if self.k is None:
+            return k, v, scores, new_pos
+        return (torch.cat([self.k, k], 1), torch.cat([self.v, v], 1),
+                torch.cat([self.scores, scores], 2), torch.cat([self.positions, new_pos], 2))
+
+    def keep_best(self, k, v, scores, positions):
+        """Keep, per (batch, kv head), the `window` best keys by (score, position)."""
+        self.length = int(positions.max()) + 1
+        b, n, hkv, d = k.shape
+        if n > self.window:
+            flat = scores.detach().float().reshape(b * hkv, n)
+            # best_first_order breaks ties by slot, and slots are in position order.
+            best = best_first_order(flat, torch.ones_like(flat, dtype=torch.bool))
+            slots = best[:, : self.window].sort(dim=-1).values.reshape(b, hkv, self.window)
+            rows = slots.transpose(1, 2)[..., None].expand(b, self.window, hkv, d)
+            k, v = k.gather(1, rows), v.gather(1, rows)
+            scores, positions = scores.gather(2, slots), positions.gather(2, slots)
+        self.k, self.v, self.scores, self.positions = k, v, scores, positions
 
 
 class DynamicMaskAttention(nn.Module):
@@ -113,6 +161,25 @@ class DynamicMaskAttention(nn.Module):
         o = attention(q, k, v, key_bias=scores, window=self.window, causal=self.causal,
                       key_padding_mask=key_padding_mask, backend=self.backend)
         return self.o_proj(o.reshape(x.shape[0], x.shape[1], -1))
+
+    def step(self, x: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """Decode a chunk of new tokens x (B, n, hidden) against `cache`, updating it.
+
+        Gives the same rows as `forward` over the whole sequence; memory stays bounded by
+        the window however many tokens are decoded.
+        """
+        if not self.causal:
+            raise ValueError("step() decodes causal layers only")
+        if cache.window != self.window:
+            raise ValueError(f"cache window {cache.window} != layer window {self.window}")
+        b, n, _ = x.shape
+        positions = torch.arange(cache.length, cache.length + n, device=x.device)
+        q, k, v, scores = self.project(x, positions)
+        k_all, v_all, s_all, pos_all = cache.extend(k, v, scores)
+        o = attention(q, k_all, v_all, key_bias=s_all, window=self.window, causal=True,
+                      backend=self.backend)
+        cache.keep_best(k_all.detach(), v_all.detach(), s_all.detach(), pos_all)
+        return self.o_proj(o.reshape(b, n, -1))
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, "

@@ -92,3 +92,21 @@ def test_zero_A_is_sliding_window():
     band = ((j <= i) & (j > i - 6))[None, None]
     o = dma.attention(q, k, v, attn_mask=band)
     torch.testing.assert_close(y, layer.o_proj(o.reshape(1, 24, 32)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_decoding_matches_full_forward_with_bounded_cache(backend, chunk):
+    if dma.backends()[backend].reasons(None):
+        pytest.skip(f"{backend} unavailable: {dma.backends()[backend].reasons(None)}")
+    layer = make_layer(backend=backend)
+    torch.manual_seed(1)
+    x = torch.randn(2, 23, 32)
+    full = layer(x)
+    cache = dma.nn.DecodeCache(layer.window)
+    outputs = []
+    for start in range(0, x.shape[1], chunk):
+        outputs.append(layer.step(x[:, start:start + chunk], cache))
+        assert cache.size <= layer.window  # memory does not grow with the tokens decoded
+    torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=1e-4, atol=1e-5)
+    assert cache.length == x.shape[1]
