@@ -1,4 +1,4 @@
-"""Command line: `python -m dma info | demo`."""
+"""Command line: `python -m dma info | demo | train`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import format_rows, run
+
+    rows = run(args)
+    print(f"MQAR, {args.pairs} pairs, {args.queries} queries, window {args.window}, "
+          f"{args.steps} steps (accuracy on 512 fresh sequences)")
+    print(format_rows(rows))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dma", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +63,11 @@ def main(argv=None) -> int:
     demo.add_argument("--window", type=int, default=512)
     demo.add_argument("--reps", type=int, default=3)
     demo.set_defaults(func=cmd_demo)
+    from .train import add_arguments
+
+    train = sub.add_parser("train", help="train dense / sliding-window / DMA models on MQAR")
+    add_arguments(train)
+    train.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     return args.func(args)
 
