@@ -107,7 +107,7 @@ def run(args) -> list[dict]:
             loss.backward()
             optims[name].step()
             seconds[name] += time.perf_counter() - start
-            curves[name].append(float(loss))
+            curves[name].append(float(loss.detach()))
 
     rows = []
     eval_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -158,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
