@@ -39,7 +39,8 @@ def torch(session):
 @nox.session
 def numba(session):
     install(session, "test,numba")
-    session.run("pytest", "-q", "tests/conformance", "-k", "numba", *session.posargs)
+    session.run("pytest", "-q", "tests/conformance", "tests/test_nn.py", "-k", "numba",
+                *session.posargs)
 
 
 @nox.session
@@ -48,7 +49,8 @@ def triton(session):
     install(session, "test,triton")
     env = {} if HAS_GPU else {"TRITON_INTERPRET": "1"}
     session.run("pytest", "-q", "tests/conformance", "tests/test_triton_modes.py",
-                "tests/test_selection.py", "-k", "triton", *session.posargs, env=env)
+                "tests/test_selection.py", "tests/test_nn.py", "-k", "triton", *session.posargs,
+                env=env)
 
 
 @nox.session

@@ -94,14 +94,16 @@ def test_zero_A_is_sliding_window():
     torch.testing.assert_close(y, layer.o_proj(o.reshape(1, 24, 32)))
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton", "cupy"])
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_decoding_matches_full_forward_with_bounded_cache(backend, chunk):
-    if dma.backends()[backend].reasons(None):
-        pytest.skip(f"{backend} unavailable: {dma.backends()[backend].reasons(None)}")
-    layer = make_layer(backend=backend)
+    reasons = dma.backends()[backend].reasons(None)
+    if reasons:
+        pytest.skip(f"{backend} unavailable: {reasons}")
+    device = "cuda" if backend in ("triton", "cupy") and torch.cuda.is_available() else "cpu"
+    layer = make_layer(backend=backend).to(device)
     torch.manual_seed(1)
-    x = torch.randn(2, 23, 32)
+    x = torch.randn(2, 23, 32, device=device)
     full = layer(x)
     cache = dma.nn.DecodeCache(layer.window)
     outputs = []
