@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .autograd import backward_impl, forward_impl, make_plan
 from .dispatch import choose
-from .validation import Inputs, validate
+from .validation import validate
 
 
 def _problem(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask, window, causal, scale,
@@ -98,5 +98,3 @@ def attention_traceable(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mas
     return attention_forward(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask, window,
                              causal, scale, softcap, backend or "")
 
-
-__all__ = ["attention_traceable", "Inputs"]

@@ -56,3 +56,15 @@ def sum_to_heads(t: torch.Tensor, batch: int, heads: int, kv_heads: int) -> torc
     else:
         t = t.sum((1, 2))[:, None]
     return t.reshape(b, heads, *rest)
+
+
+def reduce_bias_grad(full: torch.Tensor, bias: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum a per-query-head gradient (B, H, ...) down to `bias`'s own broadcast shape and
+    dtype: key_bias (B or 1, Hb, Sk) or attn_bias (b, h, Sq or 1, Sk or 1)."""
+    heads = full.shape[1]
+    grad = sum_to_heads(split_heads(full, kv_heads, heads), bias.shape[0], bias.shape[1],
+                        kv_heads)
+    for dim in range(2, bias.dim()):
+        if bias.shape[dim] == 1 and grad.shape[dim] != 1:
+            grad = grad.sum(dim, keepdim=True)
+    return grad.to(bias.dtype)

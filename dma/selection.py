@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .layout import expand_heads, to_query_heads
-from .validation import Inputs, Problem
+from .validation import SELECT_ROWWISE, Inputs, Problem
 
 
 def plan_layout(problem: Problem) -> tuple[int, int]:
@@ -352,3 +352,12 @@ def rowwise_keep(problem: Problem, inputs: Inputs, row_start: int, row_end: int,
     keep = torch.zeros(shape, dtype=torch.bool, device=problem.device)
     keep.scatter_(-1, top, True)
     return keep & allowed
+
+
+def rowwise_keep_all(problem: Problem, inputs: Inputs) -> Optional[torch.Tensor]:
+    """The row-wise case for all rows at once (O(Sq x Sk) bool), for kernels that read it
+    like an attn_mask in place of the masks; None in the other cases."""
+    if problem.selection != SELECT_ROWWISE:
+        return None
+    allowed = allowed_pairs(problem, inputs, slice(0, problem.seqlen_q), problem.seqlen_k)
+    return rowwise_keep(problem, inputs, 0, problem.seqlen_q, allowed)

@@ -14,9 +14,9 @@ import importlib.util
 import numpy as np
 import torch
 
-from ..layout import split_heads, sum_to_heads
-from ..selection import allowed_pairs, rowwise_keep
-from ..validation import SELECT_ROWWISE, SUPPORTED_DTYPES, Inputs, Problem
+from ..layout import reduce_bias_grad
+from ..selection import rowwise_keep_all
+from ..validation import SUPPORTED_DTYPES, Inputs, Problem
 from .base import Backend, Capabilities, new_output
 
 BLOCK_M = 64  # query rows per parallel task; also the plan's block size
@@ -103,12 +103,6 @@ class NumbaBackend(Backend):
             return ["package 'numba' is not installed (pip install 'dma-attention[numba]')"]
         return []
 
-    @staticmethod
-    def _keep_mask(problem: Problem, inputs: Inputs):
-        if problem.selection != SELECT_ROWWISE:
-            return None
-        allowed = allowed_pairs(problem, inputs, slice(0, problem.seqlen_q), problem.seqlen_k)
-        return rowwise_keep(problem, inputs, 0, problem.seqlen_q, allowed)
 
     def _forward_arrays(self, problem, arrays):
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
@@ -121,7 +115,7 @@ class NumbaBackend(Backend):
         return out, lse
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
-        arrays = _Arrays(problem, inputs, plan, self._keep_mask(problem, inputs))
+        arrays = _Arrays(problem, inputs, plan, rowwise_keep_all(problem, inputs))
         out_np, lse_np = self._forward_arrays(problem, arrays)
         out = new_output(inputs.q.shape, problem.dtype, problem.device)
         out.copy_(torch.from_numpy(out_np).transpose(1, 2))
@@ -129,7 +123,7 @@ class NumbaBackend(Backend):
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         kern = _kernels()
-        arrays = _Arrays(problem, inputs, plan, self._keep_mask(problem, inputs))
+        arrays = _Arrays(problem, inputs, plan, rowwise_keep_all(problem, inputs))
         a = arrays
         need_q, need_k, need_v, need_kb, need_ab = problem.needs_grad
         b, h, hkv = problem.batch, problem.heads, problem.kv_heads
@@ -154,18 +148,9 @@ class NumbaBackend(Backend):
         def back(array, like):
             return torch.from_numpy(array).transpose(1, 2).to(like.dtype)
 
-        grad_kb = grad_ab = None
-        if need_kb:
-            kb = inputs.key_bias
-            grad_kb = sum_to_heads(split_heads(torch.from_numpy(dkb), hkv, h), kb.shape[0],
-                                   kb.shape[1], hkv).to(kb.dtype)
-        if need_ab:
-            ab = inputs.attn_bias
-            grad_ab = sum_to_heads(split_heads(torch.from_numpy(dab), hkv, h), ab.shape[0],
-                                   ab.shape[1], hkv)
-            for dim in (2, 3):
-                if ab.shape[dim] == 1:
-                    grad_ab = grad_ab.sum(dim, keepdim=True)
-            grad_ab = grad_ab.to(ab.dtype)
+        grad_kb = reduce_bias_grad(torch.from_numpy(dkb), inputs.key_bias, hkv) \
+            if need_kb else None
+        grad_ab = reduce_bias_grad(torch.from_numpy(dab), inputs.attn_bias, hkv) \
+            if need_ab else None
         return (back(dq, inputs.q) if need_q else None, back(dk, inputs.k) if need_k else None,
                 back(dv, inputs.v) if need_v else None, grad_kb, grad_ab)

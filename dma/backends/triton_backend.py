@@ -21,9 +21,9 @@ import os
 
 import torch
 
-from ..layout import split_heads, sum_to_heads
-from ..selection import allowed_pairs, coarse_candidate_lists, rowwise_keep
-from ..validation import SELECT_ROWWISE, Inputs, Problem
+from ..layout import reduce_bias_grad
+from ..selection import coarse_candidate_lists, rowwise_keep_all
+from ..validation import Inputs, Problem
 from .base import Backend, Capabilities, new_output
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
@@ -206,7 +206,7 @@ class TritonBackend(Backend):
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
         kern = _kernels()
-        launch = _Launch(problem, inputs, plan, self._keep_mask(problem, inputs))
+        launch = _Launch(problem, inputs, plan, rowwise_keep_all(problem, inputs))
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
@@ -223,19 +223,10 @@ class TritonBackend(Backend):
         )
         return out, lse
 
-    @staticmethod
-    def _keep_mask(problem: Problem, inputs: Inputs):
-        """Row-wise selection (window with attn_bias or a row-varying mask): a dense kept mask
-        for all rows, O(Sq x Sk), that replaces attn_mask and key padding in the kernels."""
-        if problem.selection != SELECT_ROWWISE:
-            return None
-        rows = slice(0, problem.seqlen_q)
-        allowed = allowed_pairs(problem, inputs, rows, problem.seqlen_k)
-        return rowwise_keep(problem, inputs, 0, problem.seqlen_q, allowed)
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         kern = _kernels()
-        launch = _Launch(problem, inputs, plan, self._keep_mask(problem, inputs))
+        launch = _Launch(problem, inputs, plan, rowwise_keep_all(problem, inputs))
         need_q, need_k, need_v, need_kb, need_ab = problem.needs_grad
         b, h, hkv = problem.batch, problem.heads, problem.kv_heads
         sq, sk, d = problem.seqlen_q, problem.seqlen_k, problem.head_dim
@@ -304,19 +295,8 @@ class TritonBackend(Backend):
                 **launch.flags, NEED_DKB=need_kb, **common, **config,
             )
 
-        grad_kb = None
-        if need_kb:
-            kb = inputs.key_bias
-            grad_kb = sum_to_heads(split_heads(dkb, hkv, h), kb.shape[0], kb.shape[1], hkv)
-            grad_kb = grad_kb.to(kb.dtype)
-        grad_ab = None
-        if need_ab:
-            ab = inputs.attn_bias
-            grad_ab = sum_to_heads(split_heads(dab_full, hkv, h), ab.shape[0], ab.shape[1], hkv)
-            for dim in (2, 3):
-                if ab.shape[dim] == 1:
-                    grad_ab = grad_ab.sum(dim, keepdim=True)
-            grad_ab = grad_ab.to(ab.dtype)
+        grad_kb = reduce_bias_grad(dkb, inputs.key_bias, hkv) if need_kb else None
+        grad_ab = reduce_bias_grad(dab_full, inputs.attn_bias, hkv) if need_ab else None
         return (dq if need_q else None, dk.to(problem.dtype) if need_k else None,
                 dv.to(problem.dtype) if need_v else None, grad_kb, grad_ab)
 
