@@ -75,10 +75,6 @@ class IntervalPlan:
     candidates: torch.Tensor  # (batch, heads, n_blocks, max_candidates) int32, ascending, -1 pad
     candidate_count: torch.Tensor  # (batch, heads, n_blocks) int32
 
-    @property
-    def max_candidates(self) -> int:
-        return self.candidates.shape[-1]
-
 
 def sortable_int32(x: torch.Tensor) -> torch.Tensor:
     """Map float32 to int32 so that integer order is float order (-0.0 and 0.0 compare equal,

@@ -7,6 +7,7 @@ it cannot serve a problem (empty when it can). The dispatcher and `dma.explain` 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,6 +15,12 @@ from typing import Optional
 import torch
 
 from ..validation import SELECT_INTERVAL, SELECT_NONE, SELECT_ROWWISE, Inputs, Problem
+
+
+def missing_packages(*names: str) -> list[str]:
+    """Reasons for optional packages that are not installed (nothing is imported)."""
+    return [f"package '{n}' is not installed (pip install 'dma-attention[{n}]')"
+            for n in names if importlib.util.find_spec(n) is None]
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:

@@ -9,15 +9,13 @@ seconds); compiled code is cached on disk (`cache=True`) for later processes.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import torch
 
 from ..layout import reduce_bias_grad
 from ..selection import rowwise_keep_all
 from ..validation import SUPPORTED_DTYPES, Inputs, Problem
-from .base import Backend, Capabilities, new_output
+from .base import Backend, Capabilities, missing_packages, new_output
 
 BLOCK_M = 64  # query rows per parallel task; also the plan's block size
 BLOCK_N = 64  # keys per parallel task of the dk/dv pass
@@ -99,9 +97,7 @@ class NumbaBackend(Backend):
     block_m = BLOCK_M
 
     def environment_reasons(self) -> list[str]:
-        if importlib.util.find_spec("numba") is None:
-            return ["package 'numba' is not installed (pip install 'dma-attention[numba]')"]
-        return []
+        return missing_packages("numba")
 
 
     def _forward_arrays(self, problem, arrays):

@@ -7,16 +7,8 @@ replaced by its own module when its kernels land (see docs/backends.md).
 
 from __future__ import annotations
 
-import importlib.util
-
 from ..validation import SUPPORTED_DTYPES
-from .base import Backend, Capabilities
-
-
-def missing_packages(*names: str) -> list[str]:
-    """Reasons for optional packages that are not installed (nothing is imported)."""
-    return [f"package '{n}' is not installed (pip install 'dma-attention[{n}]')"
-            for n in names if importlib.util.find_spec(n) is None]
+from .base import Backend, Capabilities, missing_packages
 
 
 def cuda_reasons() -> list[str]:

@@ -16,7 +16,6 @@ CI exercises them without a GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from ..layout import reduce_bias_grad
 from ..selection import coarse_candidate_lists, rowwise_keep_all
 from ..validation import Inputs, Problem
-from .base import Backend, Capabilities, new_output
+from .base import Backend, Capabilities, missing_packages, new_output
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
 
@@ -182,10 +181,7 @@ class TritonBackend(Backend):
     block_m = BLOCK_M
 
     def environment_reasons(self) -> list[str]:
-        reasons = []
-        if importlib.util.find_spec("triton") is None:
-            reasons.append("package 'triton' is not installed (pip install "
-                           "'dma-attention[triton]')")
+        reasons = missing_packages("triton")
         if not interpreter_mode() and not torch.cuda.is_available():
             reasons.append("no CUDA device is available (set TRITON_INTERPRET=1 to run the "
                            "kernels on CPU through the Triton interpreter)")
