@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     parser.add_argument("--backend", default=None, help="dma backend (default: automatic)")
     parser.add_argument("--contenders", nargs="+", default=None,
-                        help="dma, sdpa, sdpa-cudnn, sdpa-flash, sdpa-math, flex "
+                        help="dma, dma-<backend>, sdpa, sdpa-cudnn, sdpa-flash, sdpa-math, flex "
                              "(the second one listed is the ratio baseline)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--reps", type=int, default=10)

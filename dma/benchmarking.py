@@ -180,8 +180,8 @@ def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, mode
         for t in inputs:
             t.requires_grad_(mode == "fwd+bwd")
         try:
-            if contender == "dma":
-                forward = dma_contender(shape, inputs, backend)
+            if contender == "dma" or contender.startswith("dma-"):  # dma-<backend>
+                forward = dma_contender(shape, inputs, contender.partition("-")[2] or backend)
             elif contender.startswith("sdpa"):
                 forward = sdpa_contender(inputs, contender.partition("-")[2] or None)
             elif contender == "flex":

@@ -5,8 +5,8 @@ with importlib.util.find_spec and imports them only when it runs.
 """
 
 from ..dispatch import register
+from .cupy_backend import CupyBackend
 from .numba_backend import NumbaBackend
-from .pending import CupyBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 

@@ -20,10 +20,10 @@ import os
 
 import torch
 
-from ..layout import reduce_bias_grad
-from ..selection import coarse_candidate_lists, rowwise_keep_all
+from ..selection import coarse_candidate_lists
 from ..validation import Inputs, Problem
 from .base import Backend, Capabilities, missing_packages, new_output
+from .gpu_launch import LaunchArgs, backward_buffers, candidate_key_split, cdiv, finish_backward
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
 
@@ -63,111 +63,16 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def deterministic_mode() -> bool:
-    return (torch.are_deterministic_algorithms_enabled()
-            or os.environ.get("DMA_DETERMINISTIC") == "1")
-
-
 def _kernels():
     from . import triton_kernels  # imported on first use: importing triton is slow
 
     return triton_kernels
 
 
-def _last_dim_contiguous(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def _dot_precision(dtype):
     if dtype != torch.float32:
         return "ieee"  # unused for half inputs: the dot takes fp16/bf16 operands
     return "tf32" if os.environ.get("DMA_ALLOW_TF32") == "1" else "ieee"
-
-
-class _Launch:
-    """Pointer and stride arguments shared by every kernel, built once per call."""
-
-    def __init__(self, problem: Problem, inputs: Inputs, plan, keep_mask=None):
-        self.problem = problem
-        q, k, v = (_last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
-        self.q, self.k, self.v = q, k, v
-        h = problem.heads
-        dummy = q
-        self.qkv = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(2))
-
-        kb = inputs.key_bias
-        if kb is not None:
-            kb = kb.contiguous()
-            self.key_bias = (kb, kb.stride(0) if kb.shape[0] > 1 else 0, kb.stride(1),
-                             h // kb.shape[1])
-        else:  # absent inputs: a head divisor of H reads "shared by every head"
-            self.key_bias = (dummy, 0, 0, h)
-        self.attn_bias = self._bias4(inputs.attn_bias, h, dummy)
-        mask = keep_mask if keep_mask is not None else inputs.attn_mask
-        self.attn_mask = self._bias4(None if mask is None else mask.view(torch.uint8), h, dummy)
-        pad = inputs.key_padding_mask
-        if pad is not None and keep_mask is None:
-            pad = pad.contiguous().view(torch.uint8)
-            self.padding = (pad, pad.stride(0))
-        else:
-            self.padding = (dummy, 0)
-        if plan is not None:
-            first, end = plan.key_first_row, plan.key_end_row
-            cand, count = plan.candidates, plan.candidate_count
-            batched = plan.batch > 1
-            self.plan_rows = (first, end, first.stride(0) if batched else 0, first.stride(1),
-                              h // plan.heads)
-            self.candidates = (cand, count, cand.stride(0) if batched else 0, cand.stride(1),
-                               cand.stride(2), count.stride(0) if batched else 0, count.stride(1))
-        else:
-            self.plan_rows = (dummy, dummy, 0, 0, h)
-            self.candidates = (dummy, dummy, 0, 0, 0, 0, 0)
-        self.flags = dict(
-            CAUSAL=problem.causal,
-            HAS_KB=inputs.key_bias is not None,
-            HAS_AB=inputs.attn_bias is not None,
-            HAS_AM=mask is not None,
-            HAS_PAD=self.padding[0] is not dummy,
-            SOFTCAP=problem.softcap is not None,
-            INTERVAL=plan is not None,
-        )
-        head_dim = problem.head_dim
-        self.dims = dict(HEAD_DIM=head_dim, D_PAD=max(16, triton_next_pow2(head_dim)))
-        self.sizes = (problem.seqlen_q, problem.seqlen_k, problem.causal_offset)
-        self.scale = problem.scale
-        self.softcap = problem.softcap if problem.softcap is not None else 1.0
-        self.precision = _dot_precision(problem.dtype)
-
-    @staticmethod
-    def _bias4(t, heads, dummy):
-        if t is None:
-            return (dummy, 0, 0, 0, 0, heads)
-        strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
-        return (t, *strides, heads // t.shape[1])
-
-    def masks(self):
-        """The (key_bias, attn_bias, attn_mask, padding, plan rows) argument run."""
-        return (*self.key_bias, *self.attn_bias, *self.attn_mask, *self.padding,
-                *self.plan_rows)
-
-    def heads_per_program(self, stack: int) -> int:
-        """Query heads stacked per program (at most `stack`): only when the kv group divides
-        evenly and every per-head input (plan, key_bias, attn_bias, mask) is shared by it."""
-        group = self.problem.group_size
-        per_head = [self.plan_rows[4], self.key_bias[3], self.attn_bias[5], self.attn_mask[5]]
-        if not all(hdiv % group == 0 for hdiv in per_head):
-            return 1
-        while stack > 1 and group % stack:
-            stack //= 2
-        return stack
-
-    def config(self, kernel: str) -> dict:
-        return kernel_config(kernel, self.dims["D_PAD"])
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 class TritonBackend(Backend):
@@ -202,78 +107,63 @@ class TritonBackend(Backend):
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
         kern = _kernels()
-        launch = _Launch(problem, inputs, plan, rowwise_keep_all(problem, inputs))
+        launch = LaunchArgs(problem, inputs, plan)
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        config = launch.config("fwd")
+        config = kernel_config("fwd", launch.dims["D_PAD"])
         stacked = launch.heads_per_program(config.pop("STACK"))
-        grid = (triton_cdiv(sq, BLOCK_M), b * h // stacked)
+        grid = (cdiv(sq, BLOCK_M), b * h // stacked)
         kern._fwd_kernel[grid](
             launch.q, launch.k, launch.v, out, lse, *launch.qkv,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             *launch.masks(), *launch.candidates,
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-            **launch.dims, BLOCK_M=BLOCK_M, **launch.flags, DOT_PRECISION=launch.precision,
-            HEADS_PER_PROG=stacked, **config,
+            **launch.dims, BLOCK_M=BLOCK_M, **launch.flags,
+            DOT_PRECISION=_dot_precision(problem.dtype), HEADS_PER_PROG=stacked, **config,
         )
         return out, lse
 
-
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         kern = _kernels()
-        launch = _Launch(problem, inputs, plan, rowwise_keep_all(problem, inputs))
-        need_q, need_k, need_v, need_kb, need_ab = problem.needs_grad
-        b, h, hkv = problem.batch, problem.heads, problem.kv_heads
-        sq, sk, d = problem.seqlen_q, problem.seqlen_k, problem.head_dim
-        # dq and do share q's strides, so the kernels take one set of query strides.
-        do = _like_strides(launch.q, problem.dtype).copy_(do) if do.stride() != launch.q.stride() \
-            else do
-        lse = lse.contiguous()
-        delta = delta.float().contiguous()
-        device = problem.device
-        common = dict(**launch.dims, DOT_PRECISION=launch.precision)
+        launch = LaunchArgs(problem, inputs, plan)
+        bufs = backward_buffers(problem, launch, plan, lse, do, delta)
+        b, h, sq = problem.batch, problem.heads, problem.seqlen_q
+        need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
+        d_pad = launch.dims["D_PAD"]
+        common = dict(**launch.dims, DOT_PRECISION=_dot_precision(problem.dtype))
+        dq, dk, dab = bufs.dq, bufs.dk, bufs.dab
+        dab_arg = dab if need_ab else launch.q
+        stats = (bufs.lse.stride(0), bufs.lse.stride(1))
 
-        dq = _like_strides(launch.q, problem.dtype)
-        if os.environ.get("DMA_DEBUG_POISON") == "1":
-            dq.fill_(float("nan"))
-        dab_full = torch.zeros(b, h, sq, sk, dtype=torch.float32, device=device) \
-            if need_ab else launch.q
-        config = launch.config("dq")
+        config = kernel_config("dq", d_pad)
         stacked = launch.heads_per_program(config.pop("STACK"))
-        kern._bwd_dq_kernel[(triton_cdiv(sq, BLOCK_M), b * h // stacked)](
-            launch.q, launch.k, launch.v, do, lse, delta, dq, dab_full, *launch.qkv,
-            lse.stride(0), lse.stride(1),
-            *((dab_full.stride(0), dab_full.stride(1), dab_full.stride(2)) if need_ab
-              else (0, 0, 0)),
+        kern._bwd_dq_kernel[(cdiv(sq, BLOCK_M), b * h // stacked)](
+            launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
+            *launch.qkv, *stats,
+            *((dab.stride(0), dab.stride(1), dab.stride(2)) if need_ab else (0, 0, 0)),
             *launch.masks(), *launch.candidates,
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
             **launch.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
             **common, **config,
         )
 
-        use_atomics = plan is not None and not deterministic_mode()
-        acc_dtype = torch.float32 if use_atomics else problem.dtype
-        alloc = torch.zeros if use_atomics else (lambda *s, **kw: new_output(s, **kw))
-        dk = alloc(b, sk, hkv, d, dtype=acc_dtype, device=device)
-        dv = alloc(b, sk, hkv, d, dtype=acc_dtype, device=device)
-        dkb = alloc(b, h, sk, dtype=torch.float32, device=device) if need_kb else launch.q
+        dkb = bufs.dkb if need_kb else launch.q
         dkb_strides = (dkb.stride(0), dkb.stride(1)) if need_kb else (0, 0)
-        if use_atomics:
+        dkdv = (launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dk, bufs.dv, dkb,
+                *launch.qkv, *stats, dk.stride(0), dk.stride(1), dk.stride(2), *dkb_strides)
+        if bufs.atomics:
             shared = plan.heads < h or problem.group_size == 1
             heads_per_program = problem.group_size if shared else 1
             programs_per_batch = h // heads_per_program
-            config = launch.config("dkdv_candidates")
+            config = kernel_config("dkdv_candidates", d_pad)
             rows = config.pop("ROWS")
             cand, count = coarse_candidate_lists(problem, plan, rows)
             n_blocks = cand.shape[2]
-            programs = n_blocks * b * programs_per_batch
-            key_split = max(1, min(8, -(-4 * _multiprocessors(device) // programs)))
+            key_split = candidate_key_split(problem, n_blocks * b * programs_per_batch)
             batched = plan.batch > 1
             kern._bwd_dkdv_candidates_kernel[(n_blocks, b * programs_per_batch, key_split)](
-                launch.q, launch.k, launch.v, do, lse, delta, dk, dv, dkb, *launch.qkv,
-                lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
-                *dkb_strides, *launch.key_bias, *launch.plan_rows,
+                *dkdv, *launch.key_bias, *launch.plan_rows,
                 cand, count, cand.stride(0) if batched else 0, cand.stride(1), cand.stride(2),
                 count.stride(0) if batched else 0, count.stride(1),
                 *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
@@ -282,30 +172,11 @@ class TritonBackend(Backend):
                 NEED_DKB=need_kb, **common, **config,
             )
         else:
-            config = launch.config("dkdv_keys")
-            kern._bwd_dkdv_keys_kernel[(triton_cdiv(sk, config["BLOCK_N"]), b * hkv)](
-                launch.q, launch.k, launch.v, do, lse, delta, dk, dv, dkb, *launch.qkv,
-                lse.stride(0), lse.stride(1), dk.stride(0), dk.stride(1), dk.stride(2),
-                *dkb_strides, *launch.masks(), *launch.sizes, hkv, problem.group_size,
+            config = kernel_config("dkdv_keys", d_pad)
+            kern._bwd_dkdv_keys_kernel[(cdiv(problem.seqlen_k, config["BLOCK_N"]),
+                                        b * problem.kv_heads)](
+                *dkdv, *launch.masks(), *launch.sizes, problem.kv_heads, problem.group_size,
                 launch.scale, launch.softcap,
                 **launch.flags, NEED_DKB=need_kb, **common, **config,
             )
-
-        grad_kb = reduce_bias_grad(dkb, inputs.key_bias, hkv) if need_kb else None
-        grad_ab = reduce_bias_grad(dab_full, inputs.attn_bias, hkv) if need_ab else None
-        return (dq if need_q else None, dk.to(problem.dtype) if need_k else None,
-                dv.to(problem.dtype) if need_v else None, grad_kb, grad_ab)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _multiprocessors(device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _like_strides(t: torch.Tensor, dtype) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+        return finish_backward(problem, inputs, bufs)

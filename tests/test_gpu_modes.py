@@ -1,4 +1,4 @@
-"""Triton-specific modes that the shared suite does not switch: deterministic backward."""
+"""GPU-backend modes that the shared suite does not switch: deterministic backward."""
 
 import pytest
 from conformance.cases import CASES
@@ -9,8 +9,9 @@ WINDOW_CASES = [c for c in CASES if c.window is not None and c.attn_bias is None
 
 
 @pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=[c.name for c in WINDOW_CASES])
-def test_deterministic_backward(case, device, monkeypatch):
+def test_deterministic_backward(case, backend, device, monkeypatch):
     """DMA_DETERMINISTIC=1 swaps the atomic dk/dv kernel for the key-major one."""
     monkeypatch.setenv("DMA_DETERMINISTIC", "1")
-    check_case(case, "triton", device)
+    check_case(case, backend, device)

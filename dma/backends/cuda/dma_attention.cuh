@@ -1,0 +1,375 @@
+// CUDA kernels of the cupy backend: the twins of triton_kernels.py, walking the same tiles.
+//
+// * forward and dq: one program per (query block of BLOCK_M rows, batch x head); warp w owns
+//   rows 16w..16w+15 and walks key tiles of BLOCK_N keys: the block's candidate keys from the
+//   selection plan, gathered from K and V (DMA case, p.interval), or consecutive keys with
+//   masks and biases applied per element (broadcast dims read at stride 0).
+// * dk/dv: one program per tile of keys, warp w owning keys 16w..16w+15, walking the query
+//   rows that may keep them. Two modes, as in the triton backend: consecutive keys with one
+//   writer per output element (deterministic; dense case), or the candidate keys of a coarse
+//   block of rows, added with float32 atomics (DMA case, default).
+//
+// Scores go through masked_score (dma_common.cuh); softmax runs in base 2 with the
+// natural-log lse stored for the SPEC. Shared tiles are rows of D_PAD + SMEM_PAD elements.
+#pragma once
+#include "dma_common.cuh"
+
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
+__global__ void __launch_bounds__(BLOCK_M * 2) dma_forward(const Params p) {
+    typedef typename E::T T;
+    constexpr int THREADS = BLOCK_M * 2;  // one warp per 16 rows
+    constexpr int LD = D_PAD + SMEM_PAD, LDP = BLOCK_N + SMEM_PAD;
+    constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* q_s = reinterpret_cast<T*>(smem);
+    T* k_s = q_s + BLOCK_M * LD;
+    T* v_s = k_s + BLOCK_N * LD;
+    T* p_s = v_s + BLOCK_N * LD;
+    __shared__ long long key_ids[BLOCK_N];
+
+    const int warp = threadIdx.x / 32;
+    const long long row0 = (long long)blockIdx.x * BLOCK_M;
+    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
+    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
+    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    load_tile<E, BLOCK_M, D_PAD, THREADS>(
+        q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, nullptr, row0,
+        p.seqlen_q, p);
+    const T* q_w = q_s + warp * 16 * LD;
+    T* p_w = p_s + warp * 16 * LDP;
+    const long long row_w = row0 + warp * 16;
+
+    float o[DT][4];
+    zero(o);
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    const long long n_slots = tile_count(p, b, h, row0, BLOCK_M);
+    const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
+    for (long long start = 0; start < n_slots; start += BLOCK_N) {
+        __syncthreads();  // every warp is done with the previous tile
+        key_tile_ids<BLOCK_N>(key_ids, cand, start, n_slots);
+        __syncthreads();
+        load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
+        load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
+        __syncthreads();
+
+        float s[NT][4];
+        zero(s);
+        warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
+        float tile_max[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float th;
+                s[nt][e] = masked_score<E>(p, b, h, row_w + frag_row(e),
+                                           key_ids[frag_col(nt, e)], s[nt][e], th);
+                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+            }
+        // Online softmax: rescale what the rows hold so far to the new running max.
+        float m_safe[2], alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
+            m_safe[r] = m_new == neg_inf() ? 0.f : m_new;
+            alpha[r] = exp2f((m[r] - m_safe[r]) * LOG2E);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float pe = exp2f((s[nt][e] - m_safe[e >> 1]) * LOG2E);
+                l[e >> 1] += pe;
+                p_w[frag_row(e) * LDP + frag_col(nt, e)] = E::from_f32(pe);
+            }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+        __syncwarp();
+        warp_mma<E, BLOCK_N, DT, true, false>(o, p_w, LDP, v_s, LD);
+    }
+
+    l[0] = quad_sum(l[0]);
+    l[1] = quad_sum(l[1]);
+    T* out = static_cast<T*>(p.out) + b * p.so_b + h * p.so_h;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const long long row = row_w + frag_row(e);
+            const int d = frag_col(dt, e);
+            const float denom = l[e >> 1] == 0.f ? 1.f : l[e >> 1];  // empty rows give 0
+            if (row < p.seqlen_q && d < p.head_dim)
+                out[row * p.so_s + d] = E::from_f32(o[dt][e] / denom);
+        }
+    if ((threadIdx.x & 3) == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const long long row = row_w + frag_row(2 * r);
+            if (row < p.seqlen_q)
+                p.lse[b * p.slse_b + h * p.slse_h + row] =
+                    l[r] == 0.f ? neg_inf() : m[r] + logf(l[r]);
+        }
+    }
+}
+
+// lse and delta of one row for the backward: empty rows (lse = -inf) and rows past the end
+// read lse = +inf, so their p = exp(s - lse) is 0.
+DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long row,
+                          float& lse, float& delta) {
+    lse = __int_as_float(0x7f800000);
+    delta = 0.f;
+    if (row < p.seqlen_q) {
+        const long long at = b * p.slse_b + h * p.slse_h + row;
+        const float stored = p.lse[at];
+        if (stored != neg_inf()) lse = stored;
+        delta = p.delta[at];
+    }
+}
+
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
+__global__ void __launch_bounds__(BLOCK_M * 2) dma_backward_dq(const Params p) {
+    typedef typename E::T T;
+    constexpr int THREADS = BLOCK_M * 2;
+    constexpr int LD = D_PAD + SMEM_PAD, LDP = BLOCK_N + SMEM_PAD;
+    constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* q_s = reinterpret_cast<T*>(smem);
+    T* do_s = q_s + BLOCK_M * LD;
+    T* k_s = do_s + BLOCK_M * LD;
+    T* v_s = k_s + BLOCK_N * LD;
+    T* p_s = v_s + BLOCK_N * LD;
+    __shared__ long long key_ids[BLOCK_N];
+
+    const int warp = threadIdx.x / 32;
+    const long long row0 = (long long)blockIdx.x * BLOCK_M;
+    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
+    const long long q_off = b * p.sq_b + h * p.sq_h;
+    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
+    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    load_tile<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + q_off, p.sq_s,
+                                          nullptr, row0, p.seqlen_q, p);
+    load_tile<E, BLOCK_M, D_PAD, THREADS>(do_s, static_cast<const T*>(p.dout) + q_off, p.sq_s,
+                                          nullptr, row0, p.seqlen_q, p);
+    const T* q_w = q_s + warp * 16 * LD;
+    const T* do_w = do_s + warp * 16 * LD;
+    T* p_w = p_s + warp * 16 * LDP;
+    const long long row_w = row0 + warp * 16;
+    float lse[2], delta[2];
+    row_stats(p, b, h, row_w + frag_row(0), lse[0], delta[0]);
+    row_stats(p, b, h, row_w + frag_row(2), lse[1], delta[1]);
+
+    float dq[DT][4];
+    zero(dq);
+    const long long n_slots = tile_count(p, b, h, row0, BLOCK_M);
+    const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
+    for (long long start = 0; start < n_slots; start += BLOCK_N) {
+        __syncthreads();
+        key_tile_ids<BLOCK_N>(key_ids, cand, start, n_slots);
+        __syncthreads();
+        load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
+        load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
+        __syncthreads();
+
+        float s[NT][4], dp[NT][4];
+        zero(s);
+        zero(dp);
+        warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
+        warp_mma<E, D_PAD, NT, true, true>(dp, do_w, LD, v_s, LD);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const long long row = row_w + frag_row(e), key = key_ids[frag_col(nt, e)];
+                float th;
+                const float score = masked_score<E>(p, b, h, row, key, s[nt][e], th);
+                const float pe = exp2f((score - lse[e >> 1]) * LOG2E);
+                const float ds = pe * (dp[nt][e] - delta[e >> 1]);
+                if (p.need_dab && row < p.seqlen_q && key >= 0)
+                    p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key] = ds;
+                const float dt = p.has_softcap ? ds * (1.f - th * th) : ds;
+                p_w[frag_row(e) * LDP + frag_col(nt, e)] = E::from_f32(dt);
+            }
+        __syncwarp();
+        warp_mma<E, BLOCK_N, DT, true, false>(dq, p_w, LDP, k_s, LD);
+    }
+
+    T* dq_out = static_cast<T*>(p.dq) + q_off;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const long long row = row_w + frag_row(e);
+            const int d = frag_col(dt, e);
+            if (row < p.seqlen_q && d < p.head_dim)
+                dq_out[row * p.sq_s + d] = E::from_f32(dq[dt][e] * (float)p.scale);
+        }
+}
+
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
+__global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p) {
+    typedef typename E::T T;
+    constexpr int THREADS = BLOCK_N * 2;  // one warp per 16 keys
+    constexpr int LD = D_PAD + SMEM_PAD, LDT = BLOCK_M + SMEM_PAD;
+    constexpr int DT = D_PAD / 8, MT = BLOCK_M / 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* k_s = reinterpret_cast<T*>(smem);
+    T* v_s = k_s + BLOCK_N * LD;
+    T* q_s = v_s + BLOCK_N * LD;
+    T* do_s = q_s + BLOCK_M * LD;
+    T* pt_s = do_s + BLOCK_M * LD;  // p transposed (keys x rows), then ds
+    __shared__ long long key_ids[BLOCK_N];
+    __shared__ float lse_s[BLOCK_M], delta_s[BLOCK_M];
+    __shared__ int row_range[2];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    long long b, h0, n_heads, n_slots, first_tile, tile_step, row_base, row_end;
+    const int* cand = nullptr;
+    if (p.candidate_tiles) {  // candidates of a coarse block of rows, split over blockIdx.z
+        const long long block = blockIdx.x;
+        b = blockIdx.y / p.programs_per_batch;
+        h0 = (blockIdx.y % p.programs_per_batch) * p.heads_per_program;
+        n_heads = p.heads_per_program;
+        row_base = block * p.coarse_rows;
+        row_end = lmin(row_base + p.coarse_rows, p.seqlen_q);
+        cand = candidate_list(p, b, h0, block);
+        n_slots = static_cast<const int*>(p.candidate_count)[
+            b * p.scnt_b + (h0 / p.plan_hdiv) * p.scnt_h + block];
+        first_tile = (long long)blockIdx.z * BLOCK_N;
+        tile_step = p.key_split * BLOCK_N;
+    } else {  // one tile of consecutive keys, every query head of its kv head
+        b = blockIdx.y / p.kv_heads;
+        h0 = (blockIdx.y % p.kv_heads) * p.group;
+        n_heads = p.group;
+        row_base = 0;
+        row_end = p.seqlen_q;
+        n_slots = p.seqlen_k;
+        first_tile = (long long)blockIdx.x * BLOCK_N;
+        tile_step = p.seqlen_k;
+    }
+    const long long hk = h0 / p.group;
+    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
+    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    const T* k_w = k_s + warp * 16 * LD;
+    const T* v_w = v_s + warp * 16 * LD;
+    T* pt_w = pt_s + warp * 16 * LDT;
+
+    for (long long start = first_tile; start < n_slots; start += tile_step) {
+        __syncthreads();
+        key_tile_ids<BLOCK_N>(key_ids, cand, start, n_slots);
+        __syncthreads();
+        load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
+        load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
+        float dk[DT][4], dv[DT][4];
+        zero(dk);
+        zero(dv);
+        for (long long hh = 0; hh < n_heads; ++hh) {
+            const long long h = h0 + hh;
+            // The rows that may keep a key of this tile.
+            long long row_lo = 0, row_hi = p.seqlen_q;
+            if (p.interval) {
+                __syncthreads();
+                if (threadIdx.x == 0) {
+                    row_range[0] = (int)p.seqlen_q;
+                    row_range[1] = 0;
+                }
+                __syncthreads();
+                for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
+                    const long long key = key_ids[i];
+                    if (key < 0) continue;
+                    const long long at = b * p.splan_b + (h / p.plan_hdiv) * p.splan_h + key;
+                    const int first = static_cast<const int*>(p.first_row)[at];
+                    const int end = static_cast<const int*>(p.end_row)[at];
+                    if (end > first) {
+                        atomicMin(&row_range[0], first);
+                        atomicMax(&row_range[1], end);
+                    }
+                }
+                __syncthreads();
+                row_lo = row_range[0];
+                row_hi = row_range[1];
+            } else if (p.causal) {
+                row_lo = lmax(start - p.causal_offset, 0);
+            }
+            row_lo = lmax(row_lo, row_base);
+            row_hi = lmin(row_hi, row_end);
+            row_lo = row_base + ((row_lo - row_base) / BLOCK_M) * BLOCK_M;
+
+            float dkb[2] = {0.f, 0.f};
+            const long long q_off = b * p.sq_b + h * p.sq_h;
+            for (long long row0 = row_lo; row0 < row_hi; row0 += BLOCK_M) {
+                __syncthreads();
+                load_tile<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + q_off,
+                                                      p.sq_s, nullptr, row0, p.seqlen_q, p);
+                load_tile<E, BLOCK_M, D_PAD, THREADS>(do_s,
+                                                      static_cast<const T*>(p.dout) + q_off,
+                                                      p.sq_s, nullptr, row0, p.seqlen_q, p);
+                for (int i = threadIdx.x; i < BLOCK_M; i += THREADS)
+                    row_stats(p, b, h, row0 + i, lse_s[i], delta_s[i]);
+                __syncthreads();
+
+                float st[MT][4], dpt[MT][4];  // transposed: rows are keys, columns query rows
+                zero(st);
+                zero(dpt);
+                warp_mma<E, D_PAD, MT, true, true>(st, k_w, LD, q_s, LD);
+                warp_mma<E, D_PAD, MT, true, true>(dpt, v_w, LD, do_s, LD);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = frag_col(mt, e);
+                        float th;
+                        const float score = masked_score<E>(
+                            p, b, h, row0 + r, key_ids[warp * 16 + frag_row(e)], st[mt][e], th);
+                        const float pe = exp2f((score - lse_s[r]) * LOG2E);
+                        pt_w[frag_row(e) * LDT + r] = E::from_f32(pe);
+                        const float ds = pe * (dpt[mt][e] - delta_s[r]);
+                        dkb[e >> 1] += ds;
+                        st[mt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;
+                    }
+                __syncwarp();
+                warp_mma<E, BLOCK_M, DT, true, false>(dv, pt_w, LDT, do_s, LD);
+                __syncwarp();
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        pt_w[frag_row(e) * LDT + frag_col(mt, e)] = E::from_f32(st[mt][e]);
+                __syncwarp();
+                warp_mma<E, BLOCK_M, DT, true, false>(dk, pt_w, LDT, q_s, LD);
+            }
+            // d key_bias of head h: one value per key, summed over the quad's columns.
+            dkb[0] = quad_sum(dkb[0]);
+            dkb[1] = quad_sum(dkb[1]);
+            if (p.need_dkb && (lane & 3) == 0) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const long long key = key_ids[warp * 16 + frag_row(2 * r)];
+                    if (key < 0) continue;
+                    float* at = p.dkb + b * p.sdkb_b + h * p.sdkb_h + key;
+                    if (p.candidate_tiles) atomicAdd(at, dkb[r]);
+                    else *at = dkb[r];
+                }
+            }
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const long long key = key_ids[warp * 16 + frag_row(e)];
+                const int d = frag_col(dt, e);
+                if (key < 0 || d >= p.head_dim) continue;
+                const long long at = b * p.sdk_b + hk * p.sdk_h + key * p.sdk_s + d;
+                const float dk_val = dk[dt][e] * (float)p.scale;
+                if (p.candidate_tiles) {
+                    atomicAdd(static_cast<float*>(p.dk) + at, dk_val);
+                    atomicAdd(static_cast<float*>(p.dv) + at, dv[dt][e]);
+                } else {
+                    static_cast<T*>(p.dk)[at] = E::from_f32(dk_val);
+                    static_cast<T*>(p.dv)[at] = E::from_f32(dv[dt][e]);
+                }
+            }
+    }
+}

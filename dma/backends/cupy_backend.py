@@ -1,0 +1,170 @@
+"""CuPy backend: hand-written CUDA C++ kernels (dma/backends/cuda/) compiled at run time.
+
+An independent second implementation of the GPU path, mirroring the triton backend: the same
+launch arguments (gpu_launch.py), the same tiles (candidate keys per query block in the DMA
+case, dense tiles with per-element masks otherwise) and the same backward order (dq over query
+blocks; dk/dv over candidate tiles with float32 atomics by default, or over consecutive keys
+with one writer per element in deterministic mode and the dense case).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..selection import coarse_candidate_lists
+from ..validation import Inputs, Problem
+from . import cupy_kernels
+from .base import Backend, Capabilities, missing_packages, new_output
+from .gpu_launch import LaunchArgs, backward_buffers, candidate_key_split, cdiv, finish_backward
+
+BLOCK_M = 64  # the plan's block size; kernels with 32-row tiles read the enclosing block
+COARSE_ROWS = 512  # rows per program of the atomic dk/dv pass (as in the triton backend)
+
+
+def _pointer(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _vector_loads(problem: Problem, tensors) -> bool:
+    """Whether every (seq, dim) row of q, k, v (and dout) is 16-byte aligned and whole
+    vectors, so the kernels may load 16 bytes per thread."""
+    vec = 16 // torch.empty(0, dtype=problem.dtype).element_size()
+    if problem.head_dim % vec:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in t.stride()[:-1])
+               for t in tensors)
+
+
+def _fields(problem: Problem, launch: LaunchArgs) -> dict:
+    """The Params fields every kernel shares, with the backward's left empty."""
+    kb, skb_b, skb_h, kb_hdiv = launch.key_bias
+    ab, sab_b, sab_h, sab_r, sab_c, ab_hdiv = launch.attn_bias
+    am, sam_b, sam_h, sam_r, sam_c, am_hdiv = launch.attn_mask
+    pad, spad_b = launch.padding
+    first, end, splan_b, splan_h, plan_hdiv = launch.plan_rows
+    cand, count, scand_b, scand_h, scand_blk, scnt_b, scnt_h = launch.candidates
+    flags = launch.flags
+    sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h = launch.qkv
+    return dict(
+        q=_pointer(launch.q), k=_pointer(launch.k), v=_pointer(launch.v), out=0, lse=0,
+        dout=0, delta=0, dq=0, dk=0, dv=0, dkb=0, dab=0,
+        key_bias=_pointer(kb), attn_bias=_pointer(ab), attn_mask=_pointer(am),
+        padding=_pointer(pad), first_row=_pointer(first), end_row=_pointer(end),
+        candidates=_pointer(cand), candidate_count=_pointer(count),
+        sq_b=sq_b, sq_s=sq_s, sq_h=sq_h, sk_b=sk_b, sk_s=sk_s, sk_h=sk_h,
+        sv_b=sv_b, sv_s=sv_s, sv_h=sv_h, so_b=0, so_s=0, so_h=0, slse_b=0, slse_h=0,
+        sdk_b=0, sdk_s=0, sdk_h=0, sdkb_b=0, sdkb_h=0, sdab_b=0, sdab_h=0, sdab_r=0,
+        skb_b=skb_b, skb_h=skb_h, kb_hdiv=kb_hdiv,
+        sab_b=sab_b, sab_h=sab_h, sab_r=sab_r, sab_c=sab_c, ab_hdiv=ab_hdiv,
+        sam_b=sam_b, sam_h=sam_h, sam_r=sam_r, sam_c=sam_c, am_hdiv=am_hdiv, spad_b=spad_b,
+        splan_b=splan_b, splan_h=splan_h, plan_hdiv=plan_hdiv, scand_b=scand_b,
+        scand_h=scand_h, scand_blk=scand_blk, scnt_b=scnt_b, scnt_h=scnt_h,
+        plan_block=BLOCK_M, heads=problem.heads, kv_heads=problem.kv_heads,
+        group=problem.group_size, seqlen_q=problem.seqlen_q, seqlen_k=problem.seqlen_k,
+        causal_offset=problem.causal_offset, head_dim=problem.head_dim,
+        coarse_rows=COARSE_ROWS, programs_per_batch=0, heads_per_program=0, key_split=1,
+        causal=flags["CAUSAL"], has_kb=flags["HAS_KB"], has_ab=flags["HAS_AB"],
+        has_am=flags["HAS_AM"], has_pad=flags["HAS_PAD"], has_softcap=flags["SOFTCAP"],
+        interval=flags["INTERVAL"], need_dab=0, need_dkb=0, candidate_tiles=0,
+        vector_loads=_vector_loads(problem, (launch.q, launch.k, launch.v)),
+        scale=launch.scale, softcap=launch.softcap,
+    )
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    capabilities = Capabilities(
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        max_head_dim=256,
+        notes=("float32 runs scalar FMAs (IEEE), half types run mma.sync tensor cores",),
+    )
+    block_m = BLOCK_M
+
+    def environment_reasons(self) -> list[str]:
+        reasons = missing_packages("cupy")
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA device is available")
+        return reasons
+
+    def problem_reasons(self, problem: Problem) -> list[str]:
+        if problem.device.type != "cuda":
+            return []
+        reasons = []
+        props = torch.cuda.get_device_properties(problem.device)
+        if props.major < 8:
+            reasons.append(f"compute capability {props.major}.{props.minor} below 8.0")
+        d_pad = LaunchArgs.padded_head_dim(problem.head_dim)
+        if problem.dtype in cupy_kernels.ELEMENT_TYPES and d_pad in cupy_kernels.HEAD_DIM_PADS:
+            need = max(cupy_kernels.shared_bytes(k, problem.dtype, d_pad)
+                       for k in cupy_kernels.KERNELS)
+            have = getattr(props, "shared_memory_per_block_optin", need)
+            if need > have:
+                reasons.append(f"needs {need} bytes of shared memory per block, the device "
+                               f"offers {have}")
+        return reasons
+
+    def forward(self, problem: Problem, inputs: Inputs, plan):
+        launch = LaunchArgs(problem, inputs, plan)
+        b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
+        out = new_output((b, sq, h, d), problem.dtype, problem.device)
+        lse = new_output((b, h, sq), torch.float32, problem.device)
+        fields = _fields(problem, launch)
+        fields.update(out=out.data_ptr(), lse=lse.data_ptr(), so_b=out.stride(0),
+                      so_s=out.stride(1), so_h=out.stride(2), slse_b=lse.stride(0),
+                      slse_h=lse.stride(1))
+        self._launch("dma_forward", problem, launch, (self._query_blocks(problem, launch), b * h),
+                     fields)
+        return out, lse
+
+    def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
+        launch = LaunchArgs(problem, inputs, plan)
+        bufs = backward_buffers(problem, launch, plan, lse, do, delta)
+        b, h = problem.batch, problem.heads
+        need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
+        fields = _fields(problem, launch)
+        fields.update(
+            dout=bufs.do.data_ptr(), lse=bufs.lse.data_ptr(), delta=bufs.delta.data_ptr(),
+            slse_b=bufs.lse.stride(0), slse_h=bufs.lse.stride(1),
+            dq=bufs.dq.data_ptr(), dk=bufs.dk.data_ptr(), dv=bufs.dv.data_ptr(),
+            sdk_b=bufs.dk.stride(0), sdk_s=bufs.dk.stride(1), sdk_h=bufs.dk.stride(2),
+            dkb=_pointer(bufs.dkb), need_dkb=need_kb, dab=_pointer(bufs.dab), need_dab=need_ab,
+            vector_loads=fields["vector_loads"] and _vector_loads(problem, (bufs.do,)),
+        )
+        if need_kb:
+            fields.update(sdkb_b=bufs.dkb.stride(0), sdkb_h=bufs.dkb.stride(1))
+        if need_ab:
+            fields.update(sdab_b=bufs.dab.stride(0), sdab_h=bufs.dab.stride(1),
+                          sdab_r=bufs.dab.stride(2))
+        self._launch("dma_backward_dq", problem, launch,
+                     (self._query_blocks(problem, launch), b * h), fields)
+
+        if bufs.atomics:
+            shared = plan.heads < h or problem.group_size == 1
+            heads_per_program = problem.group_size if shared else 1
+            programs_per_batch = h // heads_per_program
+            cand, count = coarse_candidate_lists(problem, plan, COARSE_ROWS)
+            n_blocks = cand.shape[2]
+            key_split = candidate_key_split(problem, n_blocks * b * programs_per_batch)
+            batched = plan.batch > 1
+            fields.update(
+                candidate_tiles=1, candidates=cand.data_ptr(), candidate_count=count.data_ptr(),
+                scand_b=cand.stride(0) if batched else 0, scand_h=cand.stride(1),
+                scand_blk=cand.stride(2), scnt_b=count.stride(0) if batched else 0,
+                scnt_h=count.stride(1), programs_per_batch=programs_per_batch,
+                heads_per_program=heads_per_program, key_split=key_split)
+            grid = (n_blocks, b * programs_per_batch, key_split)
+        else:
+            tile = cupy_kernels.tile_size(problem.dtype, launch.dims["D_PAD"])
+            grid = (cdiv(problem.seqlen_k, tile), b * problem.kv_heads)
+        self._launch("dma_backward_dkdv", problem, launch, grid, fields)
+        return finish_backward(problem, inputs, bufs)
+
+    @staticmethod
+    def _query_blocks(problem: Problem, launch: LaunchArgs) -> int:
+        return cdiv(problem.seqlen_q, cupy_kernels.tile_size(problem.dtype, launch.dims["D_PAD"]))
+
+    @staticmethod
+    def _launch(kernel, problem, launch, grid, fields):
+        cupy_kernels.launch(kernel, problem.dtype, launch.dims["D_PAD"], grid, problem.device,
+                            fields)

@@ -1,0 +1,162 @@
+"""Compile and launch the cupy backend's CUDA kernels (sources in dma/backends/cuda/).
+
+The sources ship inside the package and compile through NVRTC (cupy.RawModule) on first use,
+one module per template instantiation and device. The program is a single `#include` of the
+kernel header, so compile errors name the real file and line. Kernels take one `Params`
+struct by value; its host layout is read from dma_params.cuh, so it cannot drift from the
+device side. Launches go on PyTorch's current stream and never synchronise the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from contextlib import ExitStack
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+KERNEL_HEADER = "dma_attention.cuh"
+PARAMS_HEADER = "dma_params.cuh"
+KERNELS = ("dma_forward", "dma_backward_dq", "dma_backward_dkdv")
+ELEMENT_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+HEAD_DIM_PADS = (16, 32, 64, 128, 256)
+SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
+_FIELD = re.compile(r"^\s*(const void\*|void\*|const float\*|float\*|long long|double)\s+(\w+);",
+                    re.M)
+_sources = ExitStack()
+
+
+@lru_cache(maxsize=1)
+def source_dir() -> Path:
+    """The folder holding the .cuh sources, as a real path (extracted if the package is
+    zipped)."""
+    return Path(_sources.enter_context(resources.as_file(resources.files(__package__) / "cuda")))
+
+
+@lru_cache(maxsize=1)
+def params_fields() -> tuple:
+    """(name, numpy type name) of every Params field, in declaration order."""
+    text = (source_dir() / PARAMS_HEADER).read_text()
+    body = text[text.index("struct Params {"):]
+    body = body[:body.index("};")]
+    kinds = {"long long": "int64", "double": "float64"}
+    return tuple((name, kinds.get(kind, "uint64")) for kind, name in _FIELD.findall(body))
+
+
+def pack_params(fields: dict):
+    """One Params struct as a size-one numpy array (cupy passes those by value). Every field
+    must be given, and nothing else."""
+    import numpy as np
+
+    layout = params_fields()
+    missing = [name for name, _ in layout if name not in fields]
+    extra = sorted(set(fields) - {name for name, _ in layout})
+    if missing or extra:
+        raise ValueError(f"Params fields: missing {missing}, unknown {extra}")
+    packed = np.zeros(1, dtype=np.dtype(list(layout)))
+    for name, _ in layout:
+        packed[name] = fields[name]
+    return packed
+
+
+def tile_size(dtype: torch.dtype, d_pad: int) -> int:
+    """Rows and keys per tile: 64, or 32 when a row of the tile is over 256 bytes."""
+    return 64 if d_pad * torch.empty(0, dtype=dtype).element_size() <= 256 else 32
+
+
+def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
+    return 2 * tile_size(dtype, d_pad)  # one warp per 16 rows (16 keys for dk/dv)
+
+
+def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
+    """Dynamic shared memory of one program: the tiles its kernel declares."""
+    tile = tile_size(dtype, d_pad)
+    row_tiles = {"dma_forward": 3, "dma_backward_dq": 4, "dma_backward_dkdv": 4}[kernel]
+    size = torch.empty(0, dtype=dtype).element_size()
+    return (row_tiles * tile * (d_pad + SMEM_PAD) + tile * (tile + SMEM_PAD)) * size
+
+
+def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
+    tile = tile_size(dtype, d_pad)
+    return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {tile}, {tile}>"
+
+
+def all_instantiations():
+    """Every (kernel, dtype, padded head dim) the backend can launch."""
+    return [(kernel, dtype, d_pad) for kernel in KERNELS for dtype in ELEMENT_TYPES
+            for d_pad in HEAD_DIM_PADS]
+
+
+@lru_cache(maxsize=1)
+def _program() -> str:
+    # The digest of the sources keys cupy's on-disk cache, which sees only this text.
+    digest = hashlib.sha256()
+    for path in sorted(source_dir().glob("*.cuh")):
+        digest.update(path.read_bytes())
+    return f"// sources {digest.hexdigest()}\n#include \"{KERNEL_HEADER}\"\n"
+
+
+_functions: dict = {}
+
+
+def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
+    key = (device_index, kernel, dtype, d_pad)
+    if key not in _functions:
+        import cupy
+
+        name = instantiation(kernel, dtype, d_pad)
+        with cupy.cuda.Device(device_index):
+            module = cupy.RawModule(code=_program(), name_expressions=[name],
+                                    options=("--std=c++17", f"-I{source_dir()}"))
+            function = module.get_function(name)
+            # Over 48 KiB of dynamic shared memory needs the function's limit raised.
+            smem = shared_bytes(kernel, dtype, d_pad)
+            try:
+                function.max_dynamic_shared_size_bytes = smem
+            except AttributeError:  # cupy versions without the property
+                driver = cupy.cuda.driver
+                driver.funcSetAttribute(
+                    function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+        _functions[key] = function
+    return _functions[key]
+
+
+@lru_cache(maxsize=64)
+def _stream(device_index: int, handle: int):
+    """A cupy view of a torch stream (kept alive by torch; views are cached by handle)."""
+    import cupy
+
+    try:  # cupy >= 14: the CUDA stream protocol
+        return cupy.cuda.Stream.from_external(_StreamHandle(handle))
+    except Exception:  # older cupy (no from_external) or a protocol it does not take
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return cupy.cuda.ExternalStream(handle, device_index)
+
+
+class _StreamHandle:
+    """The CUDA stream protocol (__cuda_stream__) for a raw stream handle."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
+def launch(kernel: str, dtype: torch.dtype, d_pad: int, grid: tuple, device: torch.device,
+           fields: dict):
+    """Launch one kernel on the current torch stream of `device`."""
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    function = _function(index, kernel, dtype, d_pad)
+    params = pack_params(fields)
+    stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
+    with cupy.cuda.Device(index):
+        function(grid, (threads(kernel, dtype, d_pad),), (params,),
+                 shared_mem=shared_bytes(kernel, dtype, d_pad), stream=stream)

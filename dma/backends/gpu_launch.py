@@ -1,0 +1,191 @@
+"""Host-side launch arguments shared by the GPU backends (triton and cupy).
+
+Both walk the same tiles with the same inputs, so one place turns validated inputs and a
+selection plan into pointers, strides and flags, and one place allocates the backward's
+buffers and reduces them to the inputs' shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..layout import reduce_bias_grad
+from ..selection import rowwise_keep_all
+from ..validation import Inputs, Problem
+from .base import new_output
+
+
+def deterministic_mode() -> bool:
+    """Backward without float atomics: `torch.use_deterministic_algorithms(True)` or
+    DMA_DETERMINISTIC=1."""
+    return (torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("DMA_DETERMINISTIC") == "1")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def multiprocessors(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def like_strides(t: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+
+
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+class LaunchArgs:
+    """Pointer and stride arguments shared by every kernel, built once per call. Each input
+    is a tuple (tensor, strides..., head divisor); absent inputs point at q with zero strides
+    and a head divisor of H ("shared by every head")."""
+
+    def __init__(self, problem: Problem, inputs: Inputs, plan):
+        self.problem = problem
+        keep_mask = rowwise_keep_all(problem, inputs)
+        q, k, v = (_last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
+        self.q, self.k, self.v = q, k, v
+        h = problem.heads
+        dummy = q
+        self.qkv = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2))
+
+        kb = inputs.key_bias
+        if kb is not None:
+            kb = kb.contiguous()
+            self.key_bias = (kb, kb.stride(0) if kb.shape[0] > 1 else 0, kb.stride(1),
+                             h // kb.shape[1])
+        else:
+            self.key_bias = (dummy, 0, 0, h)
+        self.attn_bias = self._bias4(inputs.attn_bias, h, dummy)
+        mask = keep_mask if keep_mask is not None else inputs.attn_mask
+        self.attn_mask = self._bias4(None if mask is None else mask.view(torch.uint8), h, dummy)
+        pad = inputs.key_padding_mask
+        if pad is not None and keep_mask is None:
+            pad = pad.contiguous().view(torch.uint8)
+            self.padding = (pad, pad.stride(0))
+        else:
+            self.padding = (dummy, 0)
+        if plan is not None:
+            first, end = plan.key_first_row, plan.key_end_row
+            cand, count = plan.candidates, plan.candidate_count
+            batched = plan.batch > 1
+            self.plan_rows = (first, end, first.stride(0) if batched else 0, first.stride(1),
+                              h // plan.heads)
+            self.candidates = (cand, count, cand.stride(0) if batched else 0, cand.stride(1),
+                               cand.stride(2), count.stride(0) if batched else 0, count.stride(1))
+        else:
+            self.plan_rows = (dummy, dummy, 0, 0, h)
+            self.candidates = (dummy, dummy, 0, 0, 0, 0, 0)
+        self.flags = dict(
+            CAUSAL=problem.causal,
+            HAS_KB=inputs.key_bias is not None,
+            HAS_AB=inputs.attn_bias is not None,
+            HAS_AM=mask is not None,
+            HAS_PAD=self.padding[0] is not dummy,
+            SOFTCAP=problem.softcap is not None,
+            INTERVAL=plan is not None,
+        )
+        head_dim = problem.head_dim
+        self.dims = dict(HEAD_DIM=head_dim, D_PAD=self.padded_head_dim(head_dim))
+        self.sizes = (problem.seqlen_q, problem.seqlen_k, problem.causal_offset)
+        self.scale = problem.scale
+        self.softcap = problem.softcap if problem.softcap is not None else 1.0
+
+    @staticmethod
+    def padded_head_dim(head_dim: int) -> int:
+        """Head dim of the kernels' tiles: a power of two, at least 16."""
+        return max(16, next_pow2(head_dim))
+
+    @staticmethod
+    def _bias4(t, heads, dummy):
+        if t is None:
+            return (dummy, 0, 0, 0, 0, heads)
+        strides = [t.stride(i) if t.shape[i] > 1 else 0 for i in range(4)]
+        return (t, *strides, heads // t.shape[1])
+
+    def masks(self):
+        """The (key_bias, attn_bias, attn_mask, padding, plan rows) argument run."""
+        return (*self.key_bias, *self.attn_bias, *self.attn_mask, *self.padding,
+                *self.plan_rows)
+
+    def heads_per_program(self, stack: int) -> int:
+        """Query heads stacked per program (at most `stack`): only when the kv group divides
+        evenly and every per-head input (plan, key_bias, attn_bias, mask) is shared by it."""
+        group = self.problem.group_size
+        per_head = [self.plan_rows[4], self.key_bias[3], self.attn_bias[5], self.attn_mask[5]]
+        if not all(hdiv % group == 0 for hdiv in per_head):
+            return 1
+        while stack > 1 and group % stack:
+            stack //= 2
+        return stack
+
+
+@dataclass
+class BackwardBuffers:
+    """What the backward kernels write. dk/dv (and d key_bias) are float32 and zeroed when
+    added to with atomics (the DMA case's candidate tiles), else written once each."""
+
+    do: torch.Tensor  # the output gradient, in q's strides (dq and do share them)
+    lse: torch.Tensor
+    delta: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dkb: Optional[torch.Tensor]  # (B, H, Sk) float32, per query head
+    dab: Optional[torch.Tensor]  # (B, H, Sq, Sk) float32, reduced to attn_bias's shape after
+    atomics: bool
+
+
+def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta):
+    need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
+    b, h, hkv = problem.batch, problem.heads, problem.kv_heads
+    sq, sk, d = problem.seqlen_q, problem.seqlen_k, problem.head_dim
+    device = problem.device
+    if do.stride() != launch.q.stride():
+        do = like_strides(launch.q, problem.dtype).copy_(do)
+    dq = like_strides(launch.q, problem.dtype)
+    if os.environ.get("DMA_DEBUG_POISON") == "1":
+        dq.fill_(float("nan"))
+    atomics = plan is not None and not deterministic_mode()
+    if atomics:
+        def alloc(*shape, dtype):
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+    else:
+        def alloc(*shape, dtype):
+            return new_output(shape, dtype, device)
+    return BackwardBuffers(
+        do=do, lse=lse.contiguous(), delta=delta.float().contiguous(), dq=dq,
+        dk=alloc(b, sk, hkv, d, dtype=problem.dtype), dv=alloc(b, sk, hkv, d, dtype=problem.dtype),
+        dkb=alloc(b, h, sk, dtype=torch.float32) if need_kb else None,
+        dab=torch.zeros(b, h, sq, sk, dtype=torch.float32, device=device) if need_ab else None,
+        atomics=atomics)
+
+
+def finish_backward(problem: Problem, inputs: Inputs, bufs: BackwardBuffers):
+    """(dq, dk, dv, d key_bias, d attn_bias) in the inputs' dtypes and shapes."""
+    need_q, need_k, need_v, need_kb, need_ab = problem.needs_grad
+    hkv = problem.kv_heads
+    grad_kb = reduce_bias_grad(bufs.dkb, inputs.key_bias, hkv) if need_kb else None
+    grad_ab = reduce_bias_grad(bufs.dab, inputs.attn_bias, hkv) if need_ab else None
+    return (bufs.dq if need_q else None, bufs.dk.to(problem.dtype) if need_k else None,
+            bufs.dv.to(problem.dtype) if need_v else None, grad_kb, grad_ab)
+
+
+def candidate_key_split(problem: Problem, programs: int) -> int:
+    """How many programs share one coarse block's candidate tiles in the atomic dk/dv pass:
+    enough programs for about four per multiprocessor, at most 8."""
+    return max(1, min(8, cdiv(4 * multiprocessors(problem.device), programs)))

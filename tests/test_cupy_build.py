@@ -1,0 +1,100 @@
+"""The cupy backend without a GPU: its CUDA sources compile with nvcc for sm_80 and sm_90,
+and the launcher's host side (Params layout, argument packing, tile sizes) is consistent."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from dma.backends import cupy_backend, cupy_kernels
+from dma.backends.gpu_launch import LaunchArgs
+from dma.validation import validate
+
+NVCC = shutil.which("nvcc")
+
+
+def _instantiations(d_pads):
+    lines = [f'#include "{cupy_kernels.KERNEL_HEADER}"',
+             f"static_assert(sizeof(Params) == {8 * len(cupy_kernels.params_fields())}, "
+             '"Params layout differs from the one the launcher reads");']
+    for kernel, dtype, d_pad in cupy_kernels.all_instantiations():
+        if d_pad in d_pads:
+            name = cupy_kernels.instantiation(kernel, dtype, d_pad)
+            lines.append(f"template __global__ void {name}(const Params);")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
+    # Every kernel and element type, at the smallest head dim and at 256 (the 32-row tiles);
+    # the head dims between differ only in a template constant.
+    source = tmp_path / "instantiations.cu"
+    source.write_text(_instantiations({16, 256}))
+    builds = {}
+    for arch in ("80", "90"):  # both at once: ptxas is the slow part
+        cubin = tmp_path / f"sm{arch}.cubin"
+        cmd = [NVCC, "-std=c++17", "-cubin", f"-arch=sm_{arch}",
+               f"-I{cupy_kernels.source_dir()}", "-o", str(cubin), str(source)]
+        builds[cubin] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)
+    for cubin, build in builds.items():
+        _, err = build.communicate()
+        assert build.returncode == 0, err[-4000:]
+        assert cubin.stat().st_size > 0
+
+
+def test_params_layout_matches_header():
+    fields = cupy_kernels.params_fields()
+    names = [name for name, _ in fields]
+    assert len(names) == len(set(names))
+    for name in ("q", "candidates", "seqlen_q", "scale", "softcap", "vector_loads"):
+        assert name in names
+    assert dict(fields)["scale"] == "float64" and dict(fields)["q"] == "uint64"
+
+
+def _problem(**kw):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 24, 4, 64, generator=g, dtype=torch.float16)
+    k = torch.randn(2, 24, 2, 64, generator=g, dtype=torch.float16)
+    v = torch.randn(2, 24, 2, 64, generator=g, dtype=torch.float16)
+    return validate(q, k, v, **kw)
+
+
+def test_host_fields_fill_every_params_field():
+    problem, inputs = _problem(causal=True)
+    launch = LaunchArgs(problem, inputs, None)
+    packed = cupy_kernels.pack_params(cupy_backend._fields(problem, launch))
+    assert packed.dtype.itemsize == 8 * len(cupy_kernels.params_fields())
+    assert packed["seqlen_q"][0] == 24 and packed["group"][0] == 2
+    assert packed["q"][0] == inputs.q.data_ptr()
+    assert np.isclose(packed["scale"][0], 64 ** -0.5)
+
+
+def test_pack_params_rejects_missing_and_unknown_fields():
+    fields = {name: 0 for name, _ in cupy_kernels.params_fields()}
+    cupy_kernels.pack_params(fields)
+    with pytest.raises(ValueError, match="missing.*'softcap'"):
+        cupy_kernels.pack_params({k: v for k, v in fields.items() if k != "softcap"})
+    with pytest.raises(ValueError, match="unknown.*'bogus'"):
+        cupy_kernels.pack_params({**fields, "bogus": 1})
+
+
+def test_tiles_fit_every_supported_card():
+    # 163 KiB of shared memory per block on sm_80 (the smallest opt-in limit served).
+    for kernel, dtype, d_pad in cupy_kernels.all_instantiations():
+        assert cupy_kernels.shared_bytes(kernel, dtype, d_pad) <= 163 * 1024
+        tile = cupy_kernels.tile_size(dtype, d_pad)
+        assert tile in (32, 64) and cupy_backend.COARSE_ROWS % tile == 0
+        assert cupy_backend.BLOCK_M % tile == 0  # a tile never straddles two plan blocks
+
+
+def test_vector_loads_need_aligned_whole_rows():
+    problem, inputs = _problem()
+    assert cupy_backend._vector_loads(problem, (inputs.q, inputs.k))
+    assert not cupy_backend._vector_loads(problem, (inputs.q[:, :, :, 1:],))
+    odd, odd_inputs = validate(*(torch.randn(1, 8, 2, 20, dtype=torch.float16),) * 3)
+    assert not cupy_backend._vector_loads(odd, (odd_inputs.q,))
