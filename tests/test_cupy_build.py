@@ -87,9 +87,9 @@ def test_tiles_fit_every_supported_card():
     # 163 KiB of shared memory per block on sm_80 (the smallest opt-in limit served).
     for kernel, dtype, d_pad in cupy_kernels.all_instantiations():
         assert cupy_kernels.shared_bytes(kernel, dtype, d_pad) <= 163 * 1024
-        tile = cupy_kernels.tile_size(dtype, d_pad)
-        assert tile in (32, 64) and cupy_backend.COARSE_ROWS % tile == 0
-        assert cupy_backend.BLOCK_M % tile == 0  # a tile never straddles two plan blocks
+        for tile in cupy_kernels.tiles(kernel, dtype, d_pad):
+            assert tile in (32, 64) and cupy_backend.COARSE_ROWS % tile == 0
+            assert cupy_backend.BLOCK_M % tile == 0  # a tile never straddles two plan blocks
 
 
 def test_vector_loads_need_aligned_whole_rows():

@@ -155,14 +155,15 @@ class CupyBackend(Backend):
                 heads_per_program=heads_per_program, key_split=key_split)
             grid = (n_blocks, b * programs_per_batch, key_split)
         else:
-            tile = cupy_kernels.tile_size(problem.dtype, launch.dims["D_PAD"])
-            grid = (cdiv(problem.seqlen_k, tile), b * problem.kv_heads)
+            _, keys = cupy_kernels.tiles("dma_backward_dkdv", problem.dtype, launch.dims["D_PAD"])
+            grid = (cdiv(problem.seqlen_k, keys), b * problem.kv_heads)
         self._launch("dma_backward_dkdv", problem, launch, grid, fields)
         return finish_backward(problem, inputs, bufs)
 
     @staticmethod
     def _query_blocks(problem: Problem, launch: LaunchArgs) -> int:
-        return cdiv(problem.seqlen_q, cupy_kernels.tile_size(problem.dtype, launch.dims["D_PAD"]))
+        rows, _ = cupy_kernels.tiles("dma_forward", problem.dtype, launch.dims["D_PAD"])
+        return cdiv(problem.seqlen_q, rows)
 
     @staticmethod
     def _launch(kernel, problem, launch, grid, fields):

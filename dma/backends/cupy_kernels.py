@@ -63,26 +63,47 @@ def pack_params(fields: dict):
     return packed
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
 def tile_size(dtype: torch.dtype, d_pad: int) -> int:
-    """Rows and keys per tile: 64, or 32 when a row of the tile is over 256 bytes."""
-    return 64 if d_pad * torch.empty(0, dtype=dtype).element_size() <= 256 else 32
+    """Query rows (forward, dq) and keys (dk/dv) per tile: 64, or 32 when a row of the tile
+    is over 256 bytes."""
+    return 64 if d_pad * _element_size(dtype) <= 256 else 32
+
+
+def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
+    """(BLOCK_M, BLOCK_N) of a kernel: rows and keys per tile. dk/dv walk rows 32 at a time
+    from head dim 64 up: its transposed score tiles then fit in registers beside dk and dv."""
+    tile = tile_size(dtype, d_pad)
+    if kernel == "dma_backward_dkdv" and d_pad >= 64:
+        return 32, tile
+    return tile, tile
 
 
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
-    return 2 * tile_size(dtype, d_pad)  # one warp per 16 rows (16 keys for dk/dv)
+    """One warp per 16 rows (forward, dq) or per 16 keys (dk/dv)."""
+    block_m, block_n = tiles(kernel, dtype, d_pad)
+    return 2 * (block_n if kernel == "dma_backward_dkdv" else block_m)
 
 
 def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """Dynamic shared memory of one program: the tiles its kernel declares."""
-    tile = tile_size(dtype, d_pad)
-    row_tiles = {"dma_forward": 3, "dma_backward_dq": 4, "dma_backward_dkdv": 4}[kernel]
-    size = torch.empty(0, dtype=dtype).element_size()
-    return (row_tiles * tile * (d_pad + SMEM_PAD) + tile * (tile + SMEM_PAD)) * size
+    block_m, block_n = tiles(kernel, dtype, d_pad)
+    rows = d_pad + SMEM_PAD
+    if kernel == "dma_forward":  # q; k, v; p
+        elements = block_m * rows + 2 * block_n * rows + block_m * (block_n + SMEM_PAD)
+    elif kernel == "dma_backward_dq":  # q, do; k, v; ds
+        elements = 2 * block_m * rows + 2 * block_n * rows + block_m * (block_n + SMEM_PAD)
+    else:  # k, v; q, do; p and ds, transposed
+        elements = 2 * block_n * rows + 2 * block_m * rows + block_n * (block_m + SMEM_PAD)
+    return elements * _element_size(dtype)
 
 
 def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
-    tile = tile_size(dtype, d_pad)
-    return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {tile}, {tile}>"
+    block_m, block_n = tiles(kernel, dtype, d_pad)
+    return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}>"
 
 
 def all_instantiations():

@@ -25,11 +25,13 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_forward(const Params p) {
     T* k_s = q_s + BLOCK_M * LD;
     T* v_s = k_s + BLOCK_N * LD;
     T* p_s = v_s + BLOCK_N * LD;
-    __shared__ long long key_ids[BLOCK_N];
+    __shared__ int key_ids[BLOCK_N];
+    __shared__ KeyFacts facts[BLOCK_N];
 
     const int warp = threadIdx.x / 32;
     const long long row0 = (long long)blockIdx.x * BLOCK_M;
     const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
+    const ScoreInputs<E> in(p, b, h);
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
     load_tile<E, BLOCK_M, D_PAD, THREADS>(
@@ -46,7 +48,10 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_forward(const Params p) {
     const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
     for (long long start = 0; start < n_slots; start += BLOCK_N) {
         __syncthreads();  // every warp is done with the previous tile
-        key_tile_ids<BLOCK_N>(key_ids, cand, start, n_slots);
+        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
+            key_ids[i] = key_tile_id(cand, start, i, n_slots);
+            facts[i] = key_facts(in, key_ids[i]);
+        }
         __syncthreads();
         load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
         load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
@@ -61,8 +66,8 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_forward(const Params p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float th;
-                s[nt][e] = masked_score<E>(p, b, h, row_w + frag_row(e),
-                                           key_ids[frag_col(nt, e)], s[nt][e], th);
+                s[nt][e] = masked_score(in, (int)row_w + frag_row(e), facts[frag_col(nt, e)],
+                                        s[nt][e], th);
                 tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
             }
         // Online softmax: rescale what the rows hold so far to the new running max.
@@ -141,11 +146,13 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_backward_dq(const Params p) {
     T* k_s = do_s + BLOCK_M * LD;
     T* v_s = k_s + BLOCK_N * LD;
     T* p_s = v_s + BLOCK_N * LD;
-    __shared__ long long key_ids[BLOCK_N];
+    __shared__ int key_ids[BLOCK_N];
+    __shared__ KeyFacts facts[BLOCK_N];
 
     const int warp = threadIdx.x / 32;
     const long long row0 = (long long)blockIdx.x * BLOCK_M;
     const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
+    const ScoreInputs<E> in(p, b, h);
     const long long q_off = b * p.sq_b + h * p.sq_h;
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
@@ -167,7 +174,10 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_backward_dq(const Params p) {
     const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
     for (long long start = 0; start < n_slots; start += BLOCK_N) {
         __syncthreads();
-        key_tile_ids<BLOCK_N>(key_ids, cand, start, n_slots);
+        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
+            key_ids[i] = key_tile_id(cand, start, i, n_slots);
+            facts[i] = key_facts(in, key_ids[i]);
+        }
         __syncthreads();
         load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
         load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
@@ -182,13 +192,14 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_backward_dq(const Params p) {
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const long long row = row_w + frag_row(e), key = key_ids[frag_col(nt, e)];
+                const int row = (int)row_w + frag_row(e);
+                const KeyFacts& key = facts[frag_col(nt, e)];
                 float th;
-                const float score = masked_score<E>(p, b, h, row, key, s[nt][e], th);
+                const float score = masked_score(in, row, key, s[nt][e], th);
                 const float pe = exp2f((score - lse[e >> 1]) * LOG2E);
                 const float ds = pe * (dp[nt][e] - delta[e >> 1]);
-                if (p.need_dab && row < p.seqlen_q && key >= 0)
-                    p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key] = ds;
+                if (p.need_dab && row < p.seqlen_q && key.id >= 0)
+                    p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key.id] = ds;
                 const float dt = p.has_softcap ? ds * (1.f - th * th) : ds;
                 p_w[frag_row(e) * LDP + frag_col(nt, e)] = E::from_f32(dt);
             }
@@ -220,7 +231,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
     T* q_s = v_s + BLOCK_N * LD;
     T* do_s = q_s + BLOCK_M * LD;
     T* pt_s = do_s + BLOCK_M * LD;  // p transposed (keys x rows), then ds
-    __shared__ long long key_ids[BLOCK_N];
+    __shared__ int key_ids[BLOCK_N];
     __shared__ float lse_s[BLOCK_M], delta_s[BLOCK_M];
     __shared__ int row_range[2];
 
@@ -258,7 +269,8 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
 
     for (long long start = first_tile; start < n_slots; start += tile_step) {
         __syncthreads();
-        key_tile_ids<BLOCK_N>(key_ids, cand, start, n_slots);
+        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS)
+            key_ids[i] = key_tile_id(cand, start, i, n_slots);
         __syncthreads();
         load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
         load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
@@ -267,6 +279,10 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
         zero(dv);
         for (long long hh = 0; hh < n_heads; ++hh) {
             const long long h = h0 + hh;
+            const ScoreInputs<E> in(p, b, h);
+            __syncthreads();  // the tile's key ids (and K, V) are written
+            const KeyFacts mine[2] = {key_facts(in, key_ids[warp * 16 + frag_row(0)]),
+                                      key_facts(in, key_ids[warp * 16 + frag_row(2)])};
             // The rows that may keep a key of this tile.
             long long row_lo = 0, row_hi = p.seqlen_q;
             if (p.interval) {
@@ -277,11 +293,9 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 }
                 __syncthreads();
                 for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
-                    const long long key = key_ids[i];
+                    const int key = key_ids[i];
                     if (key < 0) continue;
-                    const long long at = b * p.splan_b + (h / p.plan_hdiv) * p.splan_h + key;
-                    const int first = static_cast<const int*>(p.first_row)[at];
-                    const int end = static_cast<const int*>(p.end_row)[at];
+                    const int first = in.first_row[key], end = in.end_row[key];
                     if (end > first) {
                         atomicMin(&row_range[0], first);
                         atomicMax(&row_range[1], end);
@@ -321,8 +335,8 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                     for (int e = 0; e < 4; ++e) {
                         const int r = frag_col(mt, e);
                         float th;
-                        const float score = masked_score<E>(
-                            p, b, h, row0 + r, key_ids[warp * 16 + frag_row(e)], st[mt][e], th);
+                        const float score = masked_score(in, (int)row0 + r, mine[e >> 1],
+                                                         st[mt][e], th);
                         const float pe = exp2f((score - lse_s[r]) * LOG2E);
                         pt_w[frag_row(e) * LDT + r] = E::from_f32(pe);
                         const float ds = pe * (dpt[mt][e] - delta_s[r]);
@@ -346,7 +360,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
             if (p.need_dkb && (lane & 3) == 0) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    const long long key = key_ids[warp * 16 + frag_row(2 * r)];
+                    const int key = key_ids[warp * 16 + frag_row(2 * r)];
                     if (key < 0) continue;
                     float* at = p.dkb + b * p.sdkb_b + h * p.sdkb_h + key;
                     if (p.candidate_tiles) atomicAdd(at, dkb[r]);
@@ -358,7 +372,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const long long key = key_ids[warp * 16 + frag_row(e)];
+                const int key = key_ids[warp * 16 + frag_row(e)];
                 const int d = frag_col(dt, e);
                 if (key < 0 || d >= p.head_dim) continue;
                 const long long at = b * p.sdk_b + hk * p.sdk_h + key * p.sdk_s + d;

@@ -81,10 +81,24 @@ DMA_DEVICE T operand_at(const T* p, int ld, int outer, int k) {
     return KC ? p[outer * ld + k] : p[k * ld + outer];
 }
 
-template <bool KC>
-DMA_DEVICE unsigned operand_pair(const unsigned short* p, int ld, int outer, int k) {
-    if (KC) return *reinterpret_cast<const unsigned*>(p + outer * ld + k);
-    return (unsigned)p[k * ld + outer] | ((unsigned)p[(k + 1) * ld + outer] << 16);
+// ldmatrix: four 8x8 matrices of 16-bit elements from shared memory, one row address per
+// lane (lanes 8i..8i+7 give the rows of matrix i, each 16-byte aligned); .trans transposes
+// each matrix on the way. Register i of every lane holds its share of matrix i in the
+// mma.sync fragment layout.
+DMA_DEVICE unsigned shared_address(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 g; cvta.to.shared.u64 g, %1; cvt.u32.u64 %0, g; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+template <bool TRANS>
+DMA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const unsigned short* p) {
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
 }
 
 template <class E, int K, int NT, bool A_KC, bool B_KC>
@@ -92,18 +106,24 @@ DMA_DEVICE void warp_mma(float (&c)[NT][4], const typename E::T* a, int lda,
                          const typename E::T* b, int ldb) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     if constexpr (E::TENSOR) {
+        static_assert(A_KC && NT % 2 == 0, "tensor-core path: A k-contiguous, even NT");
+        const int quad = lane >> 3, in_quad = lane & 7;  // which matrix, which of its rows
 #pragma unroll
         for (int k0 = 0; k0 < K; k0 += 16) {
-            const int k = k0 + 2 * t;
-            const unsigned af[4] = {operand_pair<A_KC>(a, lda, g, k),
-                                    operand_pair<A_KC>(a, lda, g + 8, k),
-                                    operand_pair<A_KC>(a, lda, g, k + 8),
-                                    operand_pair<A_KC>(a, lda, g + 8, k + 8)};
+            unsigned af[4];  // rows 0-7 / 8-15 by k 0-7 / 8-15 of this 16x16 step
+            ldmatrix_x4<false>(af, a + (lane & 15) * lda + k0 + (lane >> 4) * 8);
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const unsigned bf[2] = {operand_pair<B_KC>(b, ldb, nt * 8 + g, k),
-                                        operand_pair<B_KC>(b, ldb, nt * 8 + g, k + 8)};
-                E::mma(c[nt], af, bf);
+            for (int nt = 0; nt < NT; nt += 2) {
+                unsigned bf[4];  // (k 0-7, k 8-15) of column tiles nt and nt + 1
+                if (B_KC)
+                    ldmatrix_x4<false>(bf, b + (nt * 8 + in_quad + (quad >> 1) * 8) * ldb + k0
+                                               + (quad & 1) * 8);
+                else
+                    ldmatrix_x4<true>(bf, b + (k0 + in_quad + (quad & 1) * 8) * ldb + nt * 8
+                                              + (quad >> 1) * 8);
+                const unsigned b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+                E::mma(c[nt], af, b0);
+                E::mma(c[nt + 1], af, b1);
             }
         }
     } else {
@@ -152,7 +172,7 @@ DMA_DEVICE float quad_max(float x) {
 // the vector) each thread moves 16 bytes at a time.
 template <class E, int ROWS, int D_PAD, int THREADS>
 DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long long row_stride,
-                          const long long* ids, long long first, long long limit,
+                          const int* ids, long long first, long long limit,
                           const Params& p) {
     typedef typename E::T T;
     constexpr int LD = D_PAD + SMEM_PAD;
@@ -177,15 +197,11 @@ DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long lo
     }
 }
 
-// Key ids of one tile: slots start..start+BLOCK_N of a candidate list, or consecutive keys
-// below `limit`. Absent slots get -1.
-template <int BLOCK_N>
-DMA_DEVICE void key_tile_ids(long long* ids, const int* candidates, long long start,
-                             long long limit) {
-    for (int i = threadIdx.x; i < BLOCK_N; i += blockDim.x) {
-        const long long slot = start + i;
-        ids[i] = slot >= limit ? -1 : (candidates ? (long long)candidates[slot] : slot);
-    }
+// Key id of slot `start + i` of a tile: an entry of a candidate list, or consecutive keys
+// below `limit`; -1 past the end.
+DMA_DEVICE int key_tile_id(const int* candidates, long long start, int i, long long limit) {
+    const long long slot = start + i;
+    return slot >= limit ? -1 : (candidates ? candidates[slot] : (int)slot);
 }
 
 // How many key slots a query block walks: its candidate count, or its causal limit.
@@ -209,38 +225,82 @@ DMA_DEVICE const int* candidate_list(const Params& p, long long b, long long h,
            + block * p.scand_blk;
 }
 
-// The score of (row, key) and whether row keeps key (-inf where not), plus tanh(t / softcap)
-// for the softcap gradient. `key` < 0 marks an absent slot.
+// The inputs of one (batch, head)'s scores, with base pointers resolved once per program so
+// that no per-element index arithmetic divides. Absent inputs are null.
 template <class E>
-DMA_DEVICE float masked_score(const Params& p, long long b, long long h, long long row,
-                              long long key, float qk, float& th) {
+struct ScoreInputs {
     typedef typename E::T T;
-    float t = qk * (float)p.scale;
-    th = t;
-    if (p.has_softcap) {
-        th = tanhf(t / (float)p.softcap);
-        t = (float)p.softcap * th;
+    const T* key_bias;                // key_bias[key]
+    const T* attn_bias;               // attn_bias[row * sab_r + key * sab_c]
+    const unsigned char* attn_mask;   // attn_mask[row * sam_r + key * sam_c]
+    const unsigned char* padding;     // padding[key]
+    const int* first_row;             // plan: row interval [first_row, end_row) keeps key
+    const int* end_row;
+    long long sab_r, sab_c, sam_r, sam_c;
+    int seqlen_q, causal_offset;
+    bool causal, softcap;
+    float scale, softcap_value;
+
+    DMA_DEVICE ScoreInputs(const Params& p, long long b, long long h)
+        : key_bias(p.has_kb ? static_cast<const T*>(p.key_bias) + b * p.skb_b
+                                  + (h / p.kb_hdiv) * p.skb_h : nullptr),
+          attn_bias(p.has_ab ? static_cast<const T*>(p.attn_bias) + b * p.sab_b
+                                   + (h / p.ab_hdiv) * p.sab_h : nullptr),
+          attn_mask(p.has_am ? static_cast<const unsigned char*>(p.attn_mask) + b * p.sam_b
+                                   + (h / p.am_hdiv) * p.sam_h : nullptr),
+          padding(p.has_pad ? static_cast<const unsigned char*>(p.padding) + b * p.spad_b
+                                : nullptr),
+          first_row(p.interval ? static_cast<const int*>(p.first_row) + b * p.splan_b
+                                     + (h / p.plan_hdiv) * p.splan_h : nullptr),
+          end_row(p.interval ? static_cast<const int*>(p.end_row) + b * p.splan_b
+                                   + (h / p.plan_hdiv) * p.splan_h : nullptr),
+          sab_r(p.sab_r), sab_c(p.sab_c), sam_r(p.sam_r), sam_c(p.sam_c),
+          seqlen_q((int)p.seqlen_q), causal_offset((int)p.causal_offset), causal(p.causal),
+          softcap(p.has_softcap), scale((float)p.scale), softcap_value((float)p.softcap) {}
+};
+
+// What a score needs to know about one key, read once per tile (or per head) rather than
+// per element. `allowed` is false for absent slots and padded-out keys.
+struct KeyFacts {
+    int id;
+    int first, end;
+    float bias;
+    bool allowed;
+};
+
+template <class E>
+DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
+    KeyFacts f = {id, 0, 0, 0.f, id >= 0};
+    if (id < 0) return f;
+    if (in.key_bias) f.bias = E::to_f32(in.key_bias[id]);
+    if (in.first_row) {
+        f.first = in.first_row[id];
+        f.end = in.end_row[id];
     }
-    bool keep = row < p.seqlen_q && key >= 0;
-    if (!keep) return neg_inf();
-    if (p.has_kb)
-        t += E::to_f32(static_cast<const T*>(p.key_bias)[b * p.skb_b + (h / p.kb_hdiv) * p.skb_h
-                                                         + key]);
-    if (p.has_ab)
-        t += E::to_f32(static_cast<const T*>(p.attn_bias)[
-            b * p.sab_b + (h / p.ab_hdiv) * p.sab_h + row * p.sab_r + key * p.sab_c]);
-    if (p.interval) {
-        const long long at = b * p.splan_b + (h / p.plan_hdiv) * p.splan_h + key;
-        keep = static_cast<const int*>(p.first_row)[at] <= row
-               && row < static_cast<const int*>(p.end_row)[at];
+    if (in.padding) f.allowed = in.padding[id] != 0;
+    return f;
+}
+
+// The score of (row, key), -inf where row does not keep key (SPEC section 2), plus
+// tanh(t / softcap) for the softcap gradient.
+template <class E>
+DMA_DEVICE float masked_score(const ScoreInputs<E>& in, int row, const KeyFacts& key, float qk,
+                              float& th) {
+    float t = qk * in.scale;
+    th = t;
+    if (in.softcap) {
+        th = tanhf(t / in.softcap_value);
+        t = in.softcap_value * th;
+    }
+    if (row >= in.seqlen_q || !key.allowed) return neg_inf();
+    t += key.bias;
+    if (in.attn_bias) t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]);
+    bool keep;
+    if (in.first_row) {
+        keep = key.first <= row && row < key.end;
     } else {
-        if (p.causal) keep = key <= row + p.causal_offset;
-        if (keep && p.has_am)
-            keep = static_cast<const unsigned char*>(p.attn_mask)[
-                       b * p.sam_b + (h / p.am_hdiv) * p.sam_h + row * p.sam_r
-                       + key * p.sam_c] != 0;
-        if (keep && p.has_pad)
-            keep = static_cast<const unsigned char*>(p.padding)[b * p.spad_b + key] != 0;
+        keep = !in.causal || key.id <= row + in.causal_offset;
+        if (keep && in.attn_mask) keep = in.attn_mask[row * in.sam_r + key.id * in.sam_c] != 0;
     }
     return keep ? t : neg_inf();
 }
