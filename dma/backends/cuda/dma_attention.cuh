@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_forward(const Params p) {
         for (int r = 0; r < 2; ++r) {
             const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
             m_safe[r] = m_new == neg_inf() ? 0.f : m_new;
-            alpha[r] = exp2f((m[r] - m_safe[r]) * LOG2E);
+            alpha[r] = fast_exp2((m[r] - m_safe[r]) * LOG2E);
             m[r] = m_new;
             l[r] *= alpha[r];
         }
@@ -84,16 +84,14 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_forward(const Params p) {
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float pe = exp2f((s[nt][e] - m_safe[e >> 1]) * LOG2E);
-                l[e >> 1] += pe;
-                p_w[frag_row(e) * LDP + frag_col(nt, e)] = E::from_f32(pe);
+                s[nt][e] = fast_exp2((s[nt][e] - m_safe[e >> 1]) * LOG2E);  // p
+                l[e >> 1] += s[nt][e];
             }
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
-        __syncwarp();
-        warp_mma<E, BLOCK_N, DT, true, false>(o, p_w, LDP, v_s, LD);
+        warp_mma_scores<E, NT, DT, false>(o, s, p_w, LDP, v_s, LD);
     }
 
     l[0] = quad_sum(l[0]);
@@ -196,15 +194,13 @@ __global__ void __launch_bounds__(BLOCK_M * 2) dma_backward_dq(const Params p) {
                 const KeyFacts& key = facts[frag_col(nt, e)];
                 float th;
                 const float score = masked_score(in, row, key, s[nt][e], th);
-                const float pe = exp2f((score - lse[e >> 1]) * LOG2E);
+                const float pe = fast_exp2((score - lse[e >> 1]) * LOG2E);
                 const float ds = pe * (dp[nt][e] - delta[e >> 1]);
                 if (p.need_dab && row < p.seqlen_q && key.id >= 0)
                     p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key.id] = ds;
-                const float dt = p.has_softcap ? ds * (1.f - th * th) : ds;
-                p_w[frag_row(e) * LDP + frag_col(nt, e)] = E::from_f32(dt);
+                s[nt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
             }
-        __syncwarp();
-        warp_mma<E, BLOCK_N, DT, true, false>(dq, p_w, LDP, k_s, LD);
+        warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
     }
 
     T* dq_out = static_cast<T*>(p.dq) + q_off;
@@ -337,22 +333,14 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                         float th;
                         const float score = masked_score(in, (int)row0 + r, mine[e >> 1],
                                                          st[mt][e], th);
-                        const float pe = exp2f((score - lse_s[r]) * LOG2E);
-                        pt_w[frag_row(e) * LDT + r] = E::from_f32(pe);
+                        const float pe = fast_exp2((score - lse_s[r]) * LOG2E);
                         const float ds = pe * (dpt[mt][e] - delta_s[r]);
                         dkb[e >> 1] += ds;
-                        st[mt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;
+                        st[mt][e] = pe;
+                        dpt[mt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
                     }
-                __syncwarp();
-                warp_mma<E, BLOCK_M, DT, true, false>(dv, pt_w, LDT, do_s, LD);
-                __syncwarp();
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        pt_w[frag_row(e) * LDT + frag_col(mt, e)] = E::from_f32(st[mt][e]);
-                __syncwarp();
-                warp_mma<E, BLOCK_M, DT, true, false>(dk, pt_w, LDT, q_s, LD);
+                warp_mma_scores<E, MT, DT, false>(dv, st, pt_w, LDT, do_s, LD);
+                warp_mma_scores<E, MT, DT, false>(dk, dpt, pt_w, LDT, q_s, LD);
             }
             // d key_bias of head h: one value per key, summed over the quad's columns.
             dkb[0] = quad_sum(dkb[0]);

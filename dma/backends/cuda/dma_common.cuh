@@ -10,6 +10,12 @@
 #define DMA_DEVICE __device__ __forceinline__
 
 DMA_DEVICE float neg_inf() { return __int_as_float(0xff800000); }
+// 2^x through the special-function unit (max relative error 2^-22; exp2(-inf) = 0).
+DMA_DEVICE float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 DMA_DEVICE long long lmin(long long a, long long b) { return a < b ? a : b; }
 DMA_DEVICE long long lmax(long long a, long long b) { return a > b ? a : b; }
 
@@ -63,6 +69,12 @@ struct BF16 {
     }
 };
 
+// Two floats as one register of 16-bit elements, the first in the low half.
+template <class E>
+DMA_DEVICE unsigned pack2(float lo, float hi) {
+    return (unsigned)E::from_f32(lo) | ((unsigned)E::from_f32(hi) << 16);
+}
+
 struct F32 {
     typedef float T;
     static constexpr bool TENSOR = false;
@@ -80,6 +92,10 @@ template <bool KC, class T>
 DMA_DEVICE T operand_at(const T* p, int ld, int outer, int k) {
     return KC ? p[outer * ld + k] : p[k * ld + outer];
 }
+
+// Row (within the warp's 16) and column of accumulator element e of tile nt.
+DMA_DEVICE int frag_row(int e) { return ((threadIdx.x & 31) >> 2) + 8 * (e >> 1); }
+DMA_DEVICE int frag_col(int nt, int e) { return nt * 8 + 2 * (threadIdx.x & 3) + (e & 1); }
 
 // ldmatrix: four 8x8 matrices of 16-bit elements from shared memory, one row address per
 // lane (lanes 8i..8i+7 give the rows of matrix i, each 16-byte aligned); .trans transposes
@@ -144,15 +160,54 @@ DMA_DEVICE void warp_mma(float (&c)[NT][4], const typename E::T* a, int lda,
     }
 }
 
+// c[16 x 8*NT] += F[16 x 16*KT] * B, where F is a score-shaped tile still in registers in the
+// accumulator layout above (f[kt][e]: KT/2 column tiles of 8 per 16-wide step). For tensor-core
+// types the C layout of two adjacent column tiles is exactly mma.sync's A layout of one
+// 16-wide step, so F never touches shared memory; float32 stages it through `scratch`.
+template <class E, int KT, int NT, bool B_KC>
+DMA_DEVICE void warp_mma_scores(float (&c)[NT][4], const float (&f)[KT][4],
+                                typename E::T* scratch, int ld_scratch,
+                                const typename E::T* b, int ldb) {
+    if constexpr (E::TENSOR) {
+        static_assert(KT % 2 == 0 && NT % 2 == 0, "16-wide steps, pairs of column tiles");
+        const int lane = threadIdx.x & 31, quad = lane >> 3, in_quad = lane & 7;
+#pragma unroll
+        for (int kt = 0; kt < KT; kt += 2) {
+            const unsigned af[4] = {pack2<E>(f[kt][0], f[kt][1]), pack2<E>(f[kt][2], f[kt][3]),
+                                    pack2<E>(f[kt + 1][0], f[kt + 1][1]),
+                                    pack2<E>(f[kt + 1][2], f[kt + 1][3])};
+            const int k0 = kt * 8;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                unsigned bf[4];
+                if (B_KC)
+                    ldmatrix_x4<false>(bf, b + (nt * 8 + in_quad + (quad >> 1) * 8) * ldb + k0
+                                               + (quad & 1) * 8);
+                else
+                    ldmatrix_x4<true>(bf, b + (k0 + in_quad + (quad & 1) * 8) * ldb + nt * 8
+                                              + (quad >> 1) * 8);
+                const unsigned b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+                E::mma(c[nt], af, b0);
+                E::mma(c[nt + 1], af, b1);
+            }
+        }
+    } else {
+        __syncwarp();  // the warp's previous reads of scratch are done
+#pragma unroll
+        for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) scratch[frag_row(e) * ld_scratch + frag_col(kt, e)] = f[kt][e];
+        __syncwarp();
+        warp_mma<E, KT * 8, NT, true, B_KC>(c, scratch, ld_scratch, b, ldb);
+    }
+}
+
 template <int NT>
 DMA_DEVICE void zero(float (&c)[NT][4]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
 }
 
-// Row (within the warp's 16) and column of accumulator element e of tile nt.
-DMA_DEVICE int frag_row(int e) { return ((threadIdx.x & 31) >> 2) + 8 * (e >> 1); }
-DMA_DEVICE int frag_col(int nt, int e) { return nt * 8 + 2 * (threadIdx.x & 3) + (e & 1); }
 
 // Sum over the four lanes that share an accumulator row.
 DMA_DEVICE float quad_sum(float x) {
