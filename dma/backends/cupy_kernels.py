@@ -10,6 +10,7 @@ device side. Launches go on PyTorch's current stream and never synchronise the h
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
 from contextlib import ExitStack
@@ -124,6 +125,12 @@ def _program() -> str:
 _functions: dict = {}
 
 
+def _extra_options() -> tuple:
+    """Extra NVRTC options from DMA_CUPY_OPTIONS (space separated), for tuning experiments
+    such as -DDMA_FORWARD_MIN_BLOCKS=3; read when a kernel is first compiled."""
+    return tuple(os.environ.get("DMA_CUPY_OPTIONS", "").split())
+
+
 def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
     key = (device_index, kernel, dtype, d_pad)
     if key not in _functions:
@@ -132,7 +139,7 @@ def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
         name = instantiation(kernel, dtype, d_pad)
         with cupy.cuda.Device(device_index):
             module = cupy.RawModule(code=_program(), name_expressions=[name],
-                                    options=("--std=c++17", f"-I{source_dir()}"))
+                                    options=("--std=c++17", f"-I{source_dir()}", *_extra_options()))
             function = module.get_function(name)
             # Over 48 KiB of dynamic shared memory needs the function's limit raised.
             smem = shared_bytes(kernel, dtype, d_pad)

@@ -14,8 +14,12 @@
 #pragma once
 #include "dma_common.cuh"
 
+#ifndef DMA_FORWARD_MIN_BLOCKS  // forward programs per multiprocessor the registers must allow
+#define DMA_FORWARD_MIN_BLOCKS 2
+#endif
+
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
-__global__ void __launch_bounds__(BLOCK_M * 2) dma_forward(const Params p) {
+__global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forward(const Params p) {
     typedef typename E::T T;
     constexpr int THREADS = BLOCK_M * 2;  // one warp per 16 rows
     constexpr int LD = D_PAD + SMEM_PAD, LDP = BLOCK_N + SMEM_PAD;

@@ -22,10 +22,6 @@ DMA_DEVICE long long lmax(long long a, long long b) { return a > b ? a : b; }
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr int SMEM_PAD = 8;  // elements added to each shared-memory row against bank conflicts
 
-struct alignas(16) Vec16 {  // one 16-byte load or store
-    unsigned x, y, z, w;
-};
-
 // ---------------------------------------------------------------------------------------
 // Element types. Tensor-core types run mma.sync m16n8k16 (fp32 accumulation); float32 runs
 // the same fragment layout with scalar FMAs, so it stays IEEE float32 end to end.
@@ -224,7 +220,7 @@ DMA_DEVICE float quad_max(float x) {
 // D_PAD + SMEM_PAD). Row r is ids[r] (gathered candidate keys; negative = absent) or, with
 // ids == nullptr, first + r (absent at or past `limit`). Absent rows and dims past head_dim
 // read 0. With p.vector_loads (host-checked: 16-byte aligned rows, head_dim a multiple of
-// the vector) each thread moves 16 bytes at a time.
+// the vector) each thread moves 16 bytes at a time, asynchronously.
 template <class E, int ROWS, int D_PAD, int THREADS>
 DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long long row_stride,
                           const int* ids, long long first, long long limit,
@@ -234,14 +230,17 @@ DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long lo
     constexpr int VEC = 16 / sizeof(T);
     if (p.vector_loads) {
         constexpr int CHUNKS = D_PAD / VEC;
+        // Asynchronous copies straight into shared memory; absent rows copy 0 bytes and
+        // zero-fill their 16.
         for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
             const int r = i / CHUNKS, d = (i % CHUNKS) * VEC;
             const long long row = ids ? ids[r] : first + r;
             const bool ok = (ids ? row >= 0 : row < limit) && d < p.head_dim;
-            Vec16 val = {0u, 0u, 0u, 0u};
-            if (ok) val = *reinterpret_cast<const Vec16*>(base + row * row_stride + d);
-            *reinterpret_cast<Vec16*>(dst + r * LD + d) = val;
+            const T* src = ok ? base + row * row_stride + d : base;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                         :: "r"(shared_address(dst + r * LD + d)), "l"(src), "r"(ok ? 16 : 0));
         }
+        asm volatile("cp.async.wait_all;" ::: "memory");
     } else {
         for (int i = threadIdx.x; i < ROWS * D_PAD; i += THREADS) {
             const int r = i / D_PAD, d = i % D_PAD;
@@ -314,25 +313,28 @@ struct ScoreInputs {
           softcap(p.has_softcap), scale((float)p.scale), softcap_value((float)p.softcap) {}
 };
 
-// What a score needs to know about one key, read once per tile (or per head) rather than
-// per element. `allowed` is false for absent slots and padded-out keys.
+// What a score needs to know about one key, read once per tile (or per head) rather than per
+// element. Every test that depends on the key alone folds into the row interval
+// [first, end) that keeps it: the plan's interval in the DMA case; otherwise the causal bound
+// and key padding (end = 0 drops the key), so the per-element test is two comparisons.
 struct KeyFacts {
-    int id;
+    int id;  // -1: an absent slot (first = end = 0)
     int first, end;
     float bias;
-    bool allowed;
 };
 
 template <class E>
 DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
-    KeyFacts f = {id, 0, 0, 0.f, id >= 0};
+    KeyFacts f = {id, 0, 0, 0.f};
     if (id < 0) return f;
     if (in.key_bias) f.bias = E::to_f32(in.key_bias[id]);
     if (in.first_row) {
         f.first = in.first_row[id];
         f.end = in.end_row[id];
+    } else {
+        f.first = in.causal ? id - in.causal_offset : 0;
+        f.end = in.padding && !in.padding[id] ? 0 : in.seqlen_q;
     }
-    if (in.padding) f.allowed = in.padding[id] != 0;
     return f;
 }
 
@@ -347,15 +349,9 @@ DMA_DEVICE float masked_score(const ScoreInputs<E>& in, int row, const KeyFacts&
         th = tanhf(t / in.softcap_value);
         t = in.softcap_value * th;
     }
-    if (row >= in.seqlen_q || !key.allowed) return neg_inf();
     t += key.bias;
-    if (in.attn_bias) t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]);
-    bool keep;
-    if (in.first_row) {
-        keep = key.first <= row && row < key.end;
-    } else {
-        keep = !in.causal || key.id <= row + in.causal_offset;
-        if (keep && in.attn_mask) keep = in.attn_mask[row * in.sam_r + key.id * in.sam_c] != 0;
-    }
+    bool keep = key.first <= row && row < key.end;  // row < end <= seqlen_q: a real row
+    if (in.attn_bias && keep) t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]);
+    if (in.attn_mask && keep) keep = in.attn_mask[row * in.sam_r + key.id * in.sam_c] != 0;
     return keep ? t : neg_inf();
 }
