@@ -14,8 +14,13 @@
 #pragma once
 #include "dma_common.cuh"
 
-#ifndef DMA_FORWARD_MIN_BLOCKS  // forward programs per multiprocessor the registers must allow
-#define DMA_FORWARD_MIN_BLOCKS 2
+// Programs per multiprocessor that the registers must allow (occupancy against spills; tuned
+// on an H100 for bf16, head dim 128). Override with -D in DMA_CUPY_OPTIONS to experiment.
+#ifndef DMA_FORWARD_MIN_BLOCKS
+#define DMA_FORWARD_MIN_BLOCKS 3
+#endif
+#ifndef DMA_DQ_MIN_BLOCKS
+#define DMA_DQ_MIN_BLOCKS 2
 #endif
 
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
@@ -57,8 +62,10 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
             facts[i] = key_facts(in, key_ids[i]);
         }
         __syncthreads();
-        load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
-        load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
+        // V's copies stay in flight while the scores are computed.
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids, 0, 0, p);
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids, 0, 0, p);
+        cp_async_wait<1>();
         __syncthreads();
 
         float s[NT][4];
@@ -95,6 +102,8 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+        cp_async_wait<0>();
+        __syncthreads();
         warp_mma_scores<E, NT, DT, false>(o, s, p_w, LDP, v_s, LD);
     }
 
@@ -137,7 +146,7 @@ DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long r
 }
 
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
-__global__ void __launch_bounds__(BLOCK_M * 2) dma_backward_dq(const Params p) {
+__global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_dq(const Params p) {
     typedef typename E::T T;
     constexpr int THREADS = BLOCK_M * 2;
     constexpr int LD = D_PAD + SMEM_PAD, LDP = BLOCK_N + SMEM_PAD;

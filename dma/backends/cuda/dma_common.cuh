@@ -221,7 +221,15 @@ DMA_DEVICE float quad_max(float x) {
 // ids == nullptr, first + r (absent at or past `limit`). Absent rows and dims past head_dim
 // read 0. With p.vector_loads (host-checked: 16-byte aligned rows, head_dim a multiple of
 // the vector) each thread moves 16 bytes at a time, asynchronously.
-template <class E, int ROWS, int D_PAD, int THREADS>
+// cp.async bookkeeping: close the group of copies issued so far; wait until at most N groups
+// are still in flight.
+DMA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+DMA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// With WAIT = false the copies are left in flight as one committed group: the caller waits
+// (cp_async_wait) before the barrier that publishes the tile.
+template <class E, int ROWS, int D_PAD, int THREADS, bool WAIT = true>
 DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long long row_stride,
                           const int* ids, long long first, long long limit,
                           const Params& p) {
@@ -240,7 +248,8 @@ DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long lo
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                          :: "r"(shared_address(dst + r * LD + d)), "l"(src), "r"(ok ? 16 : 0));
         }
-        asm volatile("cp.async.wait_all;" ::: "memory");
+        cp_async_commit();
+        if (WAIT) cp_async_wait<0>();
     } else {
         for (int i = threadIdx.x; i < ROWS * D_PAD; i += THREADS) {
             const int r = i / D_PAD, d = i % D_PAD;
