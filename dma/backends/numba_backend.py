@@ -18,7 +18,6 @@ from ..validation import SUPPORTED_DTYPES, Inputs, Problem
 from .base import Backend, Capabilities, missing_packages, new_output
 
 BLOCK_M = 64  # query rows per parallel task; also the plan's block size
-BLOCK_N = 64  # keys per parallel task of the dk/dv pass
 
 
 def _kernels():
@@ -139,7 +138,8 @@ class NumbaBackend(Backend):
         dk, dv = np.empty_like(a.k), np.empty_like(a.v)
         dkb = np.empty((b, h, sk), dtype)
         kern.dkdv_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, *a.masks,
-                         a.first, a.end, a.plan_m, a.interval, *a.scalars, BLOCK_N)
+                         a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
+                         BLOCK_M)
 
         def back(array, like):
             return torch.from_numpy(array).transpose(1, 2).to(like.dtype)

@@ -1,13 +1,20 @@
 """Numba kernels of the numba backend (CPU).
 
-They follow the triton kernels' structure: a forward and a dq pass over query blocks, and a
-dk/dv pass over key blocks, each walking either the block's candidate keys from the selection
-plan (the DMA case) or consecutive keys with the masks applied per element. `_kept_bias` is
-the one place that decides whether (row i, key j) is kept and adds the biases (SPEC section 2).
+They follow the triton kernels' structure: a forward and a dq pass over query blocks, each
+walking key tiles (the block's candidate keys from the selection plan in the DMA case,
+consecutive keys up to the causal limit otherwise), and a dk/dv pass over chunks of keys.
+Tile products go through BLAS (numba's np.dot, single-threaded gemm per task), so the
+per-pair work is vectorised; the elementwise parts (scores, masks, softmax) are plain loops
+that LLVM vectorises, with an exp written for that (`_exp_inplace`).
 
-On a CPU the backward needs no tiles: the dk/dv pass walks, for each key, exactly the rows
-that keep it ([first_row_j, end_row_j) in the DMA case), so work is the kept pairs and every
-output element has one writer (no races, deterministic).
+`_key_facts` and `_mask_scores` are the one place that decides whether (row i, key j) is kept
+(SPEC section 2): every test that depends on the key alone folds into a per-key row interval
+[first, end) (the plan's interval in the DMA case; the causal bound and key padding
+otherwise), explicit masks and biases are read per element at their own shape.
+
+dk/dv without races or atomics: a task owns a chunk of consecutive keys and visits, for each
+query block, only the block's candidates inside the chunk (a binary search in the block's
+ascending candidate list), so work is the kept pairs and every output element has one writer.
 
 Arrays arrive in the compute dtype (float32, float64 for float64 inputs), heads before
 sequence: q (B, H, Sq, D), k and v (B, Hkv, Sk, D). A bias or mask is passed at its own shape
@@ -21,66 +28,112 @@ import numpy as np
 from numba import njit, prange
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
+BLOCK_N = 64  # keys per tile of the forward and dq
+KEY_CHUNK = 256  # keys per task of the dk/dv pass
+
+# 2^f = sum_k (f ln2)^k / k!, |f| <= 1/2: degree 7 is below float32 rounding.
+_EXP2_POLY = (1.525273380405984e-05, 1.5403530393381606e-04, 1.3333558146428443e-03,
+              9.618129107628477e-03, 5.550410866482158e-02, 2.402265069591007e-01,
+              6.931471805599453e-01, 1.0)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _exp_inplace(x, bits):
+    """x = exp(x) in place for x <= 0 (-inf gives 0), a flat array. float32 goes through
+    2^n * poly(f) with the power of two built in the exponent bits (`bits`, an int32 scratch
+    of x's size), which vectorises; float64 calls math.exp."""
+    if x.itemsize == 8:  # float64
+        for i in range(x.shape[0]):
+            x[i] = math.exp(x[i])
+        return
+    c0, c1, c2, c3, c4, c5, c6, c7 = _EXP2_POLY
+    for i in range(x.shape[0]):
+        t = x[i] * np.float32(1.4426950408889634)
+        low = t < np.float32(-126.0)  # exp below float32's normal range (or -inf): 0
+        t = max(t, np.float32(-126.0))
+        n = math.floor(t + np.float32(0.5))
+        f = t - n
+        p = np.float32(c0)
+        p = p * f + np.float32(c1)
+        p = p * f + np.float32(c2)
+        p = p * f + np.float32(c3)
+        p = p * f + np.float32(c4)
+        p = p * f + np.float32(c5)
+        p = p * f + np.float32(c6)
+        p = p * f + np.float32(c7)
+        x[i] = np.float32(0.0) if low else p
+        bits[i] = (np.int32(n) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    for i in range(x.shape[0]):
+        x[i] = x[i] * scale[i]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _dot(x, y):
-    acc = 0.0
-    for d in range(x.shape[0]):
-        acc += x[d] * y[d]
-    return acc
+def _key_facts(b, h, keys, n, first, end, kbv, kb, kb_m, pad, has_pad, plan_first, plan_end,
+               plan_m, interval, causal, causal_offset, seqlen_q):
+    """Per key of a tile: the row interval [first, end) that may keep it and its key_bias."""
+    for c in range(n):
+        j = keys[c]
+        if interval:
+            first[c] = plan_first[b * plan_m[0], h // plan_m[1], j]
+            end[c] = plan_end[b * plan_m[0], h // plan_m[1], j]
+        else:
+            first[c] = j - causal_offset if causal else 0
+            end[c] = 0 if has_pad and not pad[b, j] else seqlen_q
+        kbv[c] = kb[b * kb_m[0], h // kb_m[1], j] if kb_m[2] else 0.0
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _kept_bias(b, h, i, j, interval, causal, causal_offset, kb, kb_m, ab, ab_m, am, am_m,
-               pad, has_pad, first, end, plan_m):
-    """(kept, bias) of row i and key j for query head h of batch b."""
-    if interval:
-        pb = b * plan_m[0]
-        ph = h // plan_m[1]
-        if i < first[pb, ph, j] or i >= end[pb, ph, j]:
-            return False, 0.0
-    else:
-        if causal and j > i + causal_offset:
-            return False, 0.0
-        if am_m[4] and not am[b * am_m[0], h // am_m[1], i * am_m[2], j * am_m[3]]:
-            return False, 0.0
-        if has_pad and not pad[b, j]:
-            return False, 0.0
-    bias = 0.0
-    if kb_m[2]:
-        bias += kb[b * kb_m[0], h // kb_m[1], j]
-    if ab_m[4]:
-        bias += ab[b * ab_m[0], h // ab_m[1], i * ab_m[2], j * ab_m[3]]
-    return True, bias
+def _mask_scores(s, th, b, h, row0, keys, first, end, kbv, ab, ab_m, am, am_m, scale, softcap):
+    """s (rows x n, q.k products) becomes scores with -inf where not kept; th gets
+    tanh(t / softcap) for the softcap gradient (softcap <= 0: none)."""
+    rows, n = s.shape
+    for r in range(rows):
+        i = row0 + r
+        for c in range(n):
+            t = s[r, c] * scale
+            if softcap > 0.0:
+                th[r, c] = math.tanh(t / softcap)
+                t = softcap * th[r, c]
+            keep = first[c] <= i and i < end[c]
+            s[r, c] = t + kbv[c] if keep else -np.inf
+        if ab_m[4] or am_m[4]:
+            for c in range(n):
+                if s[r, c] == -np.inf:
+                    continue
+                j = keys[c]
+                if am_m[4] and not am[b * am_m[0], h // am_m[1], i * am_m[2], j * am_m[3]]:
+                    s[r, c] = -np.inf
+                elif ab_m[4]:
+                    s[r, c] += ab[b * ab_m[0], h // ab_m[1], i * ab_m[2], j * ab_m[3]]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _key_at(b, h, block, slot, interval, cand, plan_m):
-    if interval:
-        return cand[b * plan_m[0], h // plan_m[1], block, slot]
-    return slot
+def _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m):
+    """Key ids of slots start..start+n: the block's candidates, or consecutive keys."""
+    for c in range(n):
+        keys[c] = cand[b * plan_m[0], h // plan_m[1], block, start + c] if interval else start + c
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _slots(b, h, i, block, interval, causal, causal_offset, seqlen_k, count, plan_m):
-    """Key slots row i walks: its block's candidate count, or its causal key limit."""
+def _gather(dst, src, keys, n):
+    """Rows keys[:n] of src (S, D) as a contiguous (n, D) array."""
+    out = dst[:n * src.shape[1]].reshape(n, src.shape[1])
+    for c in range(n):
+        out[c, :] = src[keys[c], :]
+    return out
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q, seqlen_k,
+                 count, plan_m):
+    """How many key slots a query block walks: its candidate count, or its causal limit."""
     if interval:
         return count[b * plan_m[0], h // plan_m[1], block]
     if causal:
-        return max(0, min(seqlen_k, i + causal_offset + 1))
+        last_row = min(seqlen_q, (block + 1) * block_m) - 1
+        return max(0, min(seqlen_k, last_row + causal_offset + 1))
     return seqlen_k
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _score(qrow, krow, scale, softcap):
-    """(s before biases, tanh(t / softcap)) for one pair; softcap <= 0 means none."""
-    t = scale * _dot(qrow, krow)
-    th = 0.0
-    if softcap > 0.0:
-        th = math.tanh(t / softcap)
-        t = softcap * th
-    return t, th
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -95,39 +148,70 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
         h = (task // n_blocks) % heads
         block = task % n_blocks
         hk = h // group
-        acc = np.zeros(dim, dtype=q.dtype)
-        for i in range(block * block_m, min(seqlen_q, (block + 1) * block_m)):
-            acc[:] = 0.0
-            m = -np.inf
-            total = 0.0
-            n = _slots(b, h, i, block, interval, causal, causal_offset, seqlen_k, count, plan_m)
-            for slot in range(n):
-                j = _key_at(b, h, block, slot, interval, cand, plan_m)
-                kept, bias = _kept_bias(b, h, i, j, interval, causal, causal_offset, kb, kb_m,
-                                        ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m)
-                if not kept:
-                    continue
-                t, _ = _score(q[b, h, i], k[b, hk, j], scale, softcap)
-                s = t + bias
-                if s == -np.inf:
-                    continue
-                if s > m:  # new running max: rescale what has been summed so far
-                    correction = math.exp(m - s) if m > -np.inf else 0.0
-                    total *= correction
-                    for d in range(dim):
-                        acc[d] *= correction
-                    m = s
-                p = math.exp(s - m)
-                total += p
-                for d in range(dim):
-                    acc[d] += p * v[b, hk, j, d]
-            if total > 0.0:
-                for d in range(dim):
-                    out[b, h, i, d] = acc[d] / total
-                lse[b, h, i] = m + math.log(total)
+        row0 = block * block_m
+        rows = min(seqlen_q, row0 + block_m) - row0
+        qb = q[b, h, row0:row0 + rows]
+        acc = np.zeros((rows, dim), q.dtype)
+        part = np.empty((rows, dim), q.dtype)
+        m = np.full(rows, -np.inf, q.dtype)
+        total = np.zeros(rows, q.dtype)
+        keys = np.empty(BLOCK_N, np.int64)
+        kfirst, kend = np.empty(BLOCK_N, np.int64), np.empty(BLOCK_N, np.int64)
+        kbv = np.empty(BLOCK_N, q.dtype)
+        s_buf = np.empty(rows * BLOCK_N, q.dtype)
+        th_buf = np.empty(rows * BLOCK_N, q.dtype)
+        bits = np.empty(rows * BLOCK_N, np.int32)
+        k_buf, v_buf = np.empty(BLOCK_N * dim, q.dtype), np.empty(BLOCK_N * dim, q.dtype)
+        n_slots = _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q,
+                               seqlen_k, count, plan_m)
+        for start in range(0, n_slots, BLOCK_N):
+            n = min(BLOCK_N, n_slots - start)
+            _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
+            _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first, end,
+                       plan_m, interval, causal, causal_offset, seqlen_q)
+            if interval:
+                kt, vt = _gather(k_buf, k[b, hk], keys, n), _gather(v_buf, v[b, hk], keys, n)
             else:
-                out[b, h, i, :] = 0.0
-                lse[b, h, i] = -np.inf
+                kt, vt = k[b, hk, start:start + n], v[b, hk, start:start + n]
+            s = s_buf[:rows * n].reshape(rows, n)
+            np.dot(qb, kt.T, s)
+            _mask_scores(s, th_buf[:rows * n].reshape(rows, n), b, h, row0, keys, kfirst, kend,
+                         kbv, ab, ab_m, am, am_m, scale, softcap)
+            for r in range(rows):  # online softmax: shift by the new running max
+                m_new = max(m[r], s[r].max())
+                m_safe = m_new if m_new > -np.inf else 0.0
+                s[r] -= m_safe
+                alpha = math.exp(m[r] - m_safe)
+                total[r] *= alpha
+                acc[r] *= alpha
+                m[r] = m_new
+            _exp_inplace(s_buf[:rows * n], bits)
+            for r in range(rows):
+                total[r] += s[r].sum()
+            np.dot(s, vt, part)
+            acc += part
+        for r in range(rows):
+            if total[r] > 0.0:
+                out[b, h, row0 + r] = acc[r] / total[r]
+                lse[b, h, row0 + r] = m[r] + math.log(total[r])
+            else:
+                out[b, h, row0 + r] = 0.0
+                lse[b, h, row0 + r] = -np.inf
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _probabilities_and_grads(s, s_flat, th, lse_rows, delta_rows, dp, softcap, bits):
+    """From masked scores s (s_flat: the same memory, flat): p = exp(s - lse) into s, the
+    score gradient (ds times the softcap derivative) into dp, and ds itself into th."""
+    rows, n = s.shape
+    for r in range(rows):
+        s[r] -= lse_rows[r]
+    _exp_inplace(s_flat, bits)
+    for r in range(rows):
+        for c in range(n):
+            ds = s[r, c] * (dp[r, c] - delta_rows[r])
+            dp[r, c] = ds * (1.0 - th[r, c] * th[r, c]) if softcap > 0.0 else ds
+            th[r, c] = ds
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -144,64 +228,136 @@ def dq_kernel(q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am
         h = (task // n_blocks) % heads
         block = task % n_blocks
         hk = h // group
-        for i in range(block * block_m, min(seqlen_q, (block + 1) * block_m)):
-            dq[b, h, i, :] = 0.0
-            if lse[b, h, i] == -np.inf:
-                continue
-            n = _slots(b, h, i, block, interval, causal, causal_offset, seqlen_k, count, plan_m)
-            for slot in range(n):
-                j = _key_at(b, h, block, slot, interval, cand, plan_m)
-                kept, bias = _kept_bias(b, h, i, j, interval, causal, causal_offset, kb, kb_m,
-                                        ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m)
-                if not kept:
-                    continue
-                t, th = _score(q[b, h, i], k[b, hk, j], scale, softcap)
-                p = math.exp(t + bias - lse[b, h, i])
-                ds = p * (_dot(do[b, h, i], v[b, hk, j]) - delta[b, h, i])
-                if need_dab:
-                    dab[b, h, i, j] = ds
-                dt = ds * (1.0 - th * th) if softcap > 0.0 else ds
-                for d in range(dim):
-                    dq[b, h, i, d] += scale * dt * k[b, hk, j, d]
+        row0 = block * block_m
+        rows = min(seqlen_q, row0 + block_m) - row0
+        qb, dob = q[b, h, row0:row0 + rows], do[b, h, row0:row0 + rows]
+        lse_rows = lse[b, h, row0:row0 + rows].copy()
+        for r in range(rows):  # empty rows: p = exp(s - inf) = 0
+            if lse_rows[r] == -np.inf:
+                lse_rows[r] = np.inf
+        delta_rows = delta[b, h, row0:row0 + rows]
+        acc = np.zeros((rows, dim), q.dtype)
+        part = np.empty((rows, dim), q.dtype)
+        keys = np.empty(BLOCK_N, np.int64)
+        kfirst, kend = np.empty(BLOCK_N, np.int64), np.empty(BLOCK_N, np.int64)
+        kbv = np.empty(BLOCK_N, q.dtype)
+        s_buf, th_buf = np.empty(rows * BLOCK_N, q.dtype), np.empty(rows * BLOCK_N, q.dtype)
+        dp_buf = np.empty(rows * BLOCK_N, q.dtype)
+        bits = np.empty(rows * BLOCK_N, np.int32)
+        k_buf, v_buf = np.empty(BLOCK_N * dim, q.dtype), np.empty(BLOCK_N * dim, q.dtype)
+        n_slots = _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q,
+                               seqlen_k, count, plan_m)
+        for start in range(0, n_slots, BLOCK_N):
+            n = min(BLOCK_N, n_slots - start)
+            _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
+            _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first, end,
+                       plan_m, interval, causal, causal_offset, seqlen_q)
+            if interval:
+                kt, vt = _gather(k_buf, k[b, hk], keys, n), _gather(v_buf, v[b, hk], keys, n)
+            else:
+                kt, vt = k[b, hk, start:start + n], v[b, hk, start:start + n]
+            s = s_buf[:rows * n].reshape(rows, n)
+            th = th_buf[:rows * n].reshape(rows, n)
+            dp = dp_buf[:rows * n].reshape(rows, n)
+            np.dot(qb, kt.T, s)
+            _mask_scores(s, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m,
+                         scale, softcap)
+            np.dot(dob, vt.T, dp)
+            _probabilities_and_grads(s, s_buf[:rows * n], th, lse_rows, delta_rows, dp, softcap,
+                                     bits)
+            if need_dab:
+                for r in range(rows):
+                    for c in range(n):
+                        dab[b, h, row0 + r, keys[c]] = th[r, c]
+            np.dot(dp, kt, part)
+            acc += part
+        dq[b, h, row0:row0 + rows] = acc * scale
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
-                first, end, plan_m, interval, causal, causal_offset, scale, softcap, block_n):
-    """dk, dv (summed over each kv group) and d key_bias per query head, over key blocks:
-    each key walks the rows that may keep it."""
+                first, end, cand, count, plan_m, interval, causal, causal_offset, scale, softcap,
+                block_m):
+    """dk, dv (summed over each kv group) and d key_bias per query head, one chunk of
+    consecutive keys per task: each query block contributes its candidates inside the chunk."""
     batch, heads, seqlen_q, dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    n_blocks = (seqlen_k + block_n - 1) // block_n
-    for task in prange(batch * kv_heads * n_blocks):
-        b = task // (kv_heads * n_blocks)
-        hk = (task // n_blocks) % kv_heads
-        block = task % n_blocks
-        for j in range(block * block_n, min(seqlen_k, (block + 1) * block_n)):
-            dk[b, hk, j, :] = 0.0
-            dv[b, hk, j, :] = 0.0
-            for g in range(group):
-                h = hk * group + g
-                if interval:
-                    row_lo = first[b * plan_m[0], h // plan_m[1], j]
-                    row_hi = end[b * plan_m[0], h // plan_m[1], j]
+    n_chunks = (seqlen_k + KEY_CHUNK - 1) // KEY_CHUNK
+    for task in prange(batch * kv_heads * n_chunks):
+        b = task // (kv_heads * n_chunks)
+        hk = (task // n_chunks) % kv_heads
+        key0 = (task % n_chunks) * KEY_CHUNK
+        key1 = min(seqlen_k, key0 + KEY_CHUNK)
+        dk_acc = np.zeros((key1 - key0, dim), q.dtype)
+        dv_acc = np.zeros((key1 - key0, dim), q.dtype)
+        dkb_acc = np.zeros(key1 - key0, q.dtype)
+        keys = np.empty(KEY_CHUNK, np.int64)
+        kfirst, kend = np.empty(KEY_CHUNK, np.int64), np.empty(KEY_CHUNK, np.int64)
+        kbv = np.empty(KEY_CHUNK, q.dtype)
+        s_buf = np.empty(block_m * KEY_CHUNK, q.dtype)
+        th_buf, dp_buf = np.empty_like(s_buf), np.empty_like(s_buf)
+        bits = np.empty(block_m * KEY_CHUNK, np.int32)
+        k_buf, v_buf = np.empty(KEY_CHUNK * dim, q.dtype), np.empty(KEY_CHUNK * dim, q.dtype)
+        part_buf = np.empty(KEY_CHUNK * dim, q.dtype)
+        lse_rows = np.empty(block_m, q.dtype)
+        for g in range(group):
+            h = hk * group + g
+            dkb_acc[:] = 0.0
+            # Blocks whose rows may keep a key of the chunk.
+            row_lo, row_hi = 0, seqlen_q
+            if interval:
+                row_lo, row_hi = seqlen_q, 0
+                for j in range(key0, key1):
+                    f = first[b * plan_m[0], h // plan_m[1], j]
+                    e = end[b * plan_m[0], h // plan_m[1], j]
+                    if e > f:
+                        row_lo, row_hi = min(row_lo, f), max(row_hi, e)
+            elif causal:
+                row_lo = max(0, key0 - causal_offset)
+            for block in range(row_lo // block_m, (row_hi + block_m - 1) // block_m):
+                row0 = block * block_m
+                rows = min(seqlen_q, row0 + block_m) - row0
+                if interval:  # the block's candidates inside [key0, key1)
+                    listed = cand[b * plan_m[0], h // plan_m[1], block,
+                                  :count[b * plan_m[0], h // plan_m[1], block]]
+                    lo = np.searchsorted(listed, key0)
+                    n = np.searchsorted(listed, key1) - lo
+                    for c in range(n):
+                        keys[c] = listed[lo + c]
                 else:
-                    row_lo = max(0, j - causal_offset) if causal else 0
-                    row_hi = seqlen_q
-                d_bias = 0.0
-                for i in range(row_lo, row_hi):
-                    kept, bias = _kept_bias(b, h, i, j, interval, causal, causal_offset, kb,
-                                            kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end,
-                                            plan_m)
-                    if not kept:
-                        continue
-                    t, th = _score(q[b, h, i], k[b, hk, j], scale, softcap)
-                    p = math.exp(t + bias - lse[b, h, i])
-                    ds = p * (_dot(do[b, h, i], v[b, hk, j]) - delta[b, h, i])
-                    d_bias += ds
-                    dt = ds * (1.0 - th * th) if softcap > 0.0 else ds
-                    for d in range(dim):
-                        dv[b, hk, j, d] += p * do[b, h, i, d]
-                        dk[b, hk, j, d] += scale * dt * q[b, h, i, d]
-                dkb[b, h, j] = d_bias
+                    limit = _block_slots(b, h, block, block_m, False, causal, causal_offset,
+                                         seqlen_q, seqlen_k, count, plan_m)
+                    n = max(0, min(key1, limit) - key0)
+                    for c in range(n):
+                        keys[c] = key0 + c
+                if n == 0:
+                    continue
+                _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first,
+                           end, plan_m, interval, causal, causal_offset, seqlen_q)
+                kt, vt = _gather(k_buf, k[b, hk], keys, n), _gather(v_buf, v[b, hk], keys, n)
+                qb, dob = q[b, h, row0:row0 + rows], do[b, h, row0:row0 + rows]
+                for r in range(rows):
+                    value = lse[b, h, row0 + r]
+                    lse_rows[r] = np.inf if value == -np.inf else value
+                s = s_buf[:rows * n].reshape(rows, n)
+                th = th_buf[:rows * n].reshape(rows, n)
+                dp = dp_buf[:rows * n].reshape(rows, n)
+                np.dot(qb, kt.T, s)
+                _mask_scores(s, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m,
+                             scale, softcap)
+                np.dot(dob, vt.T, dp)
+                _probabilities_and_grads(s, s_buf[:rows * n], th, lse_rows[:rows],
+                                         delta[b, h, row0:row0 + rows], dp, softcap, bits)
+                part = part_buf[:n * dim].reshape(n, dim)
+                np.dot(s.T, dob, part)
+                for c in range(n):
+                    dv_acc[keys[c] - key0] += part[c]
+                np.dot(dp.T, qb, part)
+                for c in range(n):
+                    dk_acc[keys[c] - key0] += part[c]
+                    for r in range(rows):
+                        dkb_acc[keys[c] - key0] += th[r, c]
+            dkb[b, h, key0:key1] = dkb_acc
+        dk[b, hk, key0:key1] = dk_acc * scale
+        dv[b, hk, key0:key1] = dv_acc
