@@ -39,7 +39,8 @@ def torch(session):
 @nox.session
 def numba(session):
     install(session, "test,numba")
-    session.run("pytest", "-q", "tests/conformance", "tests/test_nn.py", "-k", "numba",
+    session.run("pytest", "-q", "tests/conformance", "tests/test_nn.py", "tests/test_selection.py",
+                "-k", "numba",
                 *session.posargs)
 
 

@@ -144,18 +144,24 @@ def row_key_limit(problem: Problem, device) -> torch.Tensor:
     return (rows + problem.causal_offset + 1).clamp(0, problem.seqlen_k)
 
 
-def use_plan_kernels(device: torch.device) -> bool:
-    """The Triton plan kernels serve CUDA tensors (and CPU ones under TRITON_INTERPRET=1);
-    DMA_PLAN=torch forces the torch path."""
-    if os.environ.get("DMA_PLAN") == "torch" or importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def plan_engine(device: torch.device) -> str:
+    """Who computes thresholds and candidate lists: "triton" (CUDA tensors, or CPU ones under
+    TRITON_INTERPRET=1), "numba" (CPU tensors when numba is installed) or "torch" (anywhere).
+    DMA_PLAN=torch|numba|triton forces one."""
+    forced = os.environ.get("DMA_PLAN")
+    if forced:
+        return forced
+    has_triton = importlib.util.find_spec("triton") is not None
+    if has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "triton"
+    if device.type == "cpu" and importlib.util.find_spec("numba") is not None:
+        return "numba"
+    return "torch"
 
 
 def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
-                        kernels: Optional[bool] = None) -> IntervalPlan:
-    window = problem.window
-    sq, sk = problem.seqlen_q, problem.seqlen_k
+                        engine: Optional[str] = None) -> IntervalPlan:
+    sk = problem.seqlen_k
     device = problem.device
     batch, heads = plan_layout(problem)
     allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk)
@@ -164,13 +170,14 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
     order = best_first_order(scores, allowed)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(sk, device=device).expand_as(order))
-    if kernels is None:
-        kernels = use_plan_kernels(device)
+    engine = engine or plan_engine(device)
 
     # tau_i: rank of the w-th best allowed key in row i's prefix; rows with at most w allowed
     # keys keep all of them (tau = Sk, worse than every rank).
-    if kernels:
+    if engine == "triton":
         tau = _row_thresholds_triton(problem, order, ranks, allowed, block_m)
+    elif engine == "numba":
+        tau = _row_thresholds_numba(problem, ranks, allowed)
     else:
         tau = _row_thresholds_torch(problem, ranks, allowed)
 
@@ -187,10 +194,7 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
     first_row = first_row.to(torch.int32).contiguous()
     end_row = end_row.to(torch.int32).contiguous()
 
-    if kernels:
-        candidates, counts = _candidate_lists_triton(problem, first_row, end_row, block_m)
-    else:
-        candidates, counts = _candidate_lists(first_row, end_row, sq, block_m, window)
+    candidates, counts = _candidate_lists_by(engine, problem, first_row, end_row, block_m)
     n_blocks = candidates.shape[1]
     return IntervalPlan(
         block_m=block_m,
@@ -209,11 +213,8 @@ def coarse_candidate_lists(problem: Problem, plan: IntervalPlan, block_m: int):
     n = plan.batch * plan.heads
     first = plan.key_first_row.reshape(n, -1)
     end = plan.key_end_row.reshape(n, -1)
-    if use_plan_kernels(problem.device):
-        candidates, counts = _candidate_lists_triton(problem, first, end, block_m)
-    else:
-        candidates, counts = _candidate_lists(first.long(), end.long(), problem.seqlen_q,
-                                              block_m, problem.window)
+    candidates, counts = _candidate_lists_by(plan_engine(problem.device), problem, first, end,
+                                             block_m)
     n_blocks = candidates.shape[1]
     return (candidates.reshape(plan.batch, plan.heads, n_blocks, -1),
             counts.reshape(plan.batch, plan.heads, n_blocks))
@@ -244,6 +245,36 @@ def _row_thresholds_triton(problem: Problem, order, ranks, allowed, block_m: int
         CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=1024, WCHUNK=64,
     )
     return tau.to(torch.int64)
+
+
+def _candidate_lists_by(engine: str, problem: Problem, first_row, end_row, block_m: int):
+    """(candidates, counts) of blocks of `block_m` rows from int32 (n, Sk) intervals."""
+    if engine == "triton":
+        return _candidate_lists_triton(problem, first_row, end_row, block_m)
+    if engine == "numba":
+        from .selection_numba import candidate_lists
+
+        n, sk = first_row.shape
+        n_blocks = max(1, -(-problem.seqlen_q // block_m))
+        width = min(sk, problem.window + block_m)
+        candidates = torch.empty(n, n_blocks, width, dtype=torch.int32)
+        counts = torch.empty(n, n_blocks, dtype=torch.int32)
+        candidate_lists(first_row.contiguous().numpy(), end_row.contiguous().numpy(),
+                        problem.seqlen_q, block_m, candidates.numpy(), counts.numpy())
+        return candidates, counts
+    return _candidate_lists(first_row.long(), end_row.long(), problem.seqlen_q, block_m,
+                            problem.window)
+
+
+def _row_thresholds_numba(problem: Problem, ranks, allowed):
+    from .selection_numba import row_thresholds
+
+    n = ranks.shape[0]
+    limit = row_key_limit(problem, ranks.device)
+    tau = torch.empty(n, problem.seqlen_q, dtype=torch.int64)
+    row_thresholds(ranks.contiguous().numpy(), allowed.contiguous().numpy(), limit.numpy(),
+                   problem.window, tau.numpy())
+    return tau
 
 
 def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int):

@@ -20,13 +20,15 @@ def brute_force_keep(kb, allowed, sq, sk, w, causal):
     return keep
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("engine", ["torch", "triton", "numba"])
 @pytest.mark.parametrize("seed", range(60))
-def test_interval_plan_matches_brute_force(seed, kernels):
-    if kernels:
+def test_interval_plan_matches_brute_force(seed, engine):
+    if engine == "triton":
         pytest.importorskip("triton")
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
+    if engine == "numba":
+        pytest.importorskip("numba")
     g = torch.Generator().manual_seed(seed)
     sq = int(torch.randint(1, 40, (), generator=g))
     sk = int(torch.randint(2, 40, (), generator=g))
@@ -38,14 +40,14 @@ def test_interval_plan_matches_brute_force(seed, kernels):
     else:
         kb = torch.randn(b, 1, sk, generator=g)
     pad = torch.rand(b, sk, generator=g) > 0.2
-    device = "cuda" if kernels and torch.cuda.is_available() else "cpu"
+    device = "cuda" if engine == "triton" and torch.cuda.is_available() else "cpu"
     kb, pad = kb.to(device), pad.to(device)
     q, k = torch.randn(b, sq, 2, 8, device=device), torch.randn(b, sk, 1, 8, device=device)
     problem, inputs = validate(q, k, k, key_bias=kb, window=w, causal=causal,
                                key_padding_mask=pad)
     assert problem.selection == "interval"
     block_m = 2 ** int(torch.randint(0, 4, (), generator=g))  # kernels need powers of two
-    plan = build_interval_plan(problem, inputs, block_m, kernels=kernels)
+    plan = build_interval_plan(problem, inputs, block_m, engine=engine)
     rows = torch.arange(sq)[:, None]
     plan = type(plan)(*(t.cpu() if torch.is_tensor(t) else t for t in plan.__dict__.values()))
     kb, pad = kb.cpu(), pad.cpu()

@@ -2,12 +2,16 @@
 
 float32 and float64 are computed natively; float16 and bfloat16 inputs are computed in float32
 and returned in their own dtype. Threads: numba's pool (NUMBA_NUM_THREADS, or
-`numba.set_num_threads`); the kernels call no BLAS, so there is no oversubscription with
-torch's or numpy's BLAS threads. The first call of each kernel signature compiles it (a few
+`numba.set_num_threads`) runs the tasks; the tile products inside a task call BLAS (scipy's,
+through numba's np.dot), limited to one thread per call with threadpoolctl so the two never
+oversubscribe the cores. The first call of each kernel signature compiles it (tens of
 seconds); compiled code is cached on disk (`cache=True`) for later processes.
 """
 
 from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -24,6 +28,28 @@ def _kernels():
     from . import numba_kernels
 
     return numba_kernels
+
+
+@lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries (scipy's included: numba's np.dot
+    calls it), or None without threadpoolctl."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS the kernels call)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """Each kernel task calls BLAS on small tiles while numba's threads run the tasks in
+    parallel: BLAS's own threads would only oversubscribe the cores, so they are limited to
+    one for the duration of a call."""
+    controller = _blas_controller()
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=1, user_api="blas")
 
 
 def _compute_dtype(problem: Problem):
@@ -44,6 +70,18 @@ def _broadcast_args(t, heads, np_dtype):
     mults = [int(t.shape[0] > 1), heads // t.shape[1], int(t.shape[2] > 1), int(t.shape[3] > 1),
              1]
     return t.detach().to(torch_dtype).contiguous().numpy(), np.array(mults, np.int64)
+
+
+def _key_chunk(problem: Problem) -> int:
+    """Keys per dk/dv task: up to 1024 (fewer, larger tile products), but small enough to
+    leave about four tasks per thread."""
+    import numba
+
+    keys = problem.batch * problem.kv_heads * problem.seqlen_k
+    chunk = 1024
+    while chunk > 64 and keys < 4 * numba.get_num_threads() * chunk:
+        chunk //= 2
+    return chunk
 
 
 class _Arrays:
@@ -104,9 +142,10 @@ class NumbaBackend(Backend):
         out = np.empty((b, h, sq, d), arrays.q.dtype)
         lse = np.empty((b, h, sq), arrays.q.dtype)
         a = arrays
-        _kernels().forward_kernel(
-            a.q, a.k, a.v, out, lse, *a.masks, a.first, a.end, a.cand, a.count, a.plan_m,
-            a.interval, *a.scalars, BLOCK_M)
+        with _one_blas_thread():
+            _kernels().forward_kernel(
+                a.q, a.k, a.v, out, lse, *a.masks, a.first, a.end, a.cand, a.count, a.plan_m,
+                a.interval, *a.scalars, BLOCK_M)
         return out, lse
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
@@ -132,14 +171,15 @@ class NumbaBackend(Backend):
         delta_np = delta.to(_compute_dtype(problem)).contiguous().numpy()
         dq = np.empty_like(a.q)
         dab = np.zeros((b, h, sq, sk) if need_ab else (1, 1, 1, 1), dtype)
-        kern.dq_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dq, dab, need_ab, *a.masks,
-                       a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
-                       BLOCK_M)
         dk, dv = np.empty_like(a.k), np.empty_like(a.v)
         dkb = np.empty((b, h, sk), dtype)
-        kern.dkdv_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, *a.masks,
-                         a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
-                         BLOCK_M)
+        with _one_blas_thread():
+            kern.dq_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dq, dab, need_ab, *a.masks,
+                           a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
+                           BLOCK_M)
+            kern.dkdv_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, *a.masks,
+                             a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
+                             BLOCK_M, _key_chunk(problem))
 
         def back(array, like):
             return torch.from_numpy(array).transpose(1, 2).to(like.dtype)

@@ -29,7 +29,6 @@ from numba import njit, prange
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
 BLOCK_N = 64  # keys per tile of the forward and dq
-KEY_CHUNK = 256  # keys per task of the dk/dv pass
 
 # 2^f = sum_k (f ln2)^k / k!, |f| <= 1/2: degree 7 is below float32 rounding.
 _EXP2_POLY = (1.525273380405984e-05, 1.5403530393381606e-04, 1.3333558146428443e-03,
@@ -41,18 +40,18 @@ _EXP2_POLY = (1.525273380405984e-05, 1.5403530393381606e-04, 1.3333558146428443e
 def _exp_inplace(x, bits):
     """x = exp(x) in place for x <= 0 (-inf gives 0), a flat array. float32 goes through
     2^n * poly(f) with the power of two built in the exponent bits (`bits`, an int32 scratch
-    of x's size), which vectorises; float64 calls math.exp."""
+    of at least x's size), which vectorises; float64 calls math.exp."""
     if x.itemsize == 8:  # float64
         for i in range(x.shape[0]):
             x[i] = math.exp(x[i])
         return
     c0, c1, c2, c3, c4, c5, c6, c7 = _EXP2_POLY
     for i in range(x.shape[0]):
-        t = x[i] * np.float32(1.4426950408889634)
-        low = t < np.float32(-126.0)  # exp below float32's normal range (or -inf): 0
-        t = max(t, np.float32(-126.0))
-        n = math.floor(t + np.float32(0.5))
-        f = t - n
+        # t in [-127, 0]; truncating t - 1/2 rounds to nearest; n = -127 gives the power
+        # of two 0.0, so exp(-inf) is exactly 0.
+        t = max(x[i] * np.float32(1.4426950408889634), np.float32(-127.0))
+        n = np.int32(t - np.float32(0.5))
+        f = t - np.float32(n)
         p = np.float32(c0)
         p = p * f + np.float32(c1)
         p = p * f + np.float32(c2)
@@ -60,9 +59,8 @@ def _exp_inplace(x, bits):
         p = p * f + np.float32(c4)
         p = p * f + np.float32(c5)
         p = p * f + np.float32(c6)
-        p = p * f + np.float32(c7)
-        x[i] = np.float32(0.0) if low else p
-        bits[i] = (np.int32(n) + np.int32(127)) << np.int32(23)
+        x[i] = p * f + np.float32(c7)
+        bits[i] = (n + np.int32(127)) << np.int32(23)
     scale = bits.view(np.float32)
     for i in range(x.shape[0]):
         x[i] = x[i] * scale[i]
@@ -90,13 +88,16 @@ def _mask_scores(s, th, b, h, row0, keys, first, end, kbv, ab, ab_m, am, am_m, s
     rows, n = s.shape
     for r in range(rows):
         i = row0 + r
-        for c in range(n):
-            t = s[r, c] * scale
-            if softcap > 0.0:
-                th[r, c] = math.tanh(t / softcap)
-                t = softcap * th[r, c]
-            keep = first[c] <= i and i < end[c]
-            s[r, c] = t + kbv[c] if keep else -np.inf
+        if softcap > 0.0:
+            for c in range(n):
+                th[r, c] = math.tanh(s[r, c] * scale / softcap)
+                s[r, c] = softcap * th[r, c]
+        else:
+            for c in range(n):
+                s[r, c] *= scale
+        for c in range(n):  # branch-free, so it vectorises
+            keep = (first[c] <= i) & (i < end[c])
+            s[r, c] = s[r, c] + kbv[c] if keep else -np.inf
         if ab_m[4] or am_m[4]:
             for c in range(n):
                 if s[r, c] == -np.inf:
@@ -155,6 +156,7 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
         part = np.empty((rows, dim), q.dtype)
         m = np.full(rows, -np.inf, q.dtype)
         total = np.zeros(rows, q.dtype)
+        alpha = np.empty(rows, q.dtype)
         keys = np.empty(BLOCK_N, np.int64)
         kfirst, kend = np.empty(BLOCK_N, np.int64), np.empty(BLOCK_N, np.int64)
         kbv = np.empty(BLOCK_N, q.dtype)
@@ -178,18 +180,23 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
             _mask_scores(s, th_buf[:rows * n].reshape(rows, n), b, h, row0, keys, kfirst, kend,
                          kbv, ab, ab_m, am, am_m, scale, softcap)
             for r in range(rows):  # online softmax: shift by the new running max
-                m_new = max(m[r], s[r].max())
+                m_new = m[r]
+                for c in range(n):
+                    m_new = max(m_new, s[r, c])
                 m_safe = m_new if m_new > -np.inf else 0.0
-                s[r] -= m_safe
-                alpha = math.exp(m[r] - m_safe)
-                total[r] *= alpha
-                acc[r] *= alpha
+                for c in range(n):
+                    s[r, c] -= m_safe
+                alpha[r] = math.exp(m[r] - m_safe)
                 m[r] = m_new
             _exp_inplace(s_buf[:rows * n], bits)
-            for r in range(rows):
-                total[r] += s[r].sum()
             np.dot(s, vt, part)
-            acc += part
+            for r in range(rows):
+                row_sum = 0.0
+                for c in range(n):
+                    row_sum += s[r, c]
+                total[r] = total[r] * alpha[r] + row_sum
+                for d in range(dim):
+                    acc[r, d] = acc[r, d] * alpha[r] + part[r, d]
         for r in range(rows):
             if total[r] > 0.0:
                 out[b, h, row0 + r] = acc[r] / total[r]
@@ -205,13 +212,20 @@ def _probabilities_and_grads(s, s_flat, th, lse_rows, delta_rows, dp, softcap, b
     score gradient (ds times the softcap derivative) into dp, and ds itself into th."""
     rows, n = s.shape
     for r in range(rows):
-        s[r] -= lse_rows[r]
+        for c in range(n):
+            s[r, c] -= lse_rows[r]
     _exp_inplace(s_flat, bits)
     for r in range(rows):
-        for c in range(n):
-            ds = s[r, c] * (dp[r, c] - delta_rows[r])
-            dp[r, c] = ds * (1.0 - th[r, c] * th[r, c]) if softcap > 0.0 else ds
-            th[r, c] = ds
+        if softcap > 0.0:
+            for c in range(n):
+                ds = s[r, c] * (dp[r, c] - delta_rows[r])
+                dp[r, c] = ds * (1.0 - th[r, c] * th[r, c])
+                th[r, c] = ds
+        else:
+            for c in range(n):
+                ds = s[r, c] * (dp[r, c] - delta_rows[r])
+                dp[r, c] = ds
+                th[r, c] = ds
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -270,37 +284,41 @@ def dq_kernel(q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am
                     for c in range(n):
                         dab[b, h, row0 + r, keys[c]] = th[r, c]
             np.dot(dp, kt, part)
-            acc += part
+            for r in range(rows):
+                for d in range(dim):
+                    acc[r, d] += part[r, d]
         dq[b, h, row0:row0 + rows] = acc * scale
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
                 first, end, cand, count, plan_m, interval, causal, causal_offset, scale, softcap,
-                block_m):
+                block_m, key_chunk):
     """dk, dv (summed over each kv group) and d key_bias per query head, one chunk of
-    consecutive keys per task: each query block contributes its candidates inside the chunk."""
+    `key_chunk` consecutive keys per task: each query block contributes its candidates inside
+    the chunk (larger chunks mean fewer, larger tile products per block)."""
     batch, heads, seqlen_q, dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    n_chunks = (seqlen_k + KEY_CHUNK - 1) // KEY_CHUNK
+    n_chunks = (seqlen_k + key_chunk - 1) // key_chunk
     for task in prange(batch * kv_heads * n_chunks):
         b = task // (kv_heads * n_chunks)
         hk = (task // n_chunks) % kv_heads
-        key0 = (task % n_chunks) * KEY_CHUNK
-        key1 = min(seqlen_k, key0 + KEY_CHUNK)
+        key0 = (task % n_chunks) * key_chunk
+        key1 = min(seqlen_k, key0 + key_chunk)
         dk_acc = np.zeros((key1 - key0, dim), q.dtype)
         dv_acc = np.zeros((key1 - key0, dim), q.dtype)
         dkb_acc = np.zeros(key1 - key0, q.dtype)
-        keys = np.empty(KEY_CHUNK, np.int64)
-        kfirst, kend = np.empty(KEY_CHUNK, np.int64), np.empty(KEY_CHUNK, np.int64)
-        kbv = np.empty(KEY_CHUNK, q.dtype)
-        s_buf = np.empty(block_m * KEY_CHUNK, q.dtype)
+        keys = np.empty(key_chunk, np.int64)
+        kfirst, kend = np.empty(key_chunk, np.int64), np.empty(key_chunk, np.int64)
+        kbv = np.empty(key_chunk, q.dtype)
+        s_buf = np.empty(block_m * key_chunk, q.dtype)
         th_buf, dp_buf = np.empty_like(s_buf), np.empty_like(s_buf)
-        bits = np.empty(block_m * KEY_CHUNK, np.int32)
-        k_buf, v_buf = np.empty(KEY_CHUNK * dim, q.dtype), np.empty(KEY_CHUNK * dim, q.dtype)
-        part_buf = np.empty(KEY_CHUNK * dim, q.dtype)
+        bits = np.empty(block_m * key_chunk, np.int32)
+        k_buf, v_buf = np.empty(key_chunk * dim, q.dtype), np.empty(key_chunk * dim, q.dtype)
+        part_buf = np.empty(key_chunk * dim, q.dtype)
         lse_rows = np.empty(block_m, q.dtype)
+        column_sums = np.empty(key_chunk, q.dtype)
         for g in range(group):
             h = hk * group + g
             dkb_acc[:] = 0.0
@@ -352,12 +370,18 @@ def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am
                 part = part_buf[:n * dim].reshape(n, dim)
                 np.dot(s.T, dob, part)
                 for c in range(n):
-                    dv_acc[keys[c] - key0] += part[c]
+                    for d in range(dim):
+                        dv_acc[keys[c] - key0, d] += part[c, d]
                 np.dot(dp.T, qb, part)
                 for c in range(n):
-                    dk_acc[keys[c] - key0] += part[c]
-                    for r in range(rows):
-                        dkb_acc[keys[c] - key0] += th[r, c]
+                    for d in range(dim):
+                        dk_acc[keys[c] - key0, d] += part[c, d]
+                column_sums[:n] = 0.0
+                for r in range(rows):
+                    for c in range(n):
+                        column_sums[c] += th[r, c]
+                for c in range(n):
+                    dkb_acc[keys[c] - key0] += column_sums[c]
             dkb[b, h, key0:key1] = dkb_acc
         dk[b, hk, key0:key1] = dk_acc * scale
         dv[b, hk, key0:key1] = dv_acc
