@@ -40,8 +40,7 @@ def torch(session):
 def numba(session):
     install(session, "test,numba")
     session.run("pytest", "-q", "tests/conformance", "tests/test_nn.py", "tests/test_selection.py",
-                "-k", "numba",
-                *session.posargs)
+                "tests/test_numba_tiles.py", "-k", "numba", *session.posargs)
 
 
 @nox.session

@@ -29,6 +29,7 @@ from numba import njit, prange
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
 BLOCK_N = 64  # keys per tile of the forward and dq
+SUB_TILE = 128  # at most this many keys per tile product in the dk/dv pass
 
 # 2^f = sum_k (f ln2)^k / k!, |f| <= 1/2: degree 7 is below float32 rounding.
 _EXP2_POLY = (1.525273380405984e-05, 1.5403530393381606e-04, 1.3333558146428443e-03,
@@ -310,15 +311,15 @@ def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am
         dv_acc = np.zeros((key1 - key0, dim), q.dtype)
         dkb_acc = np.zeros(key1 - key0, q.dtype)
         keys = np.empty(key_chunk, np.int64)
-        kfirst, kend = np.empty(key_chunk, np.int64), np.empty(key_chunk, np.int64)
-        kbv = np.empty(key_chunk, q.dtype)
-        s_buf = np.empty(block_m * key_chunk, q.dtype)
+        kfirst, kend = np.empty(SUB_TILE, np.int64), np.empty(SUB_TILE, np.int64)
+        kbv = np.empty(SUB_TILE, q.dtype)
+        s_buf = np.empty(block_m * SUB_TILE, q.dtype)
         th_buf, dp_buf = np.empty_like(s_buf), np.empty_like(s_buf)
-        bits = np.empty(block_m * key_chunk, np.int32)
-        k_buf, v_buf = np.empty(key_chunk * dim, q.dtype), np.empty(key_chunk * dim, q.dtype)
-        part_buf = np.empty(key_chunk * dim, q.dtype)
+        bits = np.empty(block_m * SUB_TILE, np.int32)
+        k_buf, v_buf = np.empty(SUB_TILE * dim, q.dtype), np.empty(SUB_TILE * dim, q.dtype)
+        part_buf = np.empty(SUB_TILE * dim, q.dtype)
         lse_rows = np.empty(block_m, q.dtype)
-        column_sums = np.empty(key_chunk, q.dtype)
+        column_sums = np.empty(SUB_TILE, q.dtype)
         for g in range(group):
             h = hk * group + g
             dkb_acc[:] = 0.0
@@ -351,37 +352,40 @@ def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am
                         keys[c] = key0 + c
                 if n == 0:
                     continue
-                _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first,
-                           end, plan_m, interval, causal, causal_offset, seqlen_q)
-                kt, vt = _gather(k_buf, k[b, hk], keys, n), _gather(v_buf, v[b, hk], keys, n)
                 qb, dob = q[b, h, row0:row0 + rows], do[b, h, row0:row0 + rows]
                 for r in range(rows):
                     value = lse[b, h, row0 + r]
                     lse_rows[r] = np.inf if value == -np.inf else value
-                s = s_buf[:rows * n].reshape(rows, n)
-                th = th_buf[:rows * n].reshape(rows, n)
-                dp = dp_buf[:rows * n].reshape(rows, n)
-                np.dot(qb, kt.T, s)
-                _mask_scores(s, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m,
-                             scale, softcap)
-                np.dot(dob, vt.T, dp)
-                _probabilities_and_grads(s, s_buf[:rows * n], th, lse_rows[:rows],
-                                         delta[b, h, row0:row0 + rows], dp, softcap, bits)
-                part = part_buf[:n * dim].reshape(n, dim)
-                np.dot(s.T, dob, part)
-                for c in range(n):
-                    for d in range(dim):
-                        dv_acc[keys[c] - key0, d] += part[c, d]
-                np.dot(dp.T, qb, part)
-                for c in range(n):
-                    for d in range(dim):
-                        dk_acc[keys[c] - key0, d] += part[c, d]
-                column_sums[:n] = 0.0
-                for r in range(rows):
-                    for c in range(n):
-                        column_sums[c] += th[r, c]
-                for c in range(n):
-                    dkb_acc[keys[c] - key0] += column_sums[c]
+                for t0 in range(0, n, SUB_TILE):  # tiles of at most SUB_TILE of those keys
+                    m = min(SUB_TILE, n - t0)
+                    sub = keys[t0:t0 + m]
+                    _key_facts(b, h, sub, m, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first,
+                               end, plan_m, interval, causal, causal_offset, seqlen_q)
+                    kt, vt = _gather(k_buf, k[b, hk], sub, m), _gather(v_buf, v[b, hk], sub, m)
+                    s = s_buf[:rows * m].reshape(rows, m)
+                    th = th_buf[:rows * m].reshape(rows, m)
+                    dp = dp_buf[:rows * m].reshape(rows, m)
+                    np.dot(qb, kt.T, s)
+                    _mask_scores(s, th, b, h, row0, sub, kfirst, kend, kbv, ab, ab_m, am, am_m,
+                                 scale, softcap)
+                    np.dot(dob, vt.T, dp)
+                    _probabilities_and_grads(s, s_buf[:rows * m], th, lse_rows[:rows],
+                                             delta[b, h, row0:row0 + rows], dp, softcap, bits)
+                    part = part_buf[:m * dim].reshape(m, dim)
+                    np.dot(s.T, dob, part)
+                    for c in range(m):
+                        for d in range(dim):
+                            dv_acc[sub[c] - key0, d] += part[c, d]
+                    np.dot(dp.T, qb, part)
+                    for c in range(m):
+                        for d in range(dim):
+                            dk_acc[sub[c] - key0, d] += part[c, d]
+                    column_sums[:m] = 0.0
+                    for r in range(rows):
+                        for c in range(m):
+                            column_sums[c] += th[r, c]
+                    for c in range(m):
+                        dkb_acc[sub[c] - key0] += column_sums[c]
             dkb[b, h, key0:key1] = dkb_acc
         dk[b, hk, key0:key1] = dk_acc * scale
         dv[b, hk, key0:key1] = dv_acc
