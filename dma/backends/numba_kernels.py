@@ -29,7 +29,7 @@ from numba import njit, prange
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
 BLOCK_N = 64  # keys per tile of the forward and dq
-SUB_TILE = 128  # at most this many keys per tile product in the dk/dv pass
+SUB_TILE = 256  # at most this many keys per tile product in the dk/dv pass
 
 # 2^f = sum_k (f ln2)^k / k!, |f| <= 1/2: degree 7 is below float32 rounding.
 _EXP2_POLY = (1.525273380405984e-05, 1.5403530393381606e-04, 1.3333558146428443e-03,
