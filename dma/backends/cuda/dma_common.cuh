@@ -113,30 +113,38 @@ DMA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const unsigned short* p) {
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
 }
 
+// One 16-wide k step on tensor cores: c[nt] += A fragment (af) times B's column tiles, B's
+// fragments loaded with ldmatrix (k 0-7 and 8-15 of column tiles nt and nt + 1 at once).
+template <class E, int NT, bool B_KC>
+DMA_DEVICE void mma_step(float (&c)[NT][4], const unsigned (&af)[4], const typename E::T* b,
+                         int ldb, int k0) {
+    const int lane = threadIdx.x & 31, quad = lane >> 3, in_quad = lane & 7;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt += 2) {
+        unsigned bf[4];
+        if (B_KC)
+            ldmatrix_x4<false>(bf, b + (nt * 8 + in_quad + (quad >> 1) * 8) * ldb + k0
+                                       + (quad & 1) * 8);
+        else
+            ldmatrix_x4<true>(bf, b + (k0 + in_quad + (quad & 1) * 8) * ldb + nt * 8
+                                      + (quad >> 1) * 8);
+        const unsigned b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        E::mma(c[nt], af, b0);
+        E::mma(c[nt + 1], af, b1);
+    }
+}
+
 template <class E, int K, int NT, bool A_KC, bool B_KC>
 DMA_DEVICE void warp_mma(float (&c)[NT][4], const typename E::T* a, int lda,
                          const typename E::T* b, int ldb) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     if constexpr (E::TENSOR) {
         static_assert(A_KC && NT % 2 == 0, "tensor-core path: A k-contiguous, even NT");
-        const int quad = lane >> 3, in_quad = lane & 7;  // which matrix, which of its rows
 #pragma unroll
         for (int k0 = 0; k0 < K; k0 += 16) {
             unsigned af[4];  // rows 0-7 / 8-15 by k 0-7 / 8-15 of this 16x16 step
             ldmatrix_x4<false>(af, a + (lane & 15) * lda + k0 + (lane >> 4) * 8);
-#pragma unroll
-            for (int nt = 0; nt < NT; nt += 2) {
-                unsigned bf[4];  // (k 0-7, k 8-15) of column tiles nt and nt + 1
-                if (B_KC)
-                    ldmatrix_x4<false>(bf, b + (nt * 8 + in_quad + (quad >> 1) * 8) * ldb + k0
-                                               + (quad & 1) * 8);
-                else
-                    ldmatrix_x4<true>(bf, b + (k0 + in_quad + (quad & 1) * 8) * ldb + nt * 8
-                                              + (quad >> 1) * 8);
-                const unsigned b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-                E::mma(c[nt], af, b0);
-                E::mma(c[nt + 1], af, b1);
-            }
+            mma_step<E, NT, B_KC>(c, af, b, ldb, k0);
         }
     } else {
 #pragma unroll 4
@@ -166,33 +174,20 @@ DMA_DEVICE void warp_mma_scores(float (&c)[NT][4], const float (&f)[KT][4],
                                 const typename E::T* b, int ldb) {
     if constexpr (E::TENSOR) {
         static_assert(KT % 2 == 0 && NT % 2 == 0, "16-wide steps, pairs of column tiles");
-        const int lane = threadIdx.x & 31, quad = lane >> 3, in_quad = lane & 7;
 #pragma unroll
         for (int kt = 0; kt < KT; kt += 2) {
             const unsigned af[4] = {pack2<E>(f[kt][0], f[kt][1]), pack2<E>(f[kt][2], f[kt][3]),
                                     pack2<E>(f[kt + 1][0], f[kt + 1][1]),
                                     pack2<E>(f[kt + 1][2], f[kt + 1][3])};
-            const int k0 = kt * 8;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt += 2) {
-                unsigned bf[4];
-                if (B_KC)
-                    ldmatrix_x4<false>(bf, b + (nt * 8 + in_quad + (quad >> 1) * 8) * ldb + k0
-                                               + (quad & 1) * 8);
-                else
-                    ldmatrix_x4<true>(bf, b + (k0 + in_quad + (quad & 1) * 8) * ldb + nt * 8
-                                              + (quad >> 1) * 8);
-                const unsigned b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-                E::mma(c[nt], af, b0);
-                E::mma(c[nt + 1], af, b1);
-            }
+            mma_step<E, NT, B_KC>(c, af, b, ldb, kt * 8);
         }
     } else {
         __syncwarp();  // the warp's previous reads of scratch are done
 #pragma unroll
         for (int kt = 0; kt < KT; ++kt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) scratch[frag_row(e) * ld_scratch + frag_col(kt, e)] = f[kt][e];
+            for (int e = 0; e < 4; ++e)
+                scratch[frag_row(e) * ld_scratch + frag_col(kt, e)] = f[kt][e];
         __syncwarp();
         warp_mma<E, KT * 8, NT, true, B_KC>(c, scratch, ld_scratch, b, ldb);
     }
