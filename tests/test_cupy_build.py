@@ -3,6 +3,7 @@ and the launcher's host side (Params layout, argument packing, tile sizes) is co
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -54,6 +55,15 @@ def test_params_layout_matches_header():
     for name in ("q", "candidates", "seqlen_q", "scale", "softcap", "vector_loads"):
         assert name in names
     assert dict(fields)["scale"] == "float64" and dict(fields)["q"] == "uint64"
+
+
+def test_host_constants_match_the_sources():
+    common = (cupy_kernels.source_dir() / "dma_common.cuh").read_text()
+    pad = re.search(r"constexpr int SMEM_PAD = (\d+);", common)
+    assert pad and int(pad.group(1)) == cupy_kernels.SMEM_PAD  # shared-memory sizes agree
+    kernels = (cupy_kernels.source_dir() / cupy_kernels.KERNEL_HEADER).read_text()
+    for name in cupy_kernels.KERNELS:  # every kernel the launcher names exists
+        assert f" {name}(const Params p)" in kernels
 
 
 def _problem(**kw):
