@@ -126,6 +126,24 @@ def _gather(dst, src, keys, n):
     return out
 
 
+@njit(cache=True, fastmath=FASTMATH)  # a plain call: numba cannot inline this many arguments
+def _scored_tile(s, th, qb, k_head, v_head, keys, n, start, k_buf, v_buf, kfirst, kend, kbv,
+                 b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m,
+                 interval, causal, causal_offset, seqlen_q, scale, softcap):
+    """One key tile of every kernel: the keys' facts, their K and V rows ((n, D) views of
+    k_head and v_head from `start` when the keys are consecutive, i.e. start >= 0, else
+    gathered into k_buf and v_buf) and the tile's masked scores in s. Returns (kt, vt)."""
+    _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first, end, plan_m,
+               interval, causal, causal_offset, seqlen_q)
+    if start >= 0:
+        kt, vt = k_head[start:start + n], v_head[start:start + n]
+    else:
+        kt, vt = _gather(k_buf, k_head, keys, n), _gather(v_buf, v_head, keys, n)
+    np.dot(qb, kt.T, s)
+    _mask_scores(s, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m, scale, softcap)
+    return kt, vt
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q, seqlen_k,
                  count, plan_m):
@@ -170,16 +188,13 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
         for start in range(0, n_slots, BLOCK_N):
             n = min(BLOCK_N, n_slots - start)
             _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
-            _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first, end,
-                       plan_m, interval, causal, causal_offset, seqlen_q)
-            if interval:
-                kt, vt = _gather(k_buf, k[b, hk], keys, n), _gather(v_buf, v[b, hk], keys, n)
-            else:
-                kt, vt = k[b, hk, start:start + n], v[b, hk, start:start + n]
+            view_from = -1 if interval else start  # gathered candidates, or consecutive keys
             s = s_buf[:rows * n].reshape(rows, n)
-            np.dot(qb, kt.T, s)
-            _mask_scores(s, th_buf[:rows * n].reshape(rows, n), b, h, row0, keys, kfirst, kend,
-                         kbv, ab, ab_m, am, am_m, scale, softcap)
+            kt, vt = _scored_tile(
+                s, th_buf[:rows * n].reshape(rows, n), qb, k[b, hk], v[b, hk], keys, n,
+                view_from, k_buf, v_buf, kfirst, kend, kbv, b, h, row0, kb,
+                kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m, interval, causal,
+                causal_offset, seqlen_q, scale, softcap)
             for r in range(rows):  # online softmax: shift by the new running max
                 m_new = m[r]
                 for c in range(n):
@@ -265,18 +280,14 @@ def dq_kernel(q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am
         for start in range(0, n_slots, BLOCK_N):
             n = min(BLOCK_N, n_slots - start)
             _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
-            _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first, end,
-                       plan_m, interval, causal, causal_offset, seqlen_q)
-            if interval:
-                kt, vt = _gather(k_buf, k[b, hk], keys, n), _gather(v_buf, v[b, hk], keys, n)
-            else:
-                kt, vt = k[b, hk, start:start + n], v[b, hk, start:start + n]
+            view_from = -1 if interval else start  # gathered candidates, or consecutive keys
             s = s_buf[:rows * n].reshape(rows, n)
             th = th_buf[:rows * n].reshape(rows, n)
             dp = dp_buf[:rows * n].reshape(rows, n)
-            np.dot(qb, kt.T, s)
-            _mask_scores(s, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m,
-                         scale, softcap)
+            kt, vt = _scored_tile(
+                s, th, qb, k[b, hk], v[b, hk], keys, n, view_from, k_buf,
+                v_buf, kfirst, kend, kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
+                first, end, plan_m, interval, causal, causal_offset, seqlen_q, scale, softcap)
             np.dot(dob, vt.T, dp)
             _probabilities_and_grads(s, s_buf[:rows * n], th, lse_rows, delta_rows, dp, softcap,
                                      bits)
@@ -359,15 +370,13 @@ def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am
                 for t0 in range(0, n, SUB_TILE):  # tiles of at most SUB_TILE of those keys
                     m = min(SUB_TILE, n - t0)
                     sub = keys[t0:t0 + m]
-                    _key_facts(b, h, sub, m, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first,
-                               end, plan_m, interval, causal, causal_offset, seqlen_q)
-                    kt, vt = _gather(k_buf, k[b, hk], sub, m), _gather(v_buf, v[b, hk], sub, m)
                     s = s_buf[:rows * m].reshape(rows, m)
                     th = th_buf[:rows * m].reshape(rows, m)
                     dp = dp_buf[:rows * m].reshape(rows, m)
-                    np.dot(qb, kt.T, s)
-                    _mask_scores(s, th, b, h, row0, sub, kfirst, kend, kbv, ab, ab_m, am, am_m,
-                                 scale, softcap)
+                    kt, vt = _scored_tile(
+                        s, th, qb, k[b, hk], v[b, hk], sub, m, -1, k_buf, v_buf, kfirst, kend,
+                        kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end,
+                        plan_m, interval, causal, causal_offset, seqlen_q, scale, softcap)
                     np.dot(dob, vt.T, dp)
                     _probabilities_and_grads(s, s_buf[:rows * m], th, lse_rows[:rows],
                                              delta[b, h, row0:row0 + rows], dp, softcap, bits)
