@@ -1,6 +1,8 @@
-"""Numba dk/dv pass with large key chunks: a block's keys in a chunk exceed one tile product
-(SUB_TILE), which the small conformance cases never reach."""
+"""Numba paths the small conformance cases do not reach: dk/dv key chunks larger than one
+tile product (SUB_TILE), the two-pass backward (deterministic mode), the scipy BLAS fallback
+and the gemm wrapper itself."""
 
+import numpy as np
 import pytest
 
 from harness import Case, check_case
@@ -24,3 +26,69 @@ def test_numba_key_chunks(case, chunk, monkeypatch):
     assert chunk < numba_kernels.SUB_TILE or chunk > 2 * numba_kernels.SUB_TILE
     monkeypatch.setattr(numba_backend, "_key_chunk", lambda problem: chunk)
     check_case(case, "numba", "cpu")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_numba_two_pass_backward(case, monkeypatch):
+    """Deterministic mode: dq from its own pass over query blocks (d attn_bias there too)."""
+    from dma.backends import numba_backend
+
+    monkeypatch.setenv("DMA_DETERMINISTIC", "1")
+    assert not numba_backend._one_pass_backward(np.zeros((1, 1, 1, 1), np.float32))
+    check_case(case, "numba", "cpu")
+
+
+@pytest.fixture
+def scipy_blas(monkeypatch):
+    """The kernels' gemm taken from scipy's BLAS, as on torch builds without MKL."""
+    from dma.backends import numba_blas
+
+    numba_blas.gemm_function.cache_clear()
+    monkeypatch.setattr(numba_blas, "_torch_mkl", lambda: None)
+    yield
+    numba_blas.gemm_function.cache_clear()
+
+
+def test_numba_scipy_blas(scipy_blas):
+    from dma.backends import numba_blas
+
+    assert numba_blas.blas_name() == "scipy's BLAS"
+    check_case(CASES[1], "numba", "cpu")
+
+
+@pytest.mark.parametrize("source", ["default", "scipy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_matches_numpy(dtype, source, request):
+    """Every transpose combination, with and without accumulation, on row-contiguous views
+    whose row stride exceeds their width."""
+    from numba import njit
+
+    from dma.backends import numba_blas
+
+    if source == "scipy":
+        request.getfixturevalue("scipy_blas")
+    gemm = numba_blas.gemm_function(dtype)
+
+    @njit
+    def call(gemm, a, ta, b, tb, out, accumulate):
+        numba_blas.matmul(gemm, a, ta, b, tb, out, accumulate)
+
+    rng = np.random.default_rng(0)
+
+    def view(rows, cols):  # rows of a wider array: row stride 11 elements
+        return rng.standard_normal((12, 11)).astype(dtype)[:rows, :cols]
+
+    m, n, k = 5, 7, 3
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for ta in (False, True):
+        for tb in (False, True):
+            for accumulate in (False, True):
+                a = view(k, m) if ta else view(m, k)
+                b = view(n, k) if tb else view(k, n)
+                out_wide = rng.standard_normal((m, 9)).astype(dtype)
+                untouched = out_wide[:, n:].copy()
+                out = out_wide[:, :n]
+                expected = (a.T if ta else a) @ (b.T if tb else b) + (out if accumulate else 0)
+                call(gemm, a, ta, b, tb, out, accumulate)
+                np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+                np.testing.assert_array_equal(out_wide[:, n:], untouched)

@@ -31,6 +31,12 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def deterministic_mode() -> bool:
+    """Backward that gives the same bits on every run (no float atomics, no per-thread
+    partial sums): `torch.use_deterministic_algorithms(True)` or DMA_DETERMINISTIC=1."""
+    return (torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("DMA_DETERMINISTIC") == "1")
+
 @dataclass(frozen=True)
 class Capabilities:
     devices: frozenset  # device types: "cpu", "cuda"

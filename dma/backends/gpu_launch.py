@@ -16,14 +16,7 @@ import torch
 from ..layout import reduce_bias_grad
 from ..selection import rowwise_keep_all
 from ..validation import Inputs, Problem
-from .base import new_output
-
-
-def deterministic_mode() -> bool:
-    """Backward without float atomics: `torch.use_deterministic_algorithms(True)` or
-    DMA_DETERMINISTIC=1."""
-    return (torch.are_deterministic_algorithms_enabled()
-            or os.environ.get("DMA_DETERMINISTIC") == "1")
+from .base import deterministic_mode, new_output
 
 
 def next_pow2(n: int) -> int:

@@ -2,16 +2,13 @@
 
 float32 and float64 are computed natively; float16 and bfloat16 inputs are computed in float32
 and returned in their own dtype. Threads: numba's pool (NUMBA_NUM_THREADS, or
-`numba.set_num_threads`) runs the tasks; the tile products inside a task call BLAS (scipy's,
-through numba's np.dot), limited to one thread per call with threadpoolctl so the two never
+`numba.set_num_threads`) runs the tasks; the tile products inside a task call BLAS (torch's
+MKL where exported, else scipy's; numba_blas.py), one thread per call, so the two never
 oversubscribe the cores. The first call of each kernel signature compiles it (tens of
 seconds); compiled code is cached on disk (`cache=True`) for later processes.
 """
 
 from __future__ import annotations
-
-import contextlib
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -19,7 +16,7 @@ import torch
 from ..layout import reduce_bias_grad
 from ..selection import rowwise_keep_all
 from ..validation import SUPPORTED_DTYPES, Inputs, Problem
-from .base import Backend, Capabilities, missing_packages, new_output
+from .base import Backend, Capabilities, deterministic_mode, missing_packages, new_output
 
 BLOCK_M = 64  # query rows per parallel task; also the plan's block size
 
@@ -30,26 +27,10 @@ def _kernels():
     return numba_kernels
 
 
-@lru_cache(maxsize=1)
-def _blas_controller():
-    """threadpoolctl's view of the loaded BLAS libraries (scipy's included: numba's np.dot
-    calls it), or None without threadpoolctl."""
-    try:
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS the kernels call)
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController()
+def _blas():
+    from . import numba_blas
 
-
-def _one_blas_thread():
-    """Each kernel task calls BLAS on small tiles while numba's threads run the tasks in
-    parallel: BLAS's own threads would only oversubscribe the cores, so they are limited to
-    one for the duration of a call."""
-    controller = _blas_controller()
-    if controller is None:
-        return contextlib.nullcontext()
-    return controller.limit(limits=1, user_api="blas")
+    return numba_blas
 
 
 def _compute_dtype(problem: Problem):
@@ -72,16 +53,39 @@ def _broadcast_args(t, heads, np_dtype):
     return t.detach().to(torch_dtype).contiguous().numpy(), np.array(mults, np.int64)
 
 
+def _threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def _thread_ids() -> int:
+    """How many thread ids the kernels may see (numba's pool size, which bounds
+    `numba.get_thread_id()` whatever `numba.set_num_threads` says)."""
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def _key_chunk(problem: Problem) -> int:
     """Keys per dk/dv task: up to 1024 (fewer, larger tile products), but small enough to
     leave about four tasks per thread."""
-    import numba
-
     keys = problem.batch * problem.kv_heads * problem.seqlen_k
     chunk = 1024
-    while chunk > 64 and keys < 4 * numba.get_num_threads() * chunk:
+    while chunk > 64 and keys < 4 * _threads() * chunk:
         chunk //= 2
     return chunk
+
+
+# Most memory the one-pass backward may spend on per-thread dq partial sums.
+ONE_PASS_DQ_BYTES = 1 << 30
+
+
+def _one_pass_backward(q: np.ndarray) -> bool:
+    """One pass for dq, dk and dv (each tile's scores and probabilities computed once, dq
+    summed from per-thread partials) unless deterministic mode is on or the partials would
+    take more than ONE_PASS_DQ_BYTES; otherwise a dq pass over query blocks first."""
+    return not deterministic_mode() and _thread_ids() * q.nbytes <= ONE_PASS_DQ_BYTES
 
 
 class _Arrays:
@@ -129,7 +133,8 @@ class NumbaBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu"}),
         dtypes=frozenset(SUPPORTED_DTYPES),
-        notes=("float16/bfloat16 computed in float32; deterministic backward",),
+        notes=("float16/bfloat16 computed in float32; dk, dv, d key_bias deterministic, dq too "
+               "in deterministic mode",),
     )
     block_m = BLOCK_M
 
@@ -142,10 +147,11 @@ class NumbaBackend(Backend):
         out = np.empty((b, h, sq, d), arrays.q.dtype)
         lse = np.empty((b, h, sq), arrays.q.dtype)
         a = arrays
-        with _one_blas_thread():
+        blas = _blas()
+        with blas.single_threaded_blas():
             _kernels().forward_kernel(
-                a.q, a.k, a.v, out, lse, *a.masks, a.first, a.end, a.cand, a.count, a.plan_m,
-                a.interval, *a.scalars, BLOCK_M)
+                blas.gemm_function(a.q.dtype), a.q, a.k, a.v, out, lse, *a.masks, a.first, a.end,
+                a.cand, a.count, a.plan_m, a.interval, *a.scalars, BLOCK_M)
         return out, lse
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
@@ -169,17 +175,25 @@ class NumbaBackend(Backend):
             lse_np = lse.contiguous().numpy()
         do_np = _heads_first(do, _compute_dtype(problem))
         delta_np = delta.to(_compute_dtype(problem)).contiguous().numpy()
-        dq = np.empty_like(a.q)
         dab = np.zeros((b, h, sq, sk) if need_ab else (1, 1, 1, 1), dtype)
         dk, dv = np.empty_like(a.k), np.empty_like(a.v)
         dkb = np.empty((b, h, sk), dtype)
-        with _one_blas_thread():
-            kern.dq_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dq, dab, need_ab, *a.masks,
-                           a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
-                           BLOCK_M)
-            kern.dkdv_kernel(a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, *a.masks,
-                             a.first, a.end, a.cand, a.count, a.plan_m, a.interval, *a.scalars,
-                             BLOCK_M, _key_chunk(problem))
+        one_pass = _one_pass_backward(a.q)
+        dq_parts = np.zeros((_thread_ids(),) + a.q.shape if one_pass else (1,) * 5, dtype)
+        blas = _blas()
+        gemm = blas.gemm_function(dtype)
+        with blas.single_threaded_blas():
+            if not one_pass:
+                dq = np.empty_like(a.q)
+                kern.dq_kernel(gemm, a.q, a.k, a.v, do_np, lse_np, delta_np, dq, dab, need_ab,
+                               *a.masks, a.first, a.end, a.cand, a.count, a.plan_m, a.interval,
+                               *a.scalars, BLOCK_M)
+            kern.dkdv_kernel(gemm, a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, dq_parts,
+                             one_pass, dab, need_ab, *a.masks, a.first, a.end, a.cand, a.count,
+                             a.plan_m, a.interval, *a.scalars, BLOCK_M, _key_chunk(problem))
+        if one_pass:
+            dq = dq_parts.sum(axis=0)
+            dq *= problem.scale
 
         def back(array, like):
             return torch.from_numpy(array).transpose(1, 2).to(like.dtype)

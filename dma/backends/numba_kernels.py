@@ -3,9 +3,12 @@
 They follow the triton kernels' structure: a forward and a dq pass over query blocks, each
 walking key tiles (the block's candidate keys from the selection plan in the DMA case,
 consecutive keys up to the causal limit otherwise), and a dk/dv pass over chunks of keys.
-Tile products go through BLAS (numba's np.dot, single-threaded gemm per task), so the
-per-pair work is vectorised; the elementwise parts (scores, masks, softmax) are plain loops
-that LLVM vectorises, with an exp written for that (`_exp_inplace`).
+Tile products go through BLAS (`numba_blas.matmul`, one single-threaded gemm call per
+product, accumulating in place where it can), so the per-pair work is vectorised; the
+elementwise parts (scores, masks, softmax) are plain loops that LLVM vectorises, with an exp
+written for that (`_exp_shifted`). Score tiles are stored key-major, (keys, rows): every
+per-row statistic (running max, sums) is then an elementwise update across a contiguous
+column instead of a reduction along a row, which LLVM does not vectorise for max.
 
 `_key_facts` and `_mask_scores` are the one place that decides whether (row i, key j) is kept
 (SPEC section 2): every test that depends on the key alone folds into a per-key row interval
@@ -24,33 +27,35 @@ fastmath keeps inf/nan semantics (masked scores are -inf).
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
+from .numba_blas import matmul
+
 FASTMATH = {"nsz", "arcp", "contract", "reassoc", "afn"}
-BLOCK_N = 64  # keys per tile of the forward and dq
+BLOCK_N = 128  # keys per tile of the forward and dq
 SUB_TILE = 256  # at most this many keys per tile product in the dk/dv pass
 
-# 2^f = sum_k (f ln2)^k / k!, |f| <= 1/2: degree 7 is below float32 rounding.
-_EXP2_POLY = (1.525273380405984e-05, 1.5403530393381606e-04, 1.3333558146428443e-03,
-              9.618129107628477e-03, 5.550410866482158e-02, 2.402265069591007e-01,
-              6.931471805599453e-01, 1.0)
+# 2^f for |f| <= 1/2: a degree-5 least-squares fit, relative error 2e-7 in float32.
+_EXP2_POLY = (1.326697038704576e-03, 9.675459745553838e-03, 5.550742616000864e-02,
+              2.4022121753560713e-01, 6.931469491610648e-01, 1.0000000710297006)
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _exp_inplace(x, bits):
-    """x = exp(x) in place for x <= 0 (-inf gives 0), a flat array. float32 goes through
-    2^n * poly(f) with the power of two built in the exponent bits (`bits`, an int32 scratch
-    of at least x's size), which vectorises; float64 calls math.exp."""
-    if x.itemsize == 8:  # float64
-        for i in range(x.shape[0]):
-            x[i] = math.exp(x[i])
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _exp_shifted(col, shift, bits):
+    """col[r] = exp(col[r] - shift[r]) in place, for arguments <= 0 (-inf gives 0). float32
+    goes through 2^n * poly(f) with the power of two built in the exponent bits (`bits`, an
+    int32 scratch at least as long as col), which vectorises; float64 calls math.exp."""
+    if col.itemsize == 8:  # float64
+        for r in range(col.shape[0]):
+            col[r] = math.exp(col[r] - shift[r])
         return
-    c0, c1, c2, c3, c4, c5, c6, c7 = _EXP2_POLY
-    for i in range(x.shape[0]):
+    c0, c1, c2, c3, c4, c5 = _EXP2_POLY
+    for r in range(col.shape[0]):
         # t in [-127, 0]; truncating t - 1/2 rounds to nearest; n = -127 gives the power
         # of two 0.0, so exp(-inf) is exactly 0.
-        t = max(x[i] * np.float32(1.4426950408889634), np.float32(-127.0))
+        t = max((col[r] - shift[r]) * np.float32(1.4426950408889634), np.float32(-127.0))
         n = np.int32(t - np.float32(0.5))
         f = t - np.float32(n)
         p = np.float32(c0)
@@ -58,13 +63,11 @@ def _exp_inplace(x, bits):
         p = p * f + np.float32(c2)
         p = p * f + np.float32(c3)
         p = p * f + np.float32(c4)
-        p = p * f + np.float32(c5)
-        p = p * f + np.float32(c6)
-        x[i] = p * f + np.float32(c7)
-        bits[i] = (n + np.int32(127)) << np.int32(23)
+        col[r] = p * f + np.float32(c5)
+        bits[r] = (n + np.int32(127)) << np.int32(23)
     scale = bits.view(np.float32)
-    for i in range(x.shape[0]):
-        x[i] = x[i] * scale[i]
+    for r in range(col.shape[0]):
+        col[r] = col[r] * scale[r]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -83,31 +86,34 @@ def _key_facts(b, h, keys, n, first, end, kbv, kb, kb_m, pad, has_pad, plan_firs
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _mask_scores(s, th, b, h, row0, keys, first, end, kbv, ab, ab_m, am, am_m, scale, softcap):
-    """s (rows x n, q.k products) becomes scores with -inf where not kept; th gets
+def _mask_scores(st, th, b, h, row0, keys, first, end, kbv, ab, ab_m, am, am_m, scale, softcap):
+    """st (keys x rows, k.q products) becomes scores with -inf where not kept; th gets
     tanh(t / softcap) for the softcap gradient (softcap <= 0: none)."""
-    rows, n = s.shape
-    for r in range(rows):
-        i = row0 + r
+    n, rows = st.shape
+    for c in range(n):
+        col = st[c]
+        multiplier = scale
         if softcap > 0.0:
-            for c in range(n):
-                th[r, c] = math.tanh(s[r, c] * scale / softcap)
-                s[r, c] = softcap * th[r, c]
-        else:
-            for c in range(n):
-                s[r, c] *= scale
-        for c in range(n):  # branch-free, so it vectorises
-            keep = (first[c] <= i) & (i < end[c])
-            s[r, c] = s[r, c] + kbv[c] if keep else -np.inf
+            tanh_col = th[c]
+            for r in range(rows):
+                tanh_col[r] = math.tanh(col[r] * scale / softcap)
+            for r in range(rows):
+                col[r] = tanh_col[r]
+            multiplier = softcap
+        lo, hi, bias = first[c] - row0, end[c] - row0, kbv[c]
+        for r in range(rows):  # branch-free, so it vectorises
+            keep = (lo <= r) & (r < hi)
+            col[r] = col[r] * multiplier + bias if keep else -np.inf
         if ab_m[4] or am_m[4]:
-            for c in range(n):
-                if s[r, c] == -np.inf:
+            j = keys[c]
+            for r in range(rows):
+                if col[r] == -np.inf:
                     continue
-                j = keys[c]
+                i = row0 + r
                 if am_m[4] and not am[b * am_m[0], h // am_m[1], i * am_m[2], j * am_m[3]]:
-                    s[r, c] = -np.inf
+                    col[r] = -np.inf
                 elif ab_m[4]:
-                    s[r, c] += ab[b * ab_m[0], h // ab_m[1], i * ab_m[2], j * ab_m[3]]
+                    col[r] += ab[b * ab_m[0], h // ab_m[1], i * ab_m[2], j * ab_m[3]]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -127,20 +133,21 @@ def _gather(dst, src, keys, n):
 
 
 @njit(cache=True, fastmath=FASTMATH)  # a plain call: numba cannot inline this many arguments
-def _scored_tile(s, th, qb, k_head, v_head, keys, n, start, k_buf, v_buf, kfirst, kend, kbv,
-                 b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m,
+def _scored_tile(gemm, st, th, qb, k_head, v_head, keys, n, start, k_buf, v_buf, kfirst, kend,
+                 kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m,
                  interval, causal, causal_offset, seqlen_q, scale, softcap):
     """One key tile of every kernel: the keys' facts, their K and V rows ((n, D) views of
     k_head and v_head from `start` when the keys are consecutive, i.e. start >= 0, else
-    gathered into k_buf and v_buf) and the tile's masked scores in s. Returns (kt, vt)."""
+    gathered into k_buf and v_buf) and the tile's masked scores, key-major, in st (n x rows).
+    Returns (kt, vt)."""
     _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first, end, plan_m,
                interval, causal, causal_offset, seqlen_q)
     if start >= 0:
         kt, vt = k_head[start:start + n], v_head[start:start + n]
     else:
         kt, vt = _gather(k_buf, k_head, keys, n), _gather(v_buf, v_head, keys, n)
-    np.dot(qb, kt.T, s)
-    _mask_scores(s, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m, scale, softcap)
+    matmul(gemm, kt, False, qb, True, st, False)
+    _mask_scores(st, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m, scale, softcap)
     return kt, vt
 
 
@@ -157,8 +164,9 @@ def _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end,
-                   cand, count, plan_m, interval, causal, causal_offset, scale, softcap, block_m):
+def forward_kernel(gemm, q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first,
+                   end, cand, count, plan_m, interval, causal, causal_offset, scale, softcap,
+                   block_m):
     batch, heads, seqlen_q, dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -172,8 +180,8 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
         rows = min(seqlen_q, row0 + block_m) - row0
         qb = q[b, h, row0:row0 + rows]
         acc = np.zeros((rows, dim), q.dtype)
-        part = np.empty((rows, dim), q.dtype)
         m = np.full(rows, -np.inf, q.dtype)
+        m_new, m_safe = np.empty(rows, q.dtype), np.empty(rows, q.dtype)
         total = np.zeros(rows, q.dtype)
         alpha = np.empty(rows, q.dtype)
         keys = np.empty(BLOCK_N, np.int64)
@@ -181,7 +189,7 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
         kbv = np.empty(BLOCK_N, q.dtype)
         s_buf = np.empty(rows * BLOCK_N, q.dtype)
         th_buf = np.empty(rows * BLOCK_N, q.dtype)
-        bits = np.empty(rows * BLOCK_N, np.int32)
+        bits = np.empty(rows, np.int32)
         k_buf, v_buf = np.empty(BLOCK_N * dim, q.dtype), np.empty(BLOCK_N * dim, q.dtype)
         n_slots = _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q,
                                seqlen_k, count, plan_m)
@@ -189,30 +197,32 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
             n = min(BLOCK_N, n_slots - start)
             _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
             view_from = -1 if interval else start  # gathered candidates, or consecutive keys
-            s = s_buf[:rows * n].reshape(rows, n)
+            st = s_buf[:n * rows].reshape(n, rows)
             kt, vt = _scored_tile(
-                s, th_buf[:rows * n].reshape(rows, n), qb, k[b, hk], v[b, hk], keys, n,
+                gemm, st, th_buf[:n * rows].reshape(n, rows), qb, k[b, hk], v[b, hk], keys, n,
                 view_from, k_buf, v_buf, kfirst, kend, kbv, b, h, row0, kb,
                 kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m, interval, causal,
                 causal_offset, seqlen_q, scale, softcap)
-            for r in range(rows):  # online softmax: shift by the new running max
-                m_new = m[r]
-                for c in range(n):
-                    m_new = max(m_new, s[r, c])
-                m_safe = m_new if m_new > -np.inf else 0.0
-                for c in range(n):
-                    s[r, c] -= m_safe
-                alpha[r] = math.exp(m[r] - m_safe)
-                m[r] = m_new
-            _exp_inplace(s_buf[:rows * n], bits)
-            np.dot(s, vt, part)
+            # Online softmax, key-major: running max, then probabilities shifted by it.
+            m_new[:] = m
+            for c in range(n):
+                col = st[c]
+                for r in range(rows):
+                    m_new[r] = max(m_new[r], col[r])
             for r in range(rows):
-                row_sum = 0.0
-                for c in range(n):
-                    row_sum += s[r, c]
-                total[r] = total[r] * alpha[r] + row_sum
+                m_safe[r] = m_new[r] if m_new[r] > -np.inf else 0.0
+                alpha[r] = math.exp(m[r] - m_safe[r])
+                m[r] = m_new[r]
+                total[r] *= alpha[r]
+            for c in range(n):
+                col = st[c]
+                _exp_shifted(col, m_safe, bits)
+                for r in range(rows):
+                    total[r] += col[r]
+            for r in range(rows):
                 for d in range(dim):
-                    acc[r, d] = acc[r, d] * alpha[r] + part[r, d]
+                    acc[r, d] *= alpha[r]
+            matmul(gemm, st, True, vt, False, acc, True)
         for r in range(rows):
             if total[r] > 0.0:
                 out[b, h, row0 + r] = acc[r] / total[r]
@@ -223,30 +233,28 @@ def forward_kernel(q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _probabilities_and_grads(s, s_flat, th, lse_rows, delta_rows, dp, softcap, bits):
-    """From masked scores s (s_flat: the same memory, flat): p = exp(s - lse) into s, the
-    score gradient (ds times the softcap derivative) into dp, and ds itself into th."""
-    rows, n = s.shape
-    for r in range(rows):
-        for c in range(n):
-            s[r, c] -= lse_rows[r]
-    _exp_inplace(s_flat, bits)
-    for r in range(rows):
+def _probabilities_and_grads(st, th, lse_rows, delta_rows, dp, softcap, bits):
+    """From masked key-major scores st: p = exp(s - lse) into st, the score gradient (ds
+    times the softcap derivative) into dp, and ds itself into th."""
+    n, rows = st.shape
+    for c in range(n):
+        p, grad, ds_col = st[c], dp[c], th[c]
+        _exp_shifted(p, lse_rows, bits)
         if softcap > 0.0:
-            for c in range(n):
-                ds = s[r, c] * (dp[r, c] - delta_rows[r])
-                dp[r, c] = ds * (1.0 - th[r, c] * th[r, c])
-                th[r, c] = ds
+            for r in range(rows):
+                ds = p[r] * (grad[r] - delta_rows[r])
+                grad[r] = ds * (1.0 - ds_col[r] * ds_col[r])
+                ds_col[r] = ds
         else:
-            for c in range(n):
-                ds = s[r, c] * (dp[r, c] - delta_rows[r])
-                dp[r, c] = ds
-                th[r, c] = ds
+            for r in range(rows):
+                ds = p[r] * (grad[r] - delta_rows[r])
+                grad[r] = ds
+                ds_col[r] = ds
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def dq_kernel(q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am, am_m, pad,
-              has_pad, first, end, cand, count, plan_m, interval, causal, causal_offset, scale,
+def dq_kernel(gemm, q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am, am_m,
+              pad, has_pad, first, end, cand, count, plan_m, interval, causal, causal_offset, scale,
               softcap, block_m):
     """dq, and d attn_bias at full (B, H, Sq, Sk) size when needed, over query blocks."""
     batch, heads, seqlen_q, dim = q.shape
@@ -267,13 +275,12 @@ def dq_kernel(q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am
                 lse_rows[r] = np.inf
         delta_rows = delta[b, h, row0:row0 + rows]
         acc = np.zeros((rows, dim), q.dtype)
-        part = np.empty((rows, dim), q.dtype)
         keys = np.empty(BLOCK_N, np.int64)
         kfirst, kend = np.empty(BLOCK_N, np.int64), np.empty(BLOCK_N, np.int64)
         kbv = np.empty(BLOCK_N, q.dtype)
         s_buf, th_buf = np.empty(rows * BLOCK_N, q.dtype), np.empty(rows * BLOCK_N, q.dtype)
         dp_buf = np.empty(rows * BLOCK_N, q.dtype)
-        bits = np.empty(rows * BLOCK_N, np.int32)
+        bits = np.empty(rows, np.int32)
         k_buf, v_buf = np.empty(BLOCK_N * dim, q.dtype), np.empty(BLOCK_N * dim, q.dtype)
         n_slots = _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q,
                                seqlen_k, count, plan_m)
@@ -281,34 +288,35 @@ def dq_kernel(q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am
             n = min(BLOCK_N, n_slots - start)
             _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
             view_from = -1 if interval else start  # gathered candidates, or consecutive keys
-            s = s_buf[:rows * n].reshape(rows, n)
-            th = th_buf[:rows * n].reshape(rows, n)
-            dp = dp_buf[:rows * n].reshape(rows, n)
+            st = s_buf[:n * rows].reshape(n, rows)
+            th = th_buf[:n * rows].reshape(n, rows)
+            dp = dp_buf[:n * rows].reshape(n, rows)
             kt, vt = _scored_tile(
-                s, th, qb, k[b, hk], v[b, hk], keys, n, view_from, k_buf,
+                gemm, st, th, qb, k[b, hk], v[b, hk], keys, n, view_from, k_buf,
                 v_buf, kfirst, kend, kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
                 first, end, plan_m, interval, causal, causal_offset, seqlen_q, scale, softcap)
-            np.dot(dob, vt.T, dp)
-            _probabilities_and_grads(s, s_buf[:rows * n], th, lse_rows, delta_rows, dp, softcap,
-                                     bits)
+            matmul(gemm, vt, False, dob, True, dp, False)
+            _probabilities_and_grads(st, th, lse_rows, delta_rows, dp, softcap, bits)
             if need_dab:
-                for r in range(rows):
-                    for c in range(n):
-                        dab[b, h, row0 + r, keys[c]] = th[r, c]
-            np.dot(dp, kt, part)
-            for r in range(rows):
-                for d in range(dim):
-                    acc[r, d] += part[r, d]
+                for c in range(n):
+                    for r in range(rows):
+                        dab[b, h, row0 + r, keys[c]] = th[c, r]
+            matmul(gemm, dp, True, kt, False, acc, True)
         dq[b, h, row0:row0 + rows] = acc * scale
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
-                first, end, cand, count, plan_m, interval, causal, causal_offset, scale, softcap,
-                block_m, key_chunk):
+def dkdv_kernel(gemm, q, k, v, do, lse, delta, dk, dv, dkb, dq_parts, with_dq, dab, need_dab,
+                kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, cand, count, plan_m,
+                interval, causal, causal_offset, scale, softcap, block_m, key_chunk):
     """dk, dv (summed over each kv group) and d key_bias per query head, one chunk of
     `key_chunk` consecutive keys per task: each query block contributes its candidates inside
-    the chunk (larger chunks mean fewer, larger tile products per block)."""
+    the chunk (larger chunks mean fewer, larger tile products per block).
+
+    with_dq (one-pass backward): the same tiles also add ds @ K into this thread's slice of
+    dq_parts (threads, B, H, Sq, D; unscaled) and write d attn_bias when need_dab, so dq_kernel
+    is not needed. The sum over threads depends on which thread ran which task, so dq may
+    differ between runs in its last bits; dk, dv and d key_bias never do."""
     batch, heads, seqlen_q, dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -326,11 +334,10 @@ def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am
         kbv = np.empty(SUB_TILE, q.dtype)
         s_buf = np.empty(block_m * SUB_TILE, q.dtype)
         th_buf, dp_buf = np.empty_like(s_buf), np.empty_like(s_buf)
-        bits = np.empty(block_m * SUB_TILE, np.int32)
+        bits = np.empty(block_m, np.int32)
         k_buf, v_buf = np.empty(SUB_TILE * dim, q.dtype), np.empty(SUB_TILE * dim, q.dtype)
         part_buf = np.empty(SUB_TILE * dim, q.dtype)
         lse_rows = np.empty(block_m, q.dtype)
-        column_sums = np.empty(SUB_TILE, q.dtype)
         for g in range(group):
             h = hk * group + g
             dkb_acc[:] = 0.0
@@ -370,31 +377,39 @@ def dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dkb, kb, kb_m, ab, ab_m, am, am
                 for t0 in range(0, n, SUB_TILE):  # tiles of at most SUB_TILE of those keys
                     m = min(SUB_TILE, n - t0)
                     sub = keys[t0:t0 + m]
-                    s = s_buf[:rows * m].reshape(rows, m)
-                    th = th_buf[:rows * m].reshape(rows, m)
-                    dp = dp_buf[:rows * m].reshape(rows, m)
+                    st = s_buf[:m * rows].reshape(m, rows)
+                    th = th_buf[:m * rows].reshape(m, rows)
+                    dp = dp_buf[:m * rows].reshape(m, rows)
+                    view_from = -1 if interval else sub[0]  # consecutive keys: no gather
                     kt, vt = _scored_tile(
-                        s, th, qb, k[b, hk], v[b, hk], sub, m, -1, k_buf, v_buf, kfirst, kend,
-                        kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end,
-                        plan_m, interval, causal, causal_offset, seqlen_q, scale, softcap)
-                    np.dot(dob, vt.T, dp)
-                    _probabilities_and_grads(s, s_buf[:rows * m], th, lse_rows[:rows],
+                        gemm, st, th, qb, k[b, hk], v[b, hk], sub, m, view_from, k_buf, v_buf,
+                        kfirst, kend, kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
+                        first, end, plan_m, interval, causal, causal_offset, seqlen_q, scale,
+                        softcap)
+                    matmul(gemm, vt, False, dob, True, dp, False)
+                    _probabilities_and_grads(st, th, lse_rows[:rows],
                                              delta[b, h, row0:row0 + rows], dp, softcap, bits)
                     part = part_buf[:m * dim].reshape(m, dim)
-                    np.dot(s.T, dob, part)
+                    matmul(gemm, st, False, dob, False, part, False)
                     for c in range(m):
                         for d in range(dim):
                             dv_acc[sub[c] - key0, d] += part[c, d]
-                    np.dot(dp.T, qb, part)
+                    matmul(gemm, dp, False, qb, False, part, False)
                     for c in range(m):
                         for d in range(dim):
                             dk_acc[sub[c] - key0, d] += part[c, d]
-                    column_sums[:m] = 0.0
-                    for r in range(rows):
-                        for c in range(m):
-                            column_sums[c] += th[r, c]
                     for c in range(m):
-                        dkb_acc[sub[c] - key0] += column_sums[c]
+                        column_sum = 0.0
+                        for r in range(rows):
+                            column_sum += th[c, r]
+                        dkb_acc[sub[c] - key0] += column_sum
+                    if with_dq:
+                        dq_rows = dq_parts[numba.get_thread_id(), b, h, row0:row0 + rows]
+                        matmul(gemm, dp, True, kt, False, dq_rows, True)
+                        if need_dab:
+                            for c in range(m):
+                                for r in range(rows):
+                                    dab[b, h, row0 + r, sub[c]] = th[c, r]
             dkb[b, h, key0:key1] = dkb_acc
         dk[b, hk, key0:key1] = dk_acc * scale
         dv[b, hk, key0:key1] = dv_acc
