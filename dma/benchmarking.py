@@ -53,24 +53,24 @@ def make_inputs(shape: Shape, device, seed: int = 0):
     return q, k, v, key_bias
 
 
+def time_once_ms(fn: Callable, device: torch.device) -> float:
+    """One call's time in ms: CUDA events on GPUs, wall clock on CPUs."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
+
+
 def median_ms(fn: Callable, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    if device.type == "cuda":
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return statistics.median(time_once_ms(fn, device) for _ in range(reps))
 
 
 def _fwd_bwd(forward: Callable, leaves):
@@ -163,49 +163,78 @@ def flex_contender(shape: Shape, inputs):
     return forward
 
 
+def _timed_function(shape: Shape, contender: str, mode: str, inputs, backend):
+    """The function to time for one contender: forward under no_grad, or forward+backward."""
+    if contender == "dma" or contender.startswith("dma-"):  # dma-<backend>
+        forward = dma_contender(shape, inputs, contender.partition("-")[2] or backend)
+    elif contender.startswith("sdpa"):
+        forward = sdpa_contender(inputs, contender.partition("-")[2] or None)
+    elif contender == "flex":
+        forward = flex_contender(shape, inputs)
+    else:
+        raise ValueError(f"unknown contender {contender!r}")
+    if mode == "fwd+bwd":
+        return _fwd_bwd(forward, inputs[:4])
+    return torch.no_grad()(forward)
+
+
+def _failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
 def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, modes=("fwd",
                   "fwd+bwd"), warmup=2, reps=5, progress=True):
-    """Return a list of dict rows: shape, contender, mode, ms, ratio to the dense baseline."""
+    """Return a list of dict rows: shape, contender, mode, ms, ratio to the dense baseline.
+
+    For each shape and mode the contenders' repetitions are interleaved (one call of each in
+    turn), so a slow spell of a shared machine hits them all alike and the ratios stay fair.
+    """
     from tqdm import tqdm
 
     device = torch.device(device)
-    jobs = [(s, c, m) for s in shapes for c in contenders for m in modes]
+    groups = [(s, m) for s in shapes for m in modes]
     rows = []
-    cache = {}
-    for shape, contender, mode in tqdm(jobs, desc="timing", disable=not progress):
-        if shape not in cache:
-            cache[shape] = make_inputs(shape, device)
-        inputs = cache[shape]
-        leaves = inputs[:4] if mode == "fwd+bwd" else ()
+    bar = tqdm(total=len(groups) * len(contenders) * (warmup + reps), desc="timing",
+               disable=not progress)
+    for shape, mode in groups:
+        inputs = make_inputs(shape, device)
         for t in inputs:
             t.requires_grad_(mode == "fwd+bwd")
-        try:
-            if contender == "dma" or contender.startswith("dma-"):  # dma-<backend>
-                forward = dma_contender(shape, inputs, contender.partition("-")[2] or backend)
-            elif contender.startswith("sdpa"):
-                forward = sdpa_contender(inputs, contender.partition("-")[2] or None)
-            elif contender == "flex":
-                forward = flex_contender(shape, inputs)
-            else:
-                raise ValueError(f"unknown contender {contender!r}")
-            fn = _fwd_bwd(forward, leaves) if mode == "fwd+bwd" else forward
-            if mode == "fwd":
-                fn = torch.no_grad()(fn)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            ms = median_ms(fn, device, warmup, reps)
-            note = ""
-            if device.type == "cuda":
-                peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-        except Exception as exc:  # a contender that cannot run here is reported, not fatal
-            ms, note = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-            peak_mib = float("nan")
-        if device.type != "cuda":
-            peak_mib = float("nan")
-        rows.append(dict(shape=shape.label, contender=contender, mode=mode, ms=ms,
-                         extra_mib=peak_mib, note=note))
+        functions, notes = {}, {c: "" for c in contenders}
+        for contender in contenders:
+            try:
+                fn = _timed_function(shape, contender, mode, inputs, backend)
+                for _ in range(warmup):
+                    fn()
+                functions[contender] = fn
+            except Exception as exc:  # a contender that cannot run here is reported, not fatal
+                notes[contender] = _failure(exc)
+            bar.update(warmup)
+        times = {c: [] for c in contenders}
+        # Peak memory a call allocates beyond what was allocated before it (CUDA only).
+        peaks = {c: 0.0 if device.type == "cuda" else float("nan") for c in contenders}
+        for _ in range(reps):
+            for contender, fn in list(functions.items()):
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        before = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                    times[contender].append(time_once_ms(fn, device))
+                    if device.type == "cuda":
+                        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                        peaks[contender] = max(peaks[contender], peak)
+                except Exception as exc:
+                    notes[contender] = _failure(exc)
+                    times[contender], peaks[contender] = [], float("nan")
+                    del functions[contender]
+                bar.update(1)
+        for contender in contenders:
+            ms = statistics.median(times[contender]) if times[contender] else float("nan")
+            rows.append(dict(shape=shape.label, contender=contender, mode=mode, ms=ms,
+                             extra_mib=peaks[contender], note=notes[contender]))
+        del functions, inputs
+    bar.close()
     baseline = {}
     for r in rows:
         if r["contender"] == contenders[1 if len(contenders) > 1 else 0]:
