@@ -162,21 +162,39 @@ def plan_engine(device: torch.device) -> str:
 def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
                         engine: Optional[str] = None) -> IntervalPlan:
     sk = problem.seqlen_k
-    device = problem.device
     batch, heads = plan_layout(problem)
     allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk)
     scores = key_selection_scores(problem, inputs, batch, heads).reshape(batch * heads, sk)
-    n = batch * heads
+    engine = engine or plan_engine(problem.device)
+    if engine == "triton":
+        first_row, end_row = _key_intervals_triton(problem, scores, allowed, block_m)
+    else:
+        first_row, end_row = _key_intervals(problem, scores, allowed, engine)
+    candidates, counts = _candidate_lists_by(engine, problem, first_row, end_row, block_m)
+    n_blocks = candidates.shape[1]
+    return IntervalPlan(
+        block_m=block_m,
+        batch=batch,
+        heads=heads,
+        key_first_row=first_row.reshape(batch, heads, sk),
+        key_end_row=end_row.reshape(batch, heads, sk),
+        candidates=candidates.reshape(batch, heads, n_blocks, -1),
+        candidate_count=counts.reshape(batch, heads, n_blocks),
+    )
+
+
+def _key_intervals(problem: Problem, scores, allowed, engine: str):
+    """(first_row, end_row), int32 (n, Sk): the rows [first, end) that keep each key."""
+    sk = problem.seqlen_k
+    device = scores.device
+    n = scores.shape[0]
     order = best_first_order(scores, allowed)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(sk, device=device).expand_as(order))
-    engine = engine or plan_engine(device)
 
     # tau_i: rank of the w-th best allowed key in row i's prefix; rows with at most w allowed
     # keys keep all of them (tau = Sk, worse than every rank).
-    if engine == "triton":
-        tau = _row_thresholds_triton(problem, order, ranks, allowed, block_m)
-    elif engine == "numba":
+    if engine == "numba":
         tau = _row_thresholds_numba(problem, ranks, allowed)
     else:
         tau = _row_thresholds_torch(problem, ranks, allowed)
@@ -191,20 +209,40 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
     else:
         first_row = torch.zeros_like(end_row)
     end_row = torch.maximum(end_row, first_row)  # an empty interval reads as first == end
-    first_row = first_row.to(torch.int32).contiguous()
-    end_row = end_row.to(torch.int32).contiguous()
+    return first_row.to(torch.int32).contiguous(), end_row.to(torch.int32).contiguous()
 
-    candidates, counts = _candidate_lists_by(engine, problem, first_row, end_row, block_m)
-    n_blocks = candidates.shape[1]
-    return IntervalPlan(
-        block_m=block_m,
-        batch=batch,
-        heads=heads,
-        key_first_row=first_row.reshape(batch, heads, sk),
-        key_end_row=end_row.reshape(batch, heads, sk),
-        candidates=candidates.reshape(batch, heads, n_blocks, -1),
-        candidate_count=counts.reshape(batch, heads, n_blocks),
+
+def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
+    """The same intervals in five launches (selection_kernels.py)."""
+    from . import selection_kernels as kern
+
+    n, sk = scores.shape
+    device = scores.device
+    scores = scores.contiguous()
+    allowed = allowed.contiguous()
+    packed = torch.empty(n, sk, dtype=torch.int64, device=device)
+    n_allowed = torch.empty(n, dtype=torch.int32, device=device)
+    kern._sort_keys_kernel[(n,)](scores, allowed, packed, n_allowed, scores.stride(0),
+                                 allowed.stride(0), sk, CHUNK=1024)
+    order = torch.sort(packed, dim=-1, descending=True).indices
+    order32 = torch.empty(n, sk, dtype=torch.int32, device=device)
+    ranks = torch.empty(n, sk, dtype=torch.int32, device=device)
+    chunk = 1024
+    kern._ranks_kernel[(-(-sk // chunk), n)](order, order32, ranks, sk, CHUNK=chunk)
+    tau = torch.empty(n, problem.seqlen_q, dtype=torch.int32, device=device)
+    kern._row_threshold_kernel[(-(-problem.seqlen_q // block_m), n)](
+        order32, ranks, n_allowed, tau, order32.stride(0), tau.stride(0),
+        problem.seqlen_q, sk, problem.causal_offset, problem.window,
+        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=1024, WCHUNK=64,
     )
+    first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
+    end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
+    kern._key_intervals_kernel[(-(-sk // chunk), n)](
+        ranks, tau, allowed, first_row, end_row, allowed.stride(0), tau.stride(0),
+        problem.seqlen_q, sk, problem.causal_offset, problem.seqlen_q.bit_length() + 1,
+        CAUSAL=problem.causal, CHUNK=chunk,
+    )
+    return first_row, end_row
 
 
 def coarse_candidate_lists(problem: Problem, plan: IntervalPlan, block_m: int):
@@ -228,23 +266,6 @@ def _row_thresholds_torch(problem: Problem, ranks, allowed):
     allowed_in_prefix = allowed_before.gather(-1, limit)
     tau = _prefix_kth_smallest(ranks, limit, problem.window - 1)
     return torch.where(allowed_in_prefix > problem.window, tau, torch.full_like(tau, sk))
-
-
-def _row_thresholds_triton(problem: Problem, order, ranks, allowed, block_m: int):
-    from .selection_kernels import _row_threshold_kernel
-
-    n, sk = order.shape
-    order32 = order.to(torch.int32).contiguous()
-    ranks32 = ranks.to(torch.int32).contiguous()
-    n_allowed = allowed.sum(-1, dtype=torch.int32)
-    tau = torch.empty(n, problem.seqlen_q, dtype=torch.int32, device=order.device)
-    grid = (-(-problem.seqlen_q // block_m), n)
-    _row_threshold_kernel[grid](
-        order32, ranks32, n_allowed, tau, order32.stride(0), tau.stride(0),
-        problem.seqlen_q, sk, problem.causal_offset, problem.window,
-        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=1024, WCHUNK=64,
-    )
-    return tau.to(torch.int64)
 
 
 def _candidate_lists_by(engine: str, problem: Problem, first_row, end_row, block_m: int):

@@ -1,8 +1,16 @@
 """Triton kernels for the interval plan on GPUs (same result as the torch path in
 selection.py, which stays the reference and the CPU path).
 
-Inputs per plan head n: `order` (keys best first, allowed ones before the rest), `rank` (its
-inverse) and `n_allowed`. One program per (query block, plan head):
+The whole plan takes five launches (the torch path in selection.py takes about forty small
+ops, whose launch overhead dominated the plan's time on GPUs):
+
+* `_sort_keys_kernel`: per plan head, the int64 sort key of every key (the score's
+  order-preserving bits above the key index; disallowed keys get the smallest value) and the
+  number of allowed keys; then one torch.sort gives `order` (keys best first);
+* `_ranks_kernel`: `order` as int32 and its inverse `rank`;
+* `_row_threshold_kernel` and `_candidates_kernel` below, one program per (query block,
+  plan head), between which `_key_intervals_kernel` turns the thresholds into each key's row
+  interval [first_row, end_row).
 
 * `_row_threshold_kernel` finds tau for the block's rows. The block's first row keeps the w
   best of its prefix; each later row adds one new key, so the rows' thresholds lie between
@@ -102,3 +110,63 @@ def _candidates_kernel(
         tl.store(out + slot, keys, mask=chosen)
         count += tl.sum(chosen.to(tl.int32), 0)
     tl.store(COUNT + n * scount_n + block, count)
+
+
+@triton.jit
+def _sort_keys_kernel(SCORES, ALLOWED, PACKED, N_ALLOWED, sscore_n, sallowed_n, seqlen_k,
+                      CHUNK: tl.constexpr):
+    n = tl.program_id(0)
+    count = 0
+    for x0 in range(0, seqlen_k, CHUNK):
+        keys = x0 + tl.arange(0, CHUNK)
+        ok = keys < seqlen_k
+        score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0)
+        score = tl.where(score == 0.0, 0.0, score)  # -0.0 sorts as 0.0, as floats compare
+        allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
+        bits = score.to(tl.int32, bitcast=True)
+        sortable = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        packed = (sortable.to(tl.int64) << 32) | keys.to(tl.int64)
+        packed = tl.where(allowed, packed, -9223372036854775808)
+        tl.store(PACKED + n * seqlen_k + keys, packed, mask=ok)
+        count += tl.sum(allowed.to(tl.int32), 0)
+    tl.store(N_ALLOWED + n, count)
+
+
+@triton.jit
+def _ranks_kernel(ORDER, ORDER32, RANK, seqlen_k, CHUNK: tl.constexpr):
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    n = tl.program_id(1)
+    ok = offs < seqlen_k
+    key = tl.load(ORDER + n * seqlen_k + offs, mask=ok, other=0).to(tl.int32)
+    tl.store(ORDER32 + n * seqlen_k + offs, key, mask=ok)
+    tl.store(RANK + n * seqlen_k + key, offs, mask=ok)
+
+
+@triton.jit
+def _key_intervals_kernel(RANK, TAU, ALLOWED, FIRST, END, sallowed_n, stau_n, seqlen_q,
+                          seqlen_k, causal_offset, search_steps,
+                          CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
+    """Row i keeps key j iff j < limit_i and rank_j <= tau_i. tau never increases with i, so
+    the rows with rank_j <= tau_i are a prefix [0, end) (a binary search); the causal limit
+    gives the start, and an empty interval reads as first == end."""
+    keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    n = tl.program_id(1)
+    ok = keys < seqlen_k
+    rank = tl.load(RANK + n * seqlen_k + keys, mask=ok, other=0)
+    lo = tl.zeros([CHUNK], tl.int32)
+    hi = tl.zeros([CHUNK], tl.int32) + seqlen_q
+    for _ in range(search_steps):
+        searching = lo < hi
+        mid = (lo + hi) // 2
+        tau = tl.load(TAU + n * stau_n + mid, mask=ok & searching, other=0)
+        right = searching & (tau >= rank)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(searching & ~right, mid, hi)
+    allowed = tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0
+    end = tl.where(allowed, lo, 0)
+    first = tl.zeros([CHUNK], tl.int32)
+    if CAUSAL:
+        first = tl.maximum(keys - causal_offset, 0)
+    end = tl.maximum(end, first)
+    tl.store(FIRST + n * seqlen_k + keys, first, mask=ok)
+    tl.store(END + n * seqlen_k + keys, end, mask=ok)
