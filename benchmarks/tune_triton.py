@@ -1,6 +1,7 @@
 """Time launch configurations of the triton kernels on one DMA shape (GPU).
 
     python benchmarks/tune_triton.py --seqlen 16384 --window 2048
+    python benchmarks/tune_triton.py --seqlen 16384 --window 0    # dense tiles, no window
 
 For each kernel it varies one configuration at a time around the defaults in
 dma/backends/triton_backend.py (CONFIGS) and prints the forward or forward+backward time, so a
@@ -19,25 +20,35 @@ from dma.benchmarking import Shape, make_inputs, median_ms
 CANDIDATES = {
     "fwd": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 4], STACK=[1, 2]),
     "dq": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[2, 3], STACK=[1, 2]),
-    "dkdv_candidates": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[32, 64], num_warps=[4],
-                            num_stages=[1, 2], ROWS=[512, 1024]),
+    "dkdv_candidates": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
+                            num_stages=[1, 2], ROWS=[256, 512, 1024]),
+    # dense tiles (no window, or explicit masks; dkdv_keys also in deterministic mode)
+    "fwd_dense": dict(BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4],
+                      STACK=[2, 4]),
+    "dkdv_keys": dict(BLOCK_M=[32, 64, 128], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
+                      num_stages=[2, 3]),
 }
+WINDOW_KERNELS = ["fwd", "dq", "dkdv_candidates"]
+DENSE_KERNELS = ["fwd_dense", "dq", "dkdv_keys"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqlen", type=int, default=16384)
-    parser.add_argument("--window", type=int, default=2048)
-    parser.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
+    parser.add_argument("--window", type=int, default=2048, help="0 = no window")
+    parser.add_argument("--kernels", nargs="+", default=None,
+                        help=f"default: {WINDOW_KERNELS} with a window, else {DENSE_KERNELS}")
     parser.add_argument("--full-grid", action="store_true", help="every combination")
     args = parser.parse_args()
-    shape = Shape(1, args.seqlen, 32, 8, 128, args.window, torch.bfloat16)
+    window = args.window or None
+    kernels = args.kernels or (WINDOW_KERNELS if window else DENSE_KERNELS)
+    shape = Shape(1, args.seqlen, 32, 8, 128, window, torch.bfloat16)
     q, k, v, kb = make_inputs(shape, "cuda")
     device = torch.device("cuda")
 
     def run_fwd():
         with torch.no_grad():
-            dma.attention(q, k, v, key_bias=kb, window=args.window, causal=True,
+            dma.attention(q, k, v, key_bias=kb, window=window, causal=True,
                           backend="triton")
 
     leaves = [t.requires_grad_(True) for t in (q, k, v, kb)]
@@ -45,13 +56,13 @@ def main():
     def run_train():
         for t in leaves:
             t.grad = None
-        o = dma.attention(q, k, v, key_bias=kb, window=args.window, causal=True,
+        o = dma.attention(q, k, v, key_bias=kb, window=window, causal=True,
                           backend="triton")
         o.backward(torch.ones_like(o))
 
     print(f"device: {torch.cuda.get_device_name()}  shape: {shape.label}")
-    for kernel in args.kernels:
-        run = run_fwd if kernel == "fwd" else run_train
+    for kernel in kernels:
+        run = run_fwd if kernel.startswith("fwd") else run_train
         space = CANDIDATES[kernel]
         base = triton_backend.CONFIGS[kernel]
         if args.full_grid:

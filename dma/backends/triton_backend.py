@@ -31,14 +31,19 @@ BLOCK_M = 64  # query rows per program; also the plan's block size
 # forward and dq stack up to STACK heads of a kv group per program; the candidate dk/dv kernel
 # walks ROWS rows per program (coarse blocks: fewer atomic adds, one per candidate key and
 # block, at the cost of rows that keep few keys of a tile) in tiles of BLOCK_M rows.
+# "fwd" walks gathered candidates (the DMA case); "fwd_dense" walks consecutive keys, where
+# wider tiles and a deeper pipeline pay (used when it stacks all STACK heads and fits the
+# device's shared memory, else "fwd").
 # `benchmarks/tune_triton.py` times alternatives; OVERRIDES lets it (or a user) replace them.
 CONFIGS = {
-    # Tuned with benchmarks/tune_triton.py on an H100 (bf16, D=128, 16k tokens, window 2048).
+    # Tuned with benchmarks/tune_triton.py on an H100 (bf16, D=128, 16k tokens; window 2048
+    # for the candidate kernels, no window for the dense ones).
     "fwd": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "STACK": 2},
+    "fwd_dense": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "STACK": 4},
     "dq": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "STACK": 2},
     "dkdv_candidates": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,
                         "ROWS": 512},
-    "dkdv_keys": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    "dkdv_keys": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
 }
 OVERRIDES: dict = {}
 
@@ -56,6 +61,33 @@ def kernel_config(kernel: str, d_pad: int) -> dict:
         if "ROWS" in config:
             config["ROWS"] = 128
     return config
+
+
+def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[dict, int]:
+    """The forward's launch configuration and the query heads it stacks per program."""
+    d_pad = launch.dims["D_PAD"]
+    if not launch.flags["INTERVAL"] and not interpreter_mode():
+        config = kernel_config("fwd_dense", d_pad)
+        stack = config.pop("STACK")
+        stacked = launch.heads_per_program(stack)
+        if stacked == stack and _forward_shared_bytes(config, stacked, d_pad, problem) <= \
+                _shared_memory_limit(problem.device):
+            return config, stacked
+    config = kernel_config("fwd", d_pad)
+    return config, launch.heads_per_program(config.pop("STACK"))
+
+
+def _forward_shared_bytes(config: dict, stacked: int, d_pad: int, problem: Problem) -> int:
+    """Estimate: the Q tile plus num_stages buffered K and V tiles."""
+    size = problem.dtype.itemsize
+    return size * d_pad * (stacked * BLOCK_M + 2 * config["num_stages"] * config["BLOCK_N"])
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0)
+
+
 MAX_HEAD_DIM = 256
 
 
@@ -111,8 +143,7 @@ class TritonBackend(Backend):
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        config = kernel_config("fwd", launch.dims["D_PAD"])
-        stacked = launch.heads_per_program(config.pop("STACK"))
+        config, stacked = forward_config(launch, problem)
         grid = (cdiv(sq, BLOCK_M), b * h // stacked)
         kern._fwd_kernel[grid](
             launch.q, launch.k, launch.v, out, lse, *launch.qkv,
