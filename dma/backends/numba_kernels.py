@@ -2,7 +2,8 @@
 
 They follow the triton kernels' structure: a forward and a dq pass over query blocks, each
 walking key tiles (the block's candidate keys from the selection plan in the DMA case,
-consecutive keys up to the causal limit otherwise), and a dk/dv pass over chunks of keys.
+consecutive keys up to the causal limit otherwise), and a dk/dv pass over chunks of keys,
+which by default computes dq too (one-pass backward; dq_kernel serves deterministic mode).
 Tile products go through BLAS (`numba_blas.matmul`, one single-threaded gemm call per
 product, accumulating in place where it can), so the per-pair work is vectorised; the
 elementwise parts (scores, masks, softmax) are plain loops that LLVM vectorises, with an exp
@@ -18,6 +19,8 @@ otherwise), explicit masks and biases are read per element at their own shape.
 dk/dv without races or atomics: a task owns a chunk of consecutive keys and visits, for each
 query block, only the block's candidates inside the chunk (a binary search in the block's
 ascending candidate list), so work is the kept pairs and every output element has one writer.
+In the one-pass backward, dq rows get contributions from many chunks, so each thread adds into
+its own partial dq (summed by the caller).
 
 Arrays arrive in the compute dtype (float32, float64 for float64 inputs), heads before
 sequence: q (B, H, Sq, D), k and v (B, Hkv, Sk, D). A bias or mask is passed at its own shape
