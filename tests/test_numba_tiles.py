@@ -92,3 +92,26 @@ def test_matmul_matches_numpy(dtype, source, request):
                 call(gemm, a, ta, b, tb, out, accumulate)
                 np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
                 np.testing.assert_array_equal(out_wide[:, n:], untouched)
+
+
+def test_numba_deterministic_mode_repeats_bitwise(monkeypatch):
+    """Deterministic mode promises the same bits on every run, dq included."""
+    import torch
+
+    import dma
+
+    monkeypatch.setenv("DMA_DETERMINISTIC", "1")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 300, 4, 32, generator=g, requires_grad=True) for _ in range(3))
+    kb = torch.randn(1, 4, 300, generator=g, requires_grad=True)
+    upstream = torch.randn(1, 300, 4, 32, generator=g)
+    runs = []
+    for _ in range(3):
+        for t in (q, k, v, kb):
+            t.grad = None
+        out = dma.attention(q, k, v, key_bias=kb, window=64, causal=True, backend="numba")
+        out.backward(upstream)
+        runs.append([out.detach().clone()] + [t.grad.clone() for t in (q, k, v, kb)])
+    for later in runs[1:]:
+        for first, again in zip(runs[0], later):
+            assert torch.equal(first, again)
