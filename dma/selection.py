@@ -17,7 +17,6 @@ Selection scores are compared in float32 and carry no gradient; ties go to the l
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +24,7 @@ from typing import Optional
 import torch
 
 from .layout import expand_heads, to_query_heads
+from .packages import installed
 from .validation import SELECT_ROWWISE, Inputs, Problem
 
 
@@ -151,10 +151,9 @@ def plan_engine(device: torch.device) -> str:
     forced = os.environ.get("DMA_PLAN")
     if forced:
         return forced
-    has_triton = importlib.util.find_spec("triton") is not None
-    if has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if installed("triton") and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return "triton"
-    if device.type == "cpu" and importlib.util.find_spec("numba") is not None:
+    if device.type == "cpu" and installed("numba"):
         return "numba"
     return "torch"
 

@@ -1,7 +1,7 @@
 """Built-in backends, registered in the dispatcher on first use.
 
 Importing this package imports no optional dependency: each backend probes for its packages
-with importlib.util.find_spec and imports them only when it runs.
+with dma.packages.installed (a cached lookup) and imports them only when it runs.
 """
 
 from ..dispatch import register

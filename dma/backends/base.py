@@ -7,20 +7,20 @@ it cannot serve a problem (empty when it can). The dispatcher and `dma.explain` 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from ..packages import installed
 from ..validation import SELECT_INTERVAL, SELECT_NONE, SELECT_ROWWISE, Inputs, Problem
 
 
 def missing_packages(*names: str) -> list[str]:
     """Reasons for optional packages that are not installed (nothing is imported)."""
     return [f"package '{n}' is not installed (pip install 'dma-attention[{n}]')"
-            for n in names if importlib.util.find_spec(n) is None]
+            for n in names if not installed(n)]
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Backend:
     def environment_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (missing package, no GPU).
 
-        Must not import optional packages eagerly: use importlib.util.find_spec.
+        Must not import optional packages eagerly: use missing_packages.
         """
         return []
 
