@@ -230,9 +230,11 @@ def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, mode
                     del functions[contender]
                 bar.update(1)
         for contender in contenders:
-            ms = statistics.median(times[contender]) if times[contender] else float("nan")
-            rows.append(dict(shape=shape.label, contender=contender, mode=mode, ms=ms,
-                             extra_mib=peaks[contender], note=notes[contender]))
+            timed = bool(times[contender])
+            rows.append(dict(shape=shape.label, contender=contender, mode=mode,
+                             ms=statistics.median(times[contender]) if timed else float("nan"),
+                             extra_mib=peaks[contender] if timed else float("nan"),
+                             note=notes[contender]))
         del functions, inputs
     bar.close()
     baseline = {}
