@@ -221,18 +221,18 @@ def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
     allowed = allowed.contiguous()
     packed = torch.empty(n, sk, dtype=torch.int64, device=device)
     n_allowed = torch.empty(n, dtype=torch.int32, device=device)
+    chunk = 1024  # keys per step of every kernel below
     kern._sort_keys_kernel[(n,)](scores, allowed, packed, n_allowed, scores.stride(0),
-                                 allowed.stride(0), sk, CHUNK=1024)
+                                 allowed.stride(0), sk, CHUNK=chunk)
     order = torch.sort(packed, dim=-1, descending=True).indices
     order32 = torch.empty(n, sk, dtype=torch.int32, device=device)
     ranks = torch.empty(n, sk, dtype=torch.int32, device=device)
-    chunk = 1024
     kern._ranks_kernel[(-(-sk // chunk), n)](order, order32, ranks, sk, CHUNK=chunk)
     tau = torch.empty(n, problem.seqlen_q, dtype=torch.int32, device=device)
     kern._row_threshold_kernel[(-(-problem.seqlen_q // block_m), n)](
         order32, ranks, n_allowed, tau, order32.stride(0), tau.stride(0),
         problem.seqlen_q, sk, problem.causal_offset, problem.window,
-        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=1024, WCHUNK=64,
+        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=chunk, WCHUNK=64,
     )
     first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
     end_row = torch.empty(n, sk, dtype=torch.int32, device=device)

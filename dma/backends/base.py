@@ -37,6 +37,7 @@ def deterministic_mode() -> bool:
     return (torch.are_deterministic_algorithms_enabled()
             or os.environ.get("DMA_DETERMINISTIC") == "1")
 
+
 @dataclass(frozen=True)
 class Capabilities:
     devices: frozenset  # device types: "cpu", "cuda"

@@ -15,7 +15,14 @@ from ..selection import coarse_candidate_lists
 from ..validation import Inputs, Problem
 from . import cupy_kernels
 from .base import Backend, Capabilities, missing_packages, new_output
-from .gpu_launch import LaunchArgs, backward_buffers, candidate_key_split, cdiv, finish_backward
+from .gpu_launch import (
+    LaunchArgs,
+    backward_buffers,
+    candidate_key_split,
+    cdiv,
+    finish_backward,
+    shared_memory_limit,
+)
 
 BLOCK_M = 64  # the plan's block size; kernels with 32-row tiles read the enclosing block
 COARSE_ROWS = 512  # rows per program of the atomic dk/dv pass (as in the triton backend)
@@ -98,8 +105,8 @@ class CupyBackend(Backend):
         if problem.dtype in cupy_kernels.ELEMENT_TYPES and d_pad in cupy_kernels.HEAD_DIM_PADS:
             need = max(cupy_kernels.shared_bytes(k, problem.dtype, d_pad)
                        for k in cupy_kernels.KERNELS)
-            have = getattr(props, "shared_memory_per_block_optin", need)
-            if need > have:
+            have = shared_memory_limit(problem.device)
+            if have is not None and need > have:
                 reasons.append(f"needs {need} bytes of shared memory per block, the device "
                                f"offers {have}")
         return reasons

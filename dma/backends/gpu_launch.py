@@ -33,6 +33,12 @@ def multiprocessors(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def shared_memory_limit(device) -> Optional[int]:
+    """Shared memory a program may opt in to on this device, in bytes (None: not reported)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin",
+                   None)
+
+
 def like_strides(t: torch.Tensor, dtype) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
 

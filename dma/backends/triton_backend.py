@@ -23,7 +23,14 @@ import torch
 from ..selection import coarse_candidate_lists
 from ..validation import Inputs, Problem
 from .base import Backend, Capabilities, missing_packages, new_output
-from .gpu_launch import LaunchArgs, backward_buffers, candidate_key_split, cdiv, finish_backward
+from .gpu_launch import (
+    LaunchArgs,
+    backward_buffers,
+    candidate_key_split,
+    cdiv,
+    finish_backward,
+    shared_memory_limit,
+)
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
 
@@ -70,8 +77,9 @@ def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[dict, int]:
         config = kernel_config("fwd_dense", d_pad)
         stack = config.pop("STACK")
         stacked = launch.heads_per_program(stack)
-        if stacked == stack and _forward_shared_bytes(config, stacked, d_pad, problem) <= \
-                _shared_memory_limit(problem.device):
+        limit = shared_memory_limit(problem.device)
+        if stacked == stack and limit is not None and \
+                _forward_shared_bytes(config, stacked, d_pad, problem) <= limit:
             return config, stacked
     config = kernel_config("fwd", d_pad)
     return config, launch.heads_per_program(config.pop("STACK"))
@@ -81,11 +89,6 @@ def _forward_shared_bytes(config: dict, stacked: int, d_pad: int, problem: Probl
     """Estimate: the Q tile plus num_stages buffered K and V tiles."""
     size = problem.dtype.itemsize
     return size * d_pad * (stacked * BLOCK_M + 2 * config["num_stages"] * config["BLOCK_N"])
-
-
-def _shared_memory_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 0)
 
 
 MAX_HEAD_DIM = 256
