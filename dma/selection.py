@@ -25,7 +25,10 @@ import torch
 
 from .layout import expand_heads, to_query_heads
 from .packages import installed
+from .triton_launch import run_kernel
 from .validation import SELECT_ROWWISE, Inputs, Problem
+
+PLAN_CHUNK = 1024  # keys per step of every plan kernel
 
 
 def plan_layout(problem: Problem) -> tuple[int, int]:
@@ -162,14 +165,19 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
                         engine: Optional[str] = None) -> IntervalPlan:
     sk = problem.seqlen_k
     batch, heads = plan_layout(problem)
-    allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk)
+    allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk).contiguous()
     scores = key_selection_scores(problem, inputs, batch, heads).reshape(batch * heads, sk)
+    scores = scores.contiguous()
     engine = engine or plan_engine(problem.device)
-    if engine == "triton":
-        first_row, end_row = _key_intervals_triton(problem, scores, allowed, block_m)
+    if problem.seqlen_q == 1:
+        first_row, end_row, candidates, counts = _single_row_plan(problem, scores, allowed,
+                                                                  block_m, engine)
     else:
-        first_row, end_row = _key_intervals(problem, scores, allowed, engine)
-    candidates, counts = _candidate_lists_by(engine, problem, first_row, end_row, block_m)
+        if engine == "triton":
+            first_row, end_row = _key_intervals_triton(problem, scores, allowed, block_m)
+        else:
+            first_row, end_row = _key_intervals(problem, scores, allowed, engine)
+        candidates, counts = _candidate_lists_by(engine, problem, first_row, end_row, block_m)
     n_blocks = candidates.shape[1]
     return IntervalPlan(
         block_m=block_m,
@@ -180,6 +188,47 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
         candidates=candidates.reshape(batch, heads, n_blocks, -1),
         candidate_count=counts.reshape(batch, heads, n_blocks),
     )
+
+
+def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: str):
+    """Decoding (one query row): the row keeps the first min(w, allowed) keys of the
+    best-first order, so one sort answers it; no thresholds, no interval search, and the
+    candidate list is a parallel compaction rather than one program's scan over all keys.
+    Kept keys get the row interval [0, 1), the others [0, 0), as the general path gives for
+    Sq == 1 (the row sees every key)."""
+    n, sk = scores.shape
+    device = scores.device
+    w = min(problem.window, sk)
+    width = min(sk, problem.window + block_m)
+    if engine == "triton":
+        from . import selection_kernels as kern
+
+        values, order, n_allowed = _sorted_keys_triton(scores, allowed)
+        first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
+        end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
+        candidates = torch.empty(n, 1, width, dtype=torch.int32, device=device)
+        counts = torch.empty(n, 1, dtype=torch.int32, device=device)
+        n_chunks = -(-sk // PLAN_CHUNK)
+        chunk_kept = torch.empty(n, n_chunks, dtype=torch.int32, device=device)
+        grid = (n_chunks, n)
+        run_kernel(kern._single_row_kernel, grid, values, order, n_allowed, first_row,
+                   end_row, counts, sk, w, CHUNK=PLAN_CHUNK)
+        run_kernel(kern._kept_per_chunk_kernel, grid, end_row, chunk_kept, sk, n_chunks,
+                   CHUNK=PLAN_CHUNK)
+        run_kernel(kern._compact_kept_kernel, grid, end_row, chunk_kept, candidates, sk,
+                   n_chunks, width, candidates.stride(0), CHUNK=PLAN_CHUNK,
+                   CHUNKS_PAD=1 << max(0, (n_chunks - 1).bit_length()))
+        return first_row, end_row, candidates, counts
+    order, n_allowed = best_first_order(scores, allowed), allowed.sum(-1)
+    top = order[:, :w]
+    kept = torch.arange(w, device=device) < n_allowed[:, None]
+    end_row = torch.zeros(n, sk, dtype=torch.int32, device=device)
+    end_row.scatter_(1, top, kept.to(torch.int32))
+    listed = torch.where(kept, top, sk).sort(dim=-1).values  # kept keys ascending, then sk
+    candidates = torch.full((n, 1, width), -1, dtype=torch.int32, device=device)
+    candidates[:, 0, :w] = torch.where(listed < sk, listed, -1)
+    counts = kept.sum(-1, dtype=torch.int32).reshape(n, 1)
+    return torch.zeros_like(end_row), end_row, candidates, counts
 
 
 def _key_intervals(problem: Problem, scores, allowed, engine: str):
@@ -211,32 +260,41 @@ def _key_intervals(problem: Problem, scores, allowed, engine: str):
     return first_row.to(torch.int32).contiguous(), end_row.to(torch.int32).contiguous()
 
 
+def _sorted_keys_triton(scores, allowed):
+    """The sort keys of `best_first_order`, sorted best first (values and order), and the
+    allowed count per row: one kernel and one sort."""
+    from . import selection_kernels as kern
+
+    n, sk = scores.shape
+    packed = torch.empty(n, sk, dtype=torch.int64, device=scores.device)
+    n_allowed = torch.zeros(n, dtype=torch.int32, device=scores.device)
+    run_kernel(kern._sort_keys_kernel, (-(-sk // PLAN_CHUNK), n), scores, allowed, packed,
+               n_allowed, scores.stride(0), allowed.stride(0), sk, CHUNK=PLAN_CHUNK)
+    values, order = torch.sort(packed, dim=-1, descending=True)
+    return values, order, n_allowed
+
+
 def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
     """The same intervals in five launches (selection_kernels.py)."""
     from . import selection_kernels as kern
 
     n, sk = scores.shape
     device = scores.device
-    scores = scores.contiguous()
-    allowed = allowed.contiguous()
-    packed = torch.empty(n, sk, dtype=torch.int64, device=device)
-    n_allowed = torch.empty(n, dtype=torch.int32, device=device)
-    chunk = 1024  # keys per step of every kernel below
-    kern._sort_keys_kernel[(n,)](scores, allowed, packed, n_allowed, scores.stride(0),
-                                 allowed.stride(0), sk, CHUNK=chunk)
-    order = torch.sort(packed, dim=-1, descending=True).indices
+    chunk = PLAN_CHUNK
+    _, order, n_allowed = _sorted_keys_triton(scores, allowed)
     order32 = torch.empty(n, sk, dtype=torch.int32, device=device)
     ranks = torch.empty(n, sk, dtype=torch.int32, device=device)
-    kern._ranks_kernel[(-(-sk // chunk), n)](order, order32, ranks, sk, CHUNK=chunk)
+    run_kernel(kern._ranks_kernel, (-(-sk // chunk), n), order, order32, ranks, sk,
+               CHUNK=chunk)
     tau = torch.empty(n, problem.seqlen_q, dtype=torch.int32, device=device)
-    kern._row_threshold_kernel[(-(-problem.seqlen_q // block_m), n)](
+    run_kernel(kern._row_threshold_kernel, (-(-problem.seqlen_q // block_m), n),
         order32, ranks, n_allowed, tau, order32.stride(0), tau.stride(0),
         problem.seqlen_q, sk, problem.causal_offset, problem.window,
         CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=chunk, WCHUNK=64,
     )
     first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
     end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
-    kern._key_intervals_kernel[(-(-sk // chunk), n)](
+    run_kernel(kern._key_intervals_kernel, (-(-sk // chunk), n),
         ranks, tau, allowed, first_row, end_row, allowed.stride(0), tau.stride(0),
         problem.seqlen_q, sk, problem.causal_offset, problem.seqlen_q.bit_length() + 1,
         CAUSAL=problem.causal, CHUNK=chunk,
@@ -305,10 +363,10 @@ def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int):
     width = min(sk, problem.window + block_m)
     candidates = torch.full((n, n_blocks, width), -1, dtype=torch.int32, device=first_row.device)
     counts = torch.empty(n, n_blocks, dtype=torch.int32, device=first_row.device)
-    _candidates_kernel[(n_blocks, n)](
+    run_kernel(_candidates_kernel, (n_blocks, n),
         first_row, end_row, candidates, counts, first_row.stride(0), candidates.stride(0),
         candidates.stride(1), counts.stride(0), problem.seqlen_q, sk, problem.causal_offset,
-        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=1024,
+        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=PLAN_CHUNK,
     )
     return candidates, counts
 

@@ -4,9 +4,9 @@ selection.py, which stays the reference and the CPU path).
 The whole plan takes five launches (the torch path in selection.py takes about forty small
 ops, whose launch overhead dominated the plan's time on GPUs):
 
-* `_sort_keys_kernel`: per plan head, the int64 sort key of every key (the score's
-  order-preserving bits above the key index; disallowed keys get the smallest value) and the
-  number of allowed keys; then one torch.sort gives `order` (keys best first);
+* `_sort_keys_kernel`: per chunk of keys of a plan head, the int64 sort key of every key (the
+  score's order-preserving bits above the key index; disallowed keys get the smallest value)
+  and the number of allowed keys; then one torch.sort gives `order` (keys best first);
 * `_ranks_kernel`: `order` as int32 and its inverse `rank`;
 * `_row_threshold_kernel` and `_candidates_kernel` below, one program per (query block,
   plan head), between which `_key_intervals_kernel` turns the thresholds into each key's row
@@ -115,21 +115,19 @@ def _candidates_kernel(
 @triton.jit
 def _sort_keys_kernel(SCORES, ALLOWED, PACKED, N_ALLOWED, sscore_n, sallowed_n, seqlen_k,
                       CHUNK: tl.constexpr):
-    n = tl.program_id(0)
-    count = 0
-    for x0 in range(0, seqlen_k, CHUNK):
-        keys = x0 + tl.arange(0, CHUNK)
-        ok = keys < seqlen_k
-        score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0)
-        score = tl.where(score == 0.0, 0.0, score)  # -0.0 sorts as 0.0, as floats compare
-        allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
-        bits = score.to(tl.int32, bitcast=True)
-        sortable = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        packed = (sortable.to(tl.int64) << 32) | keys.to(tl.int64)
-        packed = tl.where(allowed, packed, -9223372036854775808)
-        tl.store(PACKED + n * seqlen_k + keys, packed, mask=ok)
-        count += tl.sum(allowed.to(tl.int32), 0)
-    tl.store(N_ALLOWED + n, count)
+    """One chunk of keys of one plan head; N_ALLOWED (zeroed) gathers the allowed count."""
+    keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    n = tl.program_id(1)
+    ok = keys < seqlen_k
+    score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0)
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 sorts as 0.0, as floats compare
+    allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
+    bits = score.to(tl.int32, bitcast=True)
+    sortable = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    packed = (sortable.to(tl.int64) << 32) | keys.to(tl.int64)
+    packed = tl.where(allowed, packed, -9223372036854775808)
+    tl.store(PACKED + n * seqlen_k + keys, packed, mask=ok)
+    tl.atomic_add(N_ALLOWED + n, tl.sum(allowed.to(tl.int32), 0))
 
 
 @triton.jit
@@ -170,3 +168,52 @@ def _key_intervals_kernel(RANK, TAU, ALLOWED, FIRST, END, sallowed_n, stau_n, se
     end = tl.maximum(end, first)
     tl.store(FIRST + n * seqlen_k + keys, first, mask=ok)
     tl.store(END + n * seqlen_k + keys, end, mask=ok)
+
+
+@triton.jit
+def _single_row_kernel(SORTED, ORDER, N_ALLOWED, FIRST, END, COUNT, seqlen_k, window,
+                       CHUNK: tl.constexpr):
+    """Decoding plan (one query row), step 1 of 3, over positions of the best-first order:
+    the first `window` allowed keys are kept, with the row interval [0, 1); the rest get
+    [0, 0). Every key sits at one position, so every entry is written once."""
+    chunk = tl.program_id(0)
+    n = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < seqlen_k
+    key = tl.load(ORDER + n * seqlen_k + offs, mask=ok, other=0)
+    value = tl.load(SORTED + n * seqlen_k + offs, mask=ok, other=-9223372036854775808)
+    kept = (offs < window) & (value != -9223372036854775808)
+    tl.store(FIRST + n * seqlen_k + key, tl.zeros([CHUNK], tl.int32), mask=ok)
+    tl.store(END + n * seqlen_k + key, kept.to(tl.int32), mask=ok)
+    if chunk == 0:
+        tl.store(COUNT + n, tl.minimum(tl.load(N_ALLOWED + n), window))
+
+
+@triton.jit
+def _kept_per_chunk_kernel(END, CHUNK_KEPT, seqlen_k, n_chunks, CHUNK: tl.constexpr):
+    """Step 2: how many keys of each chunk of keys the row keeps."""
+    keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    n = tl.program_id(1)
+    kept = tl.load(END + n * seqlen_k + keys, mask=keys < seqlen_k, other=0)
+    tl.store(CHUNK_KEPT + n * n_chunks + tl.program_id(0), tl.sum(kept, 0))
+
+
+@triton.jit
+def _compact_kept_kernel(END, CHUNK_KEPT, CAND, seqlen_k, n_chunks, width, scand_n,
+                         CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+    """Step 3: the candidate list, ascending: a key's slot is the number of kept keys before
+    it (earlier chunks' counts plus a scan of its own chunk). Slots from the total up to
+    `width` read -1, each written by the program whose chunk range holds it."""
+    chunk = tl.program_id(0)
+    n = tl.program_id(1)
+    others = tl.arange(0, CHUNKS_PAD)
+    counts = tl.load(CHUNK_KEPT + n * n_chunks + others, mask=others < n_chunks, other=0)
+    before = tl.sum(tl.where(others < chunk, counts, 0), 0)
+    total = tl.sum(counts, 0)
+    keys = chunk * CHUNK + tl.arange(0, CHUNK)
+    kept = tl.load(END + n * seqlen_k + keys, mask=keys < seqlen_k, other=0) != 0
+    slot = before + tl.cumsum(kept.to(tl.int32), 0) - 1
+    tl.store(CAND + n * scand_n + slot, keys, mask=kept)
+    pad = keys  # this program's share of the slots
+    tl.store(CAND + n * scand_n + pad, tl.full([CHUNK], -1, tl.int32),
+             mask=(pad >= total) & (pad < width))

@@ -1,11 +1,14 @@
-"""GPU-backend modes that the shared suite does not switch: deterministic backward."""
+"""GPU-backend modes that the shared suite does not switch: deterministic backward, and
+the triton forward's key splits (which it picks on its own only for decoding on a GPU)."""
 
 import pytest
 from conformance.cases import CASES
 
+from dma.backends import triton_backend
 from harness import available_devices, check_case
 
 WINDOW_CASES = [c for c in CASES if c.window is not None and c.attn_bias is None][:8]
+DECODE_CASES = [c for c in CASES if c.seqlen_q == 1]
 
 
 @pytest.mark.parametrize("device", available_devices())
@@ -15,3 +18,12 @@ def test_deterministic_backward(case, backend, device, monkeypatch):
     """DMA_DETERMINISTIC=1 swaps the atomic dk/dv kernel for the key-major one."""
     monkeypatch.setenv("DMA_DETERMINISTIC", "1")
     check_case(case, backend, device)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c.name for c in DECODE_CASES])
+def test_triton_split_decoding(case, splits, device, monkeypatch):
+    """Key slots split over programs, partial results merged by the combine kernel."""
+    monkeypatch.setitem(triton_backend.OVERRIDES, "fwd_decode", {"SPLITS": splits})
+    check_case(case, "triton", device)

@@ -23,6 +23,17 @@ def brute_force_keep(kb, allowed, sq, sk, w, causal):
 @pytest.mark.parametrize("engine", ["torch", "triton", "numba"])
 @pytest.mark.parametrize("seed", range(60))
 def test_interval_plan_matches_brute_force(seed, engine):
+    check_plan_against_brute_force(seed, engine)
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton", "numba"])
+@pytest.mark.parametrize("seed", range(20))
+def test_single_row_plan_matches_brute_force(seed, engine):
+    """Decoding (Sq == 1) takes its own path: the first w keys of one sort."""
+    check_plan_against_brute_force(seed, engine, seqlen_q=1)
+
+
+def check_plan_against_brute_force(seed, engine, seqlen_q=None):
     if engine == "triton":
         pytest.importorskip("triton")
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -30,7 +41,7 @@ def test_interval_plan_matches_brute_force(seed, engine):
     if engine == "numba":
         pytest.importorskip("numba")
     g = torch.Generator().manual_seed(seed)
-    sq = int(torch.randint(1, 40, (), generator=g))
+    sq = int(torch.randint(1, 40, (), generator=g)) if seqlen_q is None else seqlen_q
     sk = int(torch.randint(2, 40, (), generator=g))
     w = int(torch.randint(1, sk, (), generator=g))
     causal = bool(seed % 3)
@@ -89,3 +100,24 @@ def test_window_selection_is_causal():
     kb2[..., 20:] += 100.0  # future keys become the best ones
     o2 = dma.attention(q, k, v, key_bias=kb2, window=w, causal=True, backend="torch")
     torch.testing.assert_close(o[:, :20], o2[:, :20], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [700, 2600])
+def test_single_row_plan_over_many_key_chunks(window):
+    """The decoding plan's compaction spans several 1024-key chunks: the triton engine must
+    give the torch engine's plan (checked above against brute force), padding and ties
+    included."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(window)
+    sk = 3000
+    kb = torch.randint(0, 50, (2, 1, sk), generator=g).float().to(device)
+    pad = (torch.rand(2, sk, generator=g) > 0.1).to(device)
+    q, k = torch.randn(2, 1, 2, 8, device=device), torch.randn(2, sk, 1, 8, device=device)
+    problem, inputs = validate(q, k, k, key_bias=kb, window=window, causal=True,
+                               key_padding_mask=pad)
+    plans = [build_interval_plan(problem, inputs, 64, engine=e) for e in ("torch", "triton")]
+    for name in ("key_first_row", "key_end_row", "candidates", "candidate_count"):
+        assert torch.equal(getattr(plans[0], name).cpu(), getattr(plans[1], name).cpu()), name

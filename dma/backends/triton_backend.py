@@ -21,6 +21,7 @@ import os
 import torch
 
 from ..selection import coarse_candidate_lists
+from ..triton_launch import run_kernel
 from ..validation import Inputs, Problem
 from .base import Backend, Capabilities, missing_packages, new_output
 from .gpu_launch import (
@@ -29,6 +30,8 @@ from .gpu_launch import (
     candidate_key_split,
     cdiv,
     finish_backward,
+    multiprocessors,
+    next_pow2,
     shared_memory_limit,
 )
 
@@ -47,6 +50,11 @@ CONFIGS = {
     # for the candidate kernels, no window for the dense ones).
     "fwd": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "STACK": 2},
     "fwd_dense": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "STACK": 4},
+    # Decoding (at most DECODE_ROWS query rows): 16-row blocks, so that a program's tile is
+    # the kv group's query heads rather than 64 rows of which one is real, and the key slots
+    # split over SPLITS programs (0: enough for two programs per multiprocessor).
+    "fwd_decode": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "STACK": 4,
+                   "SPLITS": 0},
     "dq": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "STACK": 2},
     "dkdv_candidates": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,
                         "ROWS": 512},
@@ -70,9 +78,16 @@ def kernel_config(kernel: str, d_pad: int) -> dict:
     return config
 
 
+DECODE_ROWS = 16
+
+
 def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[dict, int]:
-    """The forward's launch configuration and the query heads it stacks per program."""
+    """The forward's launch configuration (BLOCK_M included) and the query heads it stacks
+    per program."""
     d_pad = launch.dims["D_PAD"]
+    if problem.seqlen_q <= DECODE_ROWS:  # one block, so it reads the plan's first block
+        config = kernel_config("fwd_decode", d_pad)
+        return config, launch.heads_per_program(config.pop("STACK"))
     if not launch.flags["INTERVAL"] and not interpreter_mode():
         config = kernel_config("fwd_dense", d_pad)
         stack = config.pop("STACK")
@@ -80,9 +95,26 @@ def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[dict, int]:
         limit = shared_memory_limit(problem.device)
         if stacked == stack and limit is not None and \
                 _forward_shared_bytes(config, stacked, d_pad, problem) <= limit:
-            return config, stacked
+            return dict(config, BLOCK_M=BLOCK_M), stacked
     config = kernel_config("fwd", d_pad)
-    return config, launch.heads_per_program(config.pop("STACK"))
+    stacked = launch.heads_per_program(config.pop("STACK"))
+    return dict(config, BLOCK_M=BLOCK_M), stacked
+
+
+def key_splits(problem: Problem, plan, programs: int, config: dict) -> tuple[int, int]:
+    """(splits, slots per split) of the forward's key slots. Only decoding splits: its few
+    programs would otherwise leave most multiprocessors idle."""
+    requested = config.pop("SPLITS", 1)
+    block_n = config["BLOCK_N"]
+    slots = plan.candidates.shape[-1] if plan is not None else problem.seqlen_k
+    tiles = max(1, cdiv(slots, block_n))
+    if requested == 0:
+        requested = cdiv(2 * multiprocessors(problem.device), programs)
+    tiles_per_split = cdiv(tiles, max(1, min(requested, tiles)))
+    splits = cdiv(tiles, tiles_per_split)
+    if splits == 1:
+        return 1, 2**30
+    return splits, tiles_per_split * block_n
 
 
 def _forward_shared_bytes(config: dict, stacked: int, d_pad: int, problem: Problem) -> int:
@@ -147,15 +179,29 @@ class TritonBackend(Backend):
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
         config, stacked = forward_config(launch, problem)
-        grid = (cdiv(sq, BLOCK_M), b * h // stacked)
-        kern._fwd_kernel[grid](
-            launch.q, launch.k, launch.v, out, lse, *launch.qkv,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        grid = (cdiv(sq, config["BLOCK_M"]), b * h // stacked)
+        splits, split_slots = key_splits(problem, plan, grid[0] * grid[1], config)
+        if splits > 1:  # partial results in float32, merged below
+            o_to = new_output((splits, b, sq, h, d), torch.float32, problem.device)
+            lse_to = new_output((splits, b, h, sq), torch.float32, problem.device)
+        else:
+            o_to, lse_to = out[None], lse[None]
+        run_kernel(kern._fwd_kernel, (*grid, splits),
+            launch.q, launch.k, launch.v, o_to, lse_to, *launch.qkv,
+            o_to.stride(1), o_to.stride(2), o_to.stride(3), lse_to.stride(1), lse_to.stride(2),
             *launch.masks(), *launch.candidates,
             *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-            **launch.dims, BLOCK_M=BLOCK_M, **launch.flags,
+            split_slots, o_to.stride(0) if splits > 1 else 0,
+            lse_to.stride(0) if splits > 1 else 0,
+            **launch.dims, **launch.flags,
             DOT_PRECISION=_dot_precision(problem.dtype), HEADS_PER_PROG=stacked, **config,
         )
+        if splits > 1:
+            run_kernel(kern._combine_splits_kernel, (b * sq * h,),
+                o_to, lse_to, out, lse, splits, *o_to.stride()[:4], *lse_to.stride()[:3],
+                out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                sq, h, **launch.dims, SPLITS_PAD=next_pow2(splits),
+            )
         return out, lse
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
@@ -172,7 +218,8 @@ class TritonBackend(Backend):
 
         config = kernel_config("dq", d_pad)
         stacked = launch.heads_per_program(config.pop("STACK"))
-        kern._bwd_dq_kernel[(cdiv(sq, BLOCK_M), b * h // stacked)](
+        grid = (cdiv(sq, BLOCK_M), b * h // stacked)
+        run_kernel(kern._bwd_dq_kernel, grid,
             launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
             *launch.qkv, *stats,
             *((dab.stride(0), dab.stride(1), dab.stride(2)) if need_ab else (0, 0, 0)),
@@ -196,7 +243,8 @@ class TritonBackend(Backend):
             n_blocks = cand.shape[2]
             key_split = candidate_key_split(problem, n_blocks * b * programs_per_batch)
             batched = plan.batch > 1
-            kern._bwd_dkdv_candidates_kernel[(n_blocks, b * programs_per_batch, key_split)](
+            grid = (n_blocks, b * programs_per_batch, key_split)
+            run_kernel(kern._bwd_dkdv_candidates_kernel, grid,
                 *dkdv, *launch.key_bias, *launch.plan_rows,
                 cand, count, cand.stride(0) if batched else 0, cand.stride(1), cand.stride(2),
                 count.stride(0) if batched else 0, count.stride(1),
@@ -207,8 +255,8 @@ class TritonBackend(Backend):
             )
         else:
             config = kernel_config("dkdv_keys", d_pad)
-            kern._bwd_dkdv_keys_kernel[(cdiv(problem.seqlen_k, config["BLOCK_N"]),
-                                        b * problem.kv_heads)](
+            grid = (cdiv(problem.seqlen_k, config["BLOCK_N"]), b * problem.kv_heads)
+            run_kernel(kern._bwd_dkdv_keys_kernel, grid,
                 *dkdv, *launch.masks(), *launch.sizes, problem.kv_heads, problem.group_size,
                 launch.scale, launch.softcap,
                 **launch.flags, NEED_DKB=need_kb, **common, **config,

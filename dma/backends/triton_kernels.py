@@ -126,6 +126,7 @@ def _fwd_kernel(
     FIRST, END, splan_b, splan_h, plan_hdiv,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, causal_offset, heads, group, scale, softcap,
+    split_slots, so_split, slse_split,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
@@ -133,9 +134,14 @@ def _fwd_kernel(
 ):
     """One query block of HEADS_PER_PROG query heads of one kv group, stacked into one tile
     so that each gathered K/V tile serves all of them (the host stacks heads only when every
-    bias, mask and plan is shared by the group)."""
+    bias, mask and plan is shared by the group).
+
+    Split keys (decoding): program_id(2) walks only slots [split * split_slots, + split_slots)
+    (a multiple of BLOCK_N) and writes its partial output and lse at split * so_split and
+    split * slse_split; `_combine_splits_kernel` merges them. Unsplit: one split, all slots."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     programs_per_batch = heads // HEADS_PER_PROG
     b = bh // programs_per_batch
     h = (bh % programs_per_batch) * HEADS_PER_PROG
@@ -155,7 +161,8 @@ def _fwd_kernel(
     acc = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
                           scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL)
-    for start in range(0, n_slots, BLOCK_N):
+    slot_lo = split * split_slots
+    for start in range(slot_lo, tl.minimum(n_slots, slot_lo + split_slots), BLOCK_N):
         keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
                                  scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
                                  INTERVAL)
@@ -181,10 +188,42 @@ def _fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(Out + b * so_b + row_head[:, None] * so_h + rows64[:, None] * so_s + dims[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    out_ptr = (Out + split * so_split + b * so_b + row_head[:, None] * so_h
+               + rows64[:, None] * so_s + dims[None, :])
+    tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + b * slse_b + row_head * slse_h + rows, lse, mask=row_ok)
+    tl.store(LSE + split * slse_split + b * slse_b + row_head * slse_h + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    OUT_PARTS, LSE_PARTS, Out, LSE, splits, sp_split, sp_b, sp_s, sp_h, slp_split, slp_b,
+    slp_h, so_b, so_s, so_h, slse_b, slse_h, seqlen_q, heads,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """One (batch, row, head) of a split forward: lse = log sum_s exp(lse_s) and
+    o = sum_s exp(lse_s - lse) o_s; a row with no kept key in any split stays 0 / -inf."""
+    pid = tl.program_id(0)
+    b = pid // (seqlen_q * heads)
+    row = (pid // heads) % seqlen_q
+    h = pid % heads
+    parts = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, D_PAD)
+    part_ok = parts < splits
+    lse_parts = tl.load(LSE_PARTS + parts * slp_split + b * slp_b + h * slp_h + row,
+                        mask=part_ok, other=float("-inf"))
+    top = tl.max(lse_parts, 0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(lse_parts - top_safe)  # 0 for empty parts
+    total = tl.sum(weight, 0)
+    o_parts = tl.load(OUT_PARTS + parts[:, None] * sp_split + b * sp_b + row * sp_s + h * sp_h
+                      + dims[None, :], mask=part_ok[:, None] & (dims < HEAD_DIM)[None, :],
+                      other=0.0)
+    out = tl.sum(o_parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + b * so_b + row * so_s + h * so_h + dims, out.to(Out.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+    lse = tl.where(total == 0.0, float("-inf"), top_safe + tl.log(total))
+    tl.store(LSE + b * slse_b + h * slse_h + row, lse)
 
 
 @triton.jit
