@@ -19,6 +19,10 @@ ops, whose launch overhead dominated the plan's time on GPUs):
   threshold. Work per block is about BLOCK_M x (window length), not rows x keys.
 * `_candidates_kernel` lists, in ascending order, the keys kept by any row of the block:
   those with first_row < block end and end_row > block start.
+
+Decoding (one query row) needs no thresholds: after the same sort, `_single_row_kernel`,
+`_kept_per_chunk_kernel` and `_compact_kept_kernel` (at the end of this file) give the key
+intervals and the one candidate list.
 """
 
 import triton

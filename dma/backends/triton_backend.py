@@ -36,6 +36,7 @@ from .gpu_launch import (
 )
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
+DECODE_ROWS = 16  # up to this many query rows the forward takes the "fwd_decode" config
 
 # Launch configuration per kernel: BLOCK_N (keys per tile), num_warps and num_stages; the
 # forward and dq stack up to STACK heads of a kv group per program; the candidate dk/dv kernel
@@ -76,9 +77,6 @@ def kernel_config(kernel: str, d_pad: int) -> dict:
         if "ROWS" in config:
             config["ROWS"] = 128
     return config
-
-
-DECODE_ROWS = 16
 
 
 def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[dict, int]:
