@@ -4,8 +4,10 @@
     python benchmarks/tune_triton.py --seqlen 16384 --window 0    # dense tiles, no window
 
 For each kernel it varies one configuration at a time around the defaults in
-dma/backends/triton_backend.py (CONFIGS) and prints the forward or forward+backward time, so a
-better default can be read off and written back.
+dma/backends/triton_backend.py (CONFIGS), over the alternatives of
+dma/backends/triton_tuning.py (SEARCH, which DMA_TRITON_AUTOTUNE=1 also times at run time),
+and prints the forward or forward+backward time, so a better default can be read off and
+written back.
 """
 
 import argparse
@@ -15,19 +17,9 @@ import torch
 
 import dma
 from dma.backends import triton_backend
+from dma.backends.triton_tuning import SEARCH
 from dma.benchmarking import Shape, make_inputs, median_ms
 
-CANDIDATES = {
-    "fwd": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 4], STACK=[1, 2]),
-    "dq": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[2, 3], STACK=[1, 2]),
-    "dkdv_candidates": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
-                            num_stages=[1, 2], ROWS=[256, 512, 1024]),
-    # dense tiles (no window, or explicit masks; dkdv_keys also in deterministic mode)
-    "fwd_dense": dict(BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4],
-                      STACK=[2, 4]),
-    "dkdv_keys": dict(BLOCK_M=[32, 64, 128], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
-                      num_stages=[2, 3]),
-}
 WINDOW_KERNELS = ["fwd", "dq", "dkdv_candidates"]
 DENSE_KERNELS = ["fwd_dense", "dq", "dkdv_keys"]
 
@@ -63,7 +55,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  shape: {shape.label}")
     for kernel in kernels:
         run = run_fwd if kernel.startswith("fwd") else run_train
-        space = CANDIDATES[kernel]
+        space = SEARCH[kernel]
         base = triton_backend.CONFIGS[kernel]
         if args.full_grid:
             trials = [dict(zip(space, values)) for values in itertools.product(*space.values())]

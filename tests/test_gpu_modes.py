@@ -1,14 +1,16 @@
-"""GPU-backend modes that the shared suite does not switch: deterministic backward, and
-the triton forward's key splits (which it picks on its own only for decoding on a GPU)."""
+"""GPU-backend modes that the shared suite does not switch: deterministic backward, the
+triton forward's key splits (which it picks on its own only for decoding on a GPU), and
+run-time tuning."""
 
 import pytest
 from conformance.cases import CASES
 
-from dma.backends import triton_backend
+from dma.backends import triton_backend, triton_tuning
 from harness import available_devices, check_case
 
 WINDOW_CASES = [c for c in CASES if c.window is not None and c.attn_bias is None][:8]
 DECODE_CASES = [c for c in CASES if c.seqlen_q == 1]
+TUNED_CASES = [c for c in CASES if c.name in ("window4", "key_bias_b1_h1", "attn_bias_2x1x1x1")]
 
 
 @pytest.mark.parametrize("device", available_devices())
@@ -26,4 +28,14 @@ def test_deterministic_backward(case, backend, device, monkeypatch):
 def test_triton_split_decoding(case, splits, device, monkeypatch):
     """Key slots split over programs, partial results merged by the combine kernel."""
     monkeypatch.setitem(triton_backend.OVERRIDES, "fwd_decode", {"SPLITS": splits})
+    check_case(case, "triton", device)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("case", TUNED_CASES, ids=[c.name for c in TUNED_CASES])
+def test_triton_autotuned(case, device, monkeypatch):
+    """DMA_TRITON_AUTOTUNE=1 runs every alternative on the call's own tensors first: the
+    results (gradients added atomically included) must be those of one launch."""
+    monkeypatch.setenv("DMA_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(triton_tuning, "_chosen", {})
     check_case(case, "triton", device)

@@ -23,6 +23,7 @@ import torch
 from ..selection import coarse_candidate_lists
 from ..triton_launch import run_kernel
 from ..validation import Inputs, Problem
+from . import triton_tuning
 from .base import Backend, Capabilities, missing_packages, new_output
 from .gpu_launch import (
     LaunchArgs,
@@ -79,24 +80,28 @@ def kernel_config(kernel: str, d_pad: int) -> dict:
     return config
 
 
-def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[dict, int]:
-    """The forward's launch configuration (BLOCK_M included) and the query heads it stacks
-    per program."""
+def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[str, dict]:
+    """Which forward configuration ("fwd_decode", "fwd_dense" or "fwd") and its settings,
+    BLOCK_M and STACK (the most query heads stacked per program) included."""
     d_pad = launch.dims["D_PAD"]
     if problem.seqlen_q <= DECODE_ROWS:  # one block, so it reads the plan's first block
-        config = kernel_config("fwd_decode", d_pad)
-        return config, launch.heads_per_program(config.pop("STACK"))
+        return "fwd_decode", kernel_config("fwd_decode", d_pad)
     if not launch.flags["INTERVAL"] and not interpreter_mode():
         config = kernel_config("fwd_dense", d_pad)
-        stack = config.pop("STACK")
-        stacked = launch.heads_per_program(stack)
+        stacked = launch.heads_per_program(config["STACK"])
         limit = shared_memory_limit(problem.device)
-        if stacked == stack and limit is not None and \
+        if stacked == config["STACK"] and limit is not None and \
                 _forward_shared_bytes(config, stacked, d_pad, problem) <= limit:
-            return dict(config, BLOCK_M=BLOCK_M), stacked
-    config = kernel_config("fwd", d_pad)
-    stacked = launch.heads_per_program(config.pop("STACK"))
-    return dict(config, BLOCK_M=BLOCK_M), stacked
+            return "fwd_dense", dict(config, BLOCK_M=BLOCK_M)
+    return "fwd", dict(kernel_config("fwd", d_pad), BLOCK_M=BLOCK_M)
+
+
+def tuned(kernel: str, problem: Problem, launch: LaunchArgs, config: dict, trial) -> dict:
+    """`config`, or with DMA_TRITON_AUTOTUNE=1 the fastest alternative (triton_tuning.py)."""
+    if not triton_tuning.enabled():
+        return config
+    key = triton_tuning.tuning_key(kernel, problem, launch.flags, launch.dims["D_PAD"])
+    return triton_tuning.choose(kernel, key, config, trial, problem.device)
 
 
 def key_splits(problem: Problem, plan, programs: int, config: dict) -> tuple[int, int]:
@@ -113,6 +118,37 @@ def key_splits(problem: Problem, plan, programs: int, config: dict) -> tuple[int
     if splits == 1:
         return 1, 2**30
     return splits, tiles_per_split * block_n
+
+
+def _launch_forward(problem: Problem, launch: LaunchArgs, plan, config: dict, out, lse):
+    """The forward kernel with one configuration (and, when it splits key slots, the
+    combine kernel), writing `out` and `lse`."""
+    kern = _kernels()
+    config = dict(config)
+    stacked = launch.heads_per_program(config.pop("STACK"))
+    b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
+    grid = (cdiv(sq, config["BLOCK_M"]), b * h // stacked)
+    splits, split_slots = key_splits(problem, plan, grid[0] * grid[1], config)
+    if splits > 1:  # partial results in float32, merged below
+        o_to = new_output((splits, b, sq, h, d), torch.float32, problem.device)
+        lse_to = new_output((splits, b, h, sq), torch.float32, problem.device)
+    else:
+        o_to, lse_to = out[None], lse[None]
+    run_kernel(kern._fwd_kernel, (*grid, splits),
+        launch.q, launch.k, launch.v, o_to, lse_to, *launch.qkv,
+        o_to.stride(1), o_to.stride(2), o_to.stride(3), lse_to.stride(1), lse_to.stride(2),
+        *launch.masks(), *launch.candidates,
+        *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
+        split_slots, o_to.stride(0) if splits > 1 else 0, lse_to.stride(0) if splits > 1 else 0,
+        **launch.dims, **launch.flags,
+        DOT_PRECISION=_dot_precision(problem.dtype), HEADS_PER_PROG=stacked, **config,
+    )
+    if splits > 1:
+        run_kernel(kern._combine_splits_kernel, (b * sq * h,),
+            o_to, lse_to, out, lse, splits, *o_to.stride()[:4], *lse_to.stride()[:3],
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            sq, h, **launch.dims, SPLITS_PAD=next_pow2(splits),
+        )
 
 
 def _forward_shared_bytes(config: dict, stacked: int, d_pad: int, problem: Problem) -> int:
@@ -171,35 +207,16 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
-        kern = _kernels()
         launch = LaunchArgs(problem, inputs, plan)
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        config, stacked = forward_config(launch, problem)
-        grid = (cdiv(sq, config["BLOCK_M"]), b * h // stacked)
-        splits, split_slots = key_splits(problem, plan, grid[0] * grid[1], config)
-        if splits > 1:  # partial results in float32, merged below
-            o_to = new_output((splits, b, sq, h, d), torch.float32, problem.device)
-            lse_to = new_output((splits, b, h, sq), torch.float32, problem.device)
-        else:
-            o_to, lse_to = out[None], lse[None]
-        run_kernel(kern._fwd_kernel, (*grid, splits),
-            launch.q, launch.k, launch.v, o_to, lse_to, *launch.qkv,
-            o_to.stride(1), o_to.stride(2), o_to.stride(3), lse_to.stride(1), lse_to.stride(2),
-            *launch.masks(), *launch.candidates,
-            *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-            split_slots, o_to.stride(0) if splits > 1 else 0,
-            lse_to.stride(0) if splits > 1 else 0,
-            **launch.dims, **launch.flags,
-            DOT_PRECISION=_dot_precision(problem.dtype), HEADS_PER_PROG=stacked, **config,
-        )
-        if splits > 1:
-            run_kernel(kern._combine_splits_kernel, (b * sq * h,),
-                o_to, lse_to, out, lse, splits, *o_to.stride()[:4], *lse_to.stride()[:3],
-                out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-                sq, h, **launch.dims, SPLITS_PAD=next_pow2(splits),
-            )
+
+        def run(config):
+            _launch_forward(problem, launch, plan, config, out, lse)
+
+        name, config = forward_config(launch, problem)
+        run(tuned(name, problem, launch, config, run))
         return out, lse
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
@@ -214,18 +231,20 @@ class TritonBackend(Backend):
         dab_arg = dab if need_ab else launch.q
         stats = (bufs.lse.stride(0), bufs.lse.stride(1))
 
-        config = kernel_config("dq", d_pad)
-        stacked = launch.heads_per_program(config.pop("STACK"))
-        grid = (cdiv(sq, BLOCK_M), b * h // stacked)
-        run_kernel(kern._bwd_dq_kernel, grid,
-            launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
-            *launch.qkv, *stats,
-            *((dab.stride(0), dab.stride(1), dab.stride(2)) if need_ab else (0, 0, 0)),
-            *launch.masks(), *launch.candidates,
-            *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-            **launch.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
-            **common, **config,
-        )
+        def run_dq(config):
+            config = dict(config)
+            stacked = launch.heads_per_program(config.pop("STACK"))
+            run_kernel(kern._bwd_dq_kernel, (cdiv(sq, BLOCK_M), b * h // stacked),
+                launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
+                *launch.qkv, *stats,
+                *((dab.stride(0), dab.stride(1), dab.stride(2)) if need_ab else (0, 0, 0)),
+                *launch.masks(), *launch.candidates,
+                *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
+                **launch.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
+                **common, **config,
+            )
+
+        run_dq(tuned("dq", problem, launch, kernel_config("dq", d_pad), run_dq))
 
         dkb = bufs.dkb if need_kb else launch.q
         dkb_strides = (dkb.stride(0), dkb.stride(1)) if need_kb else (0, 0)
@@ -235,28 +254,41 @@ class TritonBackend(Backend):
             shared = plan.heads < h or problem.group_size == 1
             heads_per_program = problem.group_size if shared else 1
             programs_per_batch = h // heads_per_program
-            config = kernel_config("dkdv_candidates", d_pad)
-            rows = config.pop("ROWS")
-            cand, count = coarse_candidate_lists(problem, plan, rows)
-            n_blocks = cand.shape[2]
-            key_split = candidate_key_split(problem, n_blocks * b * programs_per_batch)
-            batched = plan.batch > 1
-            grid = (n_blocks, b * programs_per_batch, key_split)
-            run_kernel(kern._bwd_dkdv_candidates_kernel, grid,
-                *dkdv, *launch.key_bias, *launch.plan_rows,
-                cand, count, cand.stride(0) if batched else 0, cand.stride(1), cand.stride(2),
-                count.stride(0) if batched else 0, count.stride(1),
-                *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
-                key_split, launch.scale, launch.softcap, ROWS_PER_PROGRAM=rows,
-                HAS_KB=launch.flags["HAS_KB"], SOFTCAP=launch.flags["SOFTCAP"],
-                NEED_DKB=need_kb, **common, **config,
-            )
+
+            def run_dkdv(config, zero_first=False):
+                if zero_first:  # the kernel adds into dk, dv and d key_bias
+                    for t in (dk, bufs.dv, bufs.dkb):
+                        if t is not None:
+                            t.zero_()
+                config = dict(config)
+                rows = config.pop("ROWS")
+                cand, count = coarse_candidate_lists(problem, plan, rows)
+                n_blocks = cand.shape[2]
+                key_split = candidate_key_split(problem, n_blocks * b * programs_per_batch)
+                batched = plan.batch > 1
+                grid = (n_blocks, b * programs_per_batch, key_split)
+                run_kernel(kern._bwd_dkdv_candidates_kernel, grid,
+                    *dkdv, *launch.key_bias, *launch.plan_rows,
+                    cand, count, cand.stride(0) if batched else 0, cand.stride(1),
+                    cand.stride(2), count.stride(0) if batched else 0, count.stride(1),
+                    *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
+                    key_split, launch.scale, launch.softcap, ROWS_PER_PROGRAM=rows,
+                    HAS_KB=launch.flags["HAS_KB"], SOFTCAP=launch.flags["SOFTCAP"],
+                    NEED_DKB=need_kb, **common, **config,
+                )
+
+            config = tuned("dkdv_candidates", problem, launch,
+                           kernel_config("dkdv_candidates", d_pad), run_dkdv)
+            run_dkdv(config, zero_first=triton_tuning.enabled())  # trials added into them
         else:
-            config = kernel_config("dkdv_keys", d_pad)
-            grid = (cdiv(problem.seqlen_k, config["BLOCK_N"]), b * problem.kv_heads)
-            run_kernel(kern._bwd_dkdv_keys_kernel, grid,
-                *dkdv, *launch.masks(), *launch.sizes, problem.kv_heads, problem.group_size,
-                launch.scale, launch.softcap,
-                **launch.flags, NEED_DKB=need_kb, **common, **config,
-            )
+            def run_dkdv(config):
+                grid = (cdiv(problem.seqlen_k, config["BLOCK_N"]), b * problem.kv_heads)
+                run_kernel(kern._bwd_dkdv_keys_kernel, grid,
+                    *dkdv, *launch.masks(), *launch.sizes, problem.kv_heads,
+                    problem.group_size, launch.scale, launch.softcap,
+                    **launch.flags, NEED_DKB=need_kb, **common, **config,
+                )
+
+            run_dkdv(tuned("dkdv_keys", problem, launch, kernel_config("dkdv_keys", d_pad),
+                           run_dkdv))
         return finish_backward(problem, inputs, bufs)
