@@ -7,6 +7,7 @@ buffers and reduces them to the inputs' shapes.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -97,6 +98,7 @@ class LaunchArgs:
             HAS_PAD=self.padding[0] is not dummy,
             SOFTCAP=problem.softcap is not None,
             INTERVAL=plan is not None,
+            TILE_LIST=False,  # see with_live_tiles
         )
         head_dim = problem.head_dim
         self.dims = dict(HEAD_DIM=head_dim, D_PAD=self.padded_head_dim(head_dim))
@@ -121,6 +123,25 @@ class LaunchArgs:
         return (*self.key_bias, *self.attn_bias, *self.attn_mask, *self.padding,
                 *self.plan_rows)
 
+    def with_live_tiles(self, block_m: int, block_n: int, by_key: bool = False) -> LaunchArgs:
+        """These arguments, with the candidate slots listing per block of `block_m` rows (by
+        key: per tile of `block_n` keys) the tiles that the explicit mask and causality leave
+        live, so that dense tiles that are all masked are never visited. Unchanged without an
+        explicit mask, and in the DMA case (whose candidates already bound the work)."""
+        if not self.flags["HAS_AM"] or self.flags["INTERVAL"]:
+            return self
+        mask, hdiv = self.attn_mask[0], self.attn_mask[5]
+        tiles, counts = live_tile_lists(self.problem, mask.view(torch.bool), block_m, block_n,
+                                        by_key)
+        listed = copy.copy(self)
+        batched = tiles.shape[0] > 1
+        listed.candidates = (tiles, counts, tiles.stride(0) if batched else 0, tiles.stride(1),
+                             tiles.stride(2), counts.stride(0) if batched else 0,
+                             counts.stride(1))
+        listed.plan_rows = (*self.plan_rows[:4], hdiv)  # the lists are per mask head
+        listed.flags = dict(self.flags, TILE_LIST=True)
+        return listed
+
     def heads_per_program(self, stack: int) -> int:
         """Query heads stacked per program (at most `stack`): only when the kv group divides
         evenly and every per-head input (plan, key_bias, attn_bias, mask) is shared by it."""
@@ -131,6 +152,48 @@ class LaunchArgs:
         while stack > 1 and group % stack:
             stack //= 2
         return stack
+
+
+def live_tile_lists(problem: Problem, mask: torch.Tensor, block_m: int, block_n: int,
+                    by_key: bool = False):
+    """Per (mask batch, mask head, block of rows), the ascending ids of the key tiles that
+    hold a pair the bool `mask` (B or 1, heads, Sq or 1, Sk or 1) allows and a pair
+    causality allows, and their count; with `by_key`, per key tile the live row blocks.
+    Every tile with a pair that both allow is listed (the kernels still test each pair).
+    int32, O(tiles) memory; the mask is read once and never copied or broadcast."""
+    n_rows, n_keys = cdiv(problem.seqlen_q, block_m), cdiv(problem.seqlen_k, block_n)
+    live = mask
+    if live.shape[2] > 1:
+        live = _any_per_block(live, 2, block_m)
+    if live.shape[3] > 1:
+        live = _any_per_block(live, 3, block_n)
+    live = live.expand(*live.shape[:2], n_rows, n_keys)
+    if problem.causal:  # a tile holds an allowed pair iff its first key <= last row + offset
+        device = mask.device
+        last_row = ((torch.arange(n_rows, device=device) + 1) * block_m).clamp(
+            max=problem.seqlen_q) - 1
+        first_key = torch.arange(n_keys, device=device) * block_n
+        live = live & (first_key[None, :] <= last_row[:, None] + problem.causal_offset)
+    if by_key:
+        live = live.transpose(2, 3)
+    live = live.to(torch.uint8)
+    # A stable sort puts the live tiles first, in ascending order.
+    tiles = torch.sort(live, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    return tiles.contiguous(), live.sum(-1, dtype=torch.int32).contiguous()
+
+
+def _any_per_block(t: torch.Tensor, dim: int, block: int) -> torch.Tensor:
+    """`t` (bool) reduced by `any` over consecutive blocks of `block` entries along `dim`."""
+    size = t.shape[dim]
+    full = size // block
+    parts = []
+    if full:
+        whole = t.narrow(dim, 0, full * block)
+        parts.append(whole.reshape(*t.shape[:dim], full, block, *t.shape[dim + 1:])
+                     .any(dim + 1))
+    if size % block:
+        parts.append(t.narrow(dim, full * block, size - full * block).any(dim, keepdim=True))
+    return torch.cat(parts, dim)
 
 
 @dataclass

@@ -126,6 +126,7 @@ def _launch_forward(problem: Problem, launch: LaunchArgs, plan, config: dict, ou
     kern = _kernels()
     config = dict(config)
     stacked = launch.heads_per_program(config.pop("STACK"))
+    launch = launch.with_live_tiles(config["BLOCK_M"], config["BLOCK_N"])
     b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
     grid = (cdiv(sq, config["BLOCK_M"]), b * h // stacked)
     splits, split_slots = key_splits(problem, plan, grid[0] * grid[1], config)
@@ -234,13 +235,14 @@ class TritonBackend(Backend):
         def run_dq(config):
             config = dict(config)
             stacked = launch.heads_per_program(config.pop("STACK"))
+            tiles = launch.with_live_tiles(BLOCK_M, config["BLOCK_N"])
             run_kernel(kern._bwd_dq_kernel, (cdiv(sq, BLOCK_M), b * h // stacked),
                 launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
                 *launch.qkv, *stats,
                 *((dab.stride(0), dab.stride(1), dab.stride(2)) if need_ab else (0, 0, 0)),
-                *launch.masks(), *launch.candidates,
+                *tiles.masks(), *tiles.candidates,
                 *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-                **launch.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
+                **tiles.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
                 **common, **config,
             )
 
@@ -283,10 +285,11 @@ class TritonBackend(Backend):
         else:
             def run_dkdv(config):
                 grid = (cdiv(problem.seqlen_k, config["BLOCK_N"]), b * problem.kv_heads)
+                tiles = launch.with_live_tiles(config["BLOCK_M"], config["BLOCK_N"], by_key=True)
                 run_kernel(kern._bwd_dkdv_keys_kernel, grid,
-                    *dkdv, *launch.masks(), *launch.sizes, problem.kv_heads,
+                    *dkdv, *tiles.masks(), *tiles.candidates, *launch.sizes, problem.kv_heads,
                     problem.group_size, launch.scale, launch.softcap,
-                    **launch.flags, NEED_DKB=need_kb, **common, **config,
+                    **tiles.flags, NEED_DKB=need_kb, **common, **config,
                 )
 
             run_dkdv(tuned("dkdv_keys", problem, launch, kernel_config("dkdv_keys", d_pad),

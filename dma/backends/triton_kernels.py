@@ -85,15 +85,21 @@ def _load_rows(base, rows64, row_stride, dims, row_ok, dim_ok):
 def _key_tile(
     start, block, b, h, seqlen_k, key_limit,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv,
-    BLOCK_N: tl.constexpr, INTERVAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr = False,
 ):
-    """Key ids of one tile and which of them are real: candidates or consecutive keys."""
+    """Key ids of one tile and which of them are real: candidates, the next live tile of
+    consecutive keys (TILE_LIST: CAND holds the block's live tile ids), or consecutive keys."""
     offs = start + tl.arange(0, BLOCK_N)
     if INTERVAL:
         base = b * scand_b + (h // plan_hdiv) * scand_h
         count = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block)
         key_ok = offs < count
         keys = tl.load(CAND + base + block * scand_blk + offs, mask=key_ok, other=0)
+    elif TILE_LIST:
+        base = b * scand_b + (h // plan_hdiv) * scand_h
+        tile = tl.load(CAND + base + block * scand_blk + start // BLOCK_N)
+        keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = keys < seqlen_k
     else:
         key_ok = offs < key_limit
         keys = offs
@@ -103,10 +109,14 @@ def _key_tile(
 @triton.jit
 def _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset,
                 COUNT, scnt_b, scnt_h, plan_hdiv,
-                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, INTERVAL: tl.constexpr):
-    """How many key slots a query block walks: its candidate count, or its causal limit."""
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, INTERVAL: tl.constexpr,
+                TILE_LIST: tl.constexpr = False, BLOCK_N: tl.constexpr = 1):
+    """How many key slots a query block walks: its candidate count, its live tiles times
+    BLOCK_N, or its causal limit."""
     if INTERVAL:
         n = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block)
+    elif TILE_LIST:
+        n = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block) * BLOCK_N
     else:
         n = seqlen_k
         if CAUSAL:
@@ -130,7 +140,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
+    TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
 ):
     """One query block of HEADS_PER_PROG query heads of one kv group, stacked into one tile
     so that each gathered K/V tile serves all of them (the host stacks heads only when every
@@ -160,12 +170,12 @@ def _fwd_kernel(
     l_i = tl.zeros([HEADS_PER_PROG * BLOCK_M], tl.float32)
     acc = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
-                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL)
+                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
     slot_lo = split * split_slots
     for start in range(slot_lo, tl.minimum(n_slots, slot_lo + split_slots), BLOCK_N):
         keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
                                  scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
-                                 INTERVAL)
+                                 INTERVAL, TILE_LIST)
         keys64 = keys.to(tl.int64)
         k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
                        dim_ok)
@@ -241,7 +251,8 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NEED_DAB: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
+    TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, NEED_DAB: tl.constexpr,
+    HEADS_PER_PROG: tl.constexpr,
 ):
     """dq (and the full-size ds for d attn_bias) of one query block: the forward's walk,
     with the same head stacking."""
@@ -269,11 +280,11 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
-                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL)
+                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
     for start in range(0, n_slots, BLOCK_N):
         keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
                                  scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
-                                 INTERVAL)
+                                 INTERVAL, TILE_LIST)
         keys64 = keys.to(tl.int64)
         k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
                        dim_ok)
@@ -310,14 +321,16 @@ def _bwd_dkdv_keys_kernel(
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
     FIRST, END, splan_b, splan_h, plan_hdiv,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, causal_offset, kv_heads, group, scale, softcap,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, NEED_DKB: tl.constexpr,
+    TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, NEED_DKB: tl.constexpr,
 ):
     """dk, dv (and d key_bias per query head) of one tile of consecutive keys, walking the
-    query rows that can keep them. Deterministic: every output element has one writer."""
+    query rows that can keep them (TILE_LIST: only the row tiles that CAND lists as live for
+    this key tile). Deterministic: every output element has one writer."""
     kblock = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // kv_heads
@@ -349,8 +362,15 @@ def _bwd_dkdv_keys_kernel(
                 row_lo = tl.maximum(kblock * BLOCK_N - causal_offset, 0)
             row_hi = seqlen_q
         row_lo = (row_lo // BLOCK_M) * BLOCK_M
+        n_row_tiles = tl.cdiv(row_hi - row_lo, BLOCK_M)
+        if TILE_LIST:
+            n_row_tiles = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + kblock)
         dkb = tl.zeros([BLOCK_N], tl.float32)
-        for row_start in range(row_lo, row_hi, BLOCK_M):
+        for t in range(0, n_row_tiles):
+            row_start = row_lo + t * BLOCK_M
+            if TILE_LIST:
+                row_start = tl.load(CAND + b * scand_b + (h // plan_hdiv) * scand_h
+                                    + kblock * scand_blk + t) * BLOCK_M
             rows = row_start + tl.arange(0, BLOCK_M)
             row_ok = rows < seqlen_q
             rows64 = rows.to(tl.int64)
