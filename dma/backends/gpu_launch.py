@@ -208,11 +208,17 @@ class BackwardBuffers:
     dk: torch.Tensor
     dv: torch.Tensor
     dkb: Optional[torch.Tensor]  # (B, H, Sk) float32, per query head
-    dab: Optional[torch.Tensor]  # (B, H, Sq, Sk) float32, reduced to attn_bias's shape after
+    # d attn_bias in float32: (B, H, Sq, Sk), reduced to attn_bias's shape after, or already
+    # in that shape (dab_reduced) when the kernel adds into it atomically
+    dab: Optional[torch.Tensor]
     atomics: bool
+    dab_reduced: bool = False
 
 
-def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta):
+def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta,
+                     reduce_bias_grad_in_kernel: bool = False):
+    """The backward's buffers. With `reduce_bias_grad_in_kernel` (and outside deterministic
+    mode) d attn_bias has attn_bias's own shape, not (B, H, Sq, Sk)."""
     need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
     b, h, hkv = problem.batch, problem.heads, problem.kv_heads
     sq, sk, d = problem.seqlen_q, problem.seqlen_k, problem.head_dim
@@ -229,12 +235,14 @@ def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta)
     else:
         def alloc(*shape, dtype):
             return new_output(shape, dtype, device)
+    dab_reduced = need_ab and reduce_bias_grad_in_kernel and not deterministic_mode()
+    dab_shape = launch.attn_bias[0].shape if dab_reduced else (b, h, sq, sk)
     return BackwardBuffers(
         do=do, lse=lse.contiguous(), delta=delta.float().contiguous(), dq=dq,
         dk=alloc(b, sk, hkv, d, dtype=problem.dtype), dv=alloc(b, sk, hkv, d, dtype=problem.dtype),
         dkb=alloc(b, h, sk, dtype=torch.float32) if need_kb else None,
-        dab=torch.zeros(b, h, sq, sk, dtype=torch.float32, device=device) if need_ab else None,
-        atomics=atomics)
+        dab=torch.zeros(dab_shape, dtype=torch.float32, device=device) if need_ab else None,
+        atomics=atomics, dab_reduced=dab_reduced)
 
 
 def finish_backward(problem: Problem, inputs: Inputs, bufs: BackwardBuffers):
@@ -242,7 +250,10 @@ def finish_backward(problem: Problem, inputs: Inputs, bufs: BackwardBuffers):
     need_q, need_k, need_v, need_kb, need_ab = problem.needs_grad
     hkv = problem.kv_heads
     grad_kb = reduce_bias_grad(bufs.dkb, inputs.key_bias, hkv) if need_kb else None
-    grad_ab = reduce_bias_grad(bufs.dab, inputs.attn_bias, hkv) if need_ab else None
+    grad_ab = None
+    if need_ab:
+        grad_ab = (bufs.dab.to(inputs.attn_bias.dtype) if bufs.dab_reduced
+                   else reduce_bias_grad(bufs.dab, inputs.attn_bias, hkv))
     return (bufs.dq if need_q else None, bufs.dk.to(problem.dtype) if need_k else None,
             bufs.dv.to(problem.dtype) if need_v else None, grad_kb, grad_ab)
 

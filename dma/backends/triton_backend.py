@@ -152,6 +152,18 @@ def _launch_forward(problem: Problem, launch: LaunchArgs, plan, config: dict, ou
         )
 
 
+def _bias_grad_args(bufs, launch: LaunchArgs) -> tuple:
+    """d attn_bias strides (batch, head, row, key) and head divisor for `_write_bias_grad`:
+    the full (B, H, Sq, Sk) buffer, or attn_bias's own shape with broadcast dims at 0."""
+    dab = bufs.dab
+    if dab is None:
+        return (0, 0, 0, 0, 1)
+    if not bufs.dab_reduced:
+        return (dab.stride(0), dab.stride(1), dab.stride(2), 1, 1)
+    strides = [dab.stride(i) if dab.shape[i] > 1 else 0 for i in range(4)]
+    return (*strides, launch.attn_bias[5])
+
+
 def _forward_shared_bytes(config: dict, stacked: int, d_pad: int, problem: Problem) -> int:
     """Estimate: the Q tile plus num_stages buffered K and V tiles."""
     size = problem.dtype.itemsize
@@ -223,7 +235,8 @@ class TritonBackend(Backend):
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         kern = _kernels()
         launch = LaunchArgs(problem, inputs, plan)
-        bufs = backward_buffers(problem, launch, plan, lse, do, delta)
+        bufs = backward_buffers(problem, launch, plan, lse, do, delta,
+                                reduce_bias_grad_in_kernel=True)
         b, h, sq = problem.batch, problem.heads, problem.seqlen_q
         need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
         d_pad = launch.dims["D_PAD"]
@@ -232,21 +245,26 @@ class TritonBackend(Backend):
         dab_arg = dab if need_ab else launch.q
         stats = (bufs.lse.stride(0), bufs.lse.stride(1))
 
-        def run_dq(config):
+        def run_dq(config, zero_first=False):
+            if zero_first and bufs.dab_reduced:  # the kernel adds into d attn_bias
+                dab.zero_()
             config = dict(config)
             stacked = launch.heads_per_program(config.pop("STACK"))
             tiles = launch.with_live_tiles(BLOCK_M, config["BLOCK_N"])
             run_kernel(kern._bwd_dq_kernel, (cdiv(sq, BLOCK_M), b * h // stacked),
                 launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
                 *launch.qkv, *stats,
-                *((dab.stride(0), dab.stride(1), dab.stride(2)) if need_ab else (0, 0, 0)),
+                *_bias_grad_args(bufs, launch),
                 *tiles.masks(), *tiles.candidates,
                 *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
-                **tiles.flags, NEED_DAB=need_ab, HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
+                **tiles.flags, NEED_DAB=need_ab, DAB_REDUCED=bufs.dab_reduced,
+                DAB_ROWS=need_ab and dab.shape[2] > 1, DAB_KEYS=need_ab and dab.shape[3] > 1,
+                HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
                 **common, **config,
             )
 
-        run_dq(tuned("dq", problem, launch, kernel_config("dq", d_pad), run_dq))
+        run_dq(tuned("dq", problem, launch, kernel_config("dq", d_pad), run_dq),
+               zero_first=triton_tuning.enabled())  # trials added into it
 
         dkb = bufs.dkb if need_kb else launch.q
         dkb_strides = (dkb.stride(0), dkb.stride(1)) if need_kb else (0, 0)

@@ -237,10 +237,34 @@ def _combine_splits_kernel(
 
 
 @triton.jit
+def _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
+                     sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
+                     REDUCED: tl.constexpr, ROWS: tl.constexpr, KEYS: tl.constexpr):
+    """A tile's ds into d attn_bias: stored at full size (B, H, Sq, Sk) per query head, or
+    (REDUCED) added atomically into attn_bias's own shape (broadcast dims at stride 0),
+    summed in registers first over the rows or keys the bias broadcasts (ROWS, KEYS: the
+    bias has a row, key dim). Stacked heads share one bias head."""
+    if REDUCED:
+        base = DAB + b * sdab_b + (h // dab_hdiv) * sdab_h
+        if ROWS and KEYS:
+            tl.atomic_add(base + rows64[:, None] * sdab_r + keys64[None, :] * sdab_c, ds,
+                          mask=row_ok[:, None] & key_ok[None, :])
+        elif KEYS:
+            tl.atomic_add(base + keys64 * sdab_c, tl.sum(ds, 0), mask=key_ok)
+        elif ROWS:
+            tl.atomic_add(base + rows64 * sdab_r, tl.sum(ds, 1), mask=row_ok)
+        else:
+            tl.atomic_add(base, tl.sum(tl.sum(ds, 1), 0))
+    else:
+        tl.store(DAB + b * sdab_b + row_head[:, None] * sdab_h + rows64[:, None] * sdab_r
+                 + keys64[None, :], ds, mask=row_ok[:, None] & key_ok[None, :])
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DAB,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, slse_b, slse_h,
-    sdab_b, sdab_h, sdab_r,
+    sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
     KB, skb_b, skb_h, kb_hdiv,
     AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
@@ -252,10 +276,11 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
     TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, NEED_DAB: tl.constexpr,
+    DAB_REDUCED: tl.constexpr, DAB_ROWS: tl.constexpr, DAB_KEYS: tl.constexpr,
     HEADS_PER_PROG: tl.constexpr,
 ):
-    """dq (and the full-size ds for d attn_bias) of one query block: the forward's walk,
-    with the same head stacking."""
+    """dq (and ds for d attn_bias, see `_write_bias_grad`) of one query block: the
+    forward's walk, with the same head stacking."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
     programs_per_batch = heads // HEADS_PER_PROG
@@ -301,9 +326,9 @@ def _bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if NEED_DAB:
-            dab_ptr = (DAB + b * sdab_b + row_head[:, None] * sdab_h + rows64[:, None] * sdab_r
-                       + keys64[None, :])
-            tl.store(dab_ptr, ds, mask=row_ok[:, None] & key_ok[None, :])
+            _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
+                             sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
+                             DAB_REDUCED, DAB_ROWS, DAB_KEYS)
         dt = ds
         if SOFTCAP:
             dt = ds * (1.0 - th * th)
