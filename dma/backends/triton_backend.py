@@ -258,7 +258,8 @@ class TritonBackend(Backend):
                 *tiles.masks(), *tiles.candidates,
                 *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
                 **tiles.flags, NEED_DAB=need_ab, DAB_REDUCED=bufs.dab_reduced,
-                DAB_ROWS=need_ab and dab.shape[2] > 1, DAB_KEYS=need_ab and dab.shape[3] > 1,
+                DAB_ROWS=bufs.dab_reduced and dab.shape[2] > 1,
+                DAB_KEYS=bufs.dab_reduced and dab.shape[3] > 1,
                 HEADS_PER_PROG=stacked, BLOCK_M=BLOCK_M,
                 **common, **config,
             )
