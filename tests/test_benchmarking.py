@@ -1,0 +1,21 @@
+"""The benchmark harness on a tiny CPU shape: every contender timed, both timings present,
+the baseline's ratio 1."""
+
+import math
+
+import torch
+
+from dma.benchmarking import Shape, format_table, run_benchmark
+
+
+def test_run_benchmark_reports_both_timings():
+    shape = Shape(1, 64, 2, 1, 16, 16, torch.float32)
+    rows = run_benchmark([shape], "cpu", contenders=("dma-torch", "sdpa"), warmup=1, reps=2,
+                         progress=False)
+    assert [(r["contender"], r["mode"]) for r in rows] == [
+        ("dma-torch", "fwd"), ("sdpa", "fwd"), ("dma-torch", "fwd+bwd"), ("sdpa", "fwd+bwd")]
+    for r in rows:
+        assert r["ms"] > 0 and r["ms_b2b"] > 0 and not r["note"], r
+        assert math.isfinite(r["ratio"])
+    assert all(r["ratio"] == 1.0 for r in rows if r["contender"] == "sdpa")
+    assert "b2b ms" in format_table(rows, "sdpa")
