@@ -7,6 +7,7 @@ same random inputs (never zeros); times are medians of repeated runs, with CUDA 
 from __future__ import annotations
 
 import csv
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -112,8 +113,9 @@ def dma_contender(shape: Shape, inputs, backend: Optional[str]):
     return forward
 
 
-def sdpa_contender(inputs, kernel: Optional[str]):
-    """Dense causal attention through torch SDPA, optionally pinned to one kernel."""
+def sdpa_contender(inputs, kernel: Optional[str], attn_mask=None):
+    """Dense causal attention through torch SDPA, optionally pinned to one kernel; with
+    `attn_mask` (bool, True = attend, causality included) that mask instead of causality."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -134,12 +136,14 @@ def sdpa_contender(inputs, kernel: Optional[str]):
     # SDPA's causal mask is top-left aligned; a single decoding query sees every key anyway.
     causal = q.shape[1] > 1
 
+    masks = dict(is_causal=causal) if attn_mask is None else dict(attn_mask=attn_mask)
+
     def forward():
         kk.grad = vv.grad = None
         if pinned is None:
-            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=causal)
+            return F.scaled_dot_product_attention(qt, kk, vv, **masks)
         with sdpa_kernel([pinned]):
-            return F.scaled_dot_product_attention(qt, kk, vv, is_causal=causal)
+            return F.scaled_dot_product_attention(qt, kk, vv, **masks)
 
     return forward
 
@@ -201,16 +205,70 @@ def _failure(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
 
 
+def time_interleaved(functions: dict, device: torch.device, warmup: int, reps: int,
+                     bar=None) -> dict:
+    """Time several callables on one workload, their repetitions interleaved (one call of
+    each in turn) so that a slow spell of a shared machine hits them all alike. Returns per
+    name a dict: ms (median, each call timed from an idle device), extra_mib (peak memory a
+    call allocates beyond what was allocated before it; CUDA only), ms_b2b (time per call of
+    `reps` calls in a row) and note (why it could not run, if so)."""
+    results = {name: dict(ms=float("nan"), extra_mib=float("nan"), ms_b2b=float("nan"),
+                          note="") for name in functions}
+    ready = {}
+    for name, make in functions.items():
+        try:
+            fn = make()
+            for _ in range(warmup):
+                fn()
+            ready[name] = fn
+        except Exception as exc:  # a contender that cannot run here is reported, not fatal
+            results[name]["note"] = _failure(exc)
+        if bar is not None:
+            bar.update(warmup)
+    times = {name: [] for name in ready}
+    peaks = {name: 0.0 if device.type == "cuda" else float("nan") for name in ready}
+    for _ in range(reps):
+        for name, fn in list(ready.items()):
+            try:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                times[name].append(time_once_ms(fn, device))
+                if device.type == "cuda":
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                    peaks[name] = max(peaks[name], peak)
+            except Exception as exc:
+                results[name]["note"] = _failure(exc)
+                del ready[name]
+            if bar is not None:
+                bar.update(1)
+    for name, fn in ready.items():
+        result = results[name]
+        result.update(ms=statistics.median(times[name]), extra_mib=peaks[name])
+        try:
+            result["ms_b2b"] = back_to_back_ms(fn, device, reps)
+        except Exception as exc:
+            result["note"] = _failure(exc)
+    return results
+
+
+def add_ratios(rows, baseline_name: str):
+    """Each row's time over the baseline contender's time for the same shape and mode."""
+    baseline = {(r["shape"], r["mode"]): r["ms"] for r in rows
+                if r["contender"] == baseline_name}
+    for r in rows:
+        base = baseline.get((r["shape"], r["mode"]))
+        r["ratio"] = r["ms"] / base if base else float("nan")
+    return rows
+
+
 def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, modes=("fwd",
                   "fwd+bwd"), warmup=2, reps=5, progress=True):
-    """Return a list of dict rows: shape, contender, mode, ms, ratio to the dense baseline,
-    and ms_b2b.
-
-    For each shape and mode the contenders' repetitions are interleaved (one call of each in
-    turn), so a slow spell of a shared machine hits them all alike and the ratios stay fair.
-    `ms` times each call from an idle device (its host time counts in full); `ms_b2b` is the
-    time per call of `reps` calls in a row, which is what a model issuing layer after layer
-    sees when the host runs ahead.
+    """Return a list of dict rows: shape, contender, mode, ms, extra_mib, note, ms_b2b and
+    ratio to the dense baseline (the second contender), contenders interleaved
+    (`time_interleaved`). `ms` times each call from an idle device (its host time counts in
+    full); `ms_b2b` is what a model issuing layer after layer sees when the host runs ahead.
     """
     from tqdm import tqdm
 
@@ -223,57 +281,16 @@ def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, mode
         inputs = make_inputs(shape, device)
         for t in inputs:
             t.requires_grad_(mode == "fwd+bwd")
-        functions, notes = {}, {c: "" for c in contenders}
-        for contender in contenders:
-            try:
-                fn = _timed_function(shape, contender, mode, inputs, backend)
-                for _ in range(warmup):
-                    fn()
-                functions[contender] = fn
-            except Exception as exc:  # a contender that cannot run here is reported, not fatal
-                notes[contender] = _failure(exc)
-            bar.update(warmup)
-        times = {c: [] for c in contenders}
-        # Peak memory a call allocates beyond what was allocated before it (CUDA only).
-        peaks = {c: 0.0 if device.type == "cuda" else float("nan") for c in contenders}
-        for _ in range(reps):
-            for contender, fn in list(functions.items()):
-                try:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                        before = torch.cuda.memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                    times[contender].append(time_once_ms(fn, device))
-                    if device.type == "cuda":
-                        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-                        peaks[contender] = max(peaks[contender], peak)
-                except Exception as exc:
-                    notes[contender] = _failure(exc)
-                    times[contender], peaks[contender] = [], float("nan")
-                    del functions[contender]
-                bar.update(1)
-        in_a_row = {c: float("nan") for c in contenders}
-        for contender, fn in functions.items():
-            try:
-                in_a_row[contender] = back_to_back_ms(fn, device, reps)
-            except Exception as exc:
-                notes[contender] = _failure(exc)
-        for contender in contenders:
-            timed = bool(times[contender])
-            rows.append(dict(shape=shape.label, contender=contender, mode=mode,
-                             ms=statistics.median(times[contender]) if timed else float("nan"),
-                             extra_mib=peaks[contender] if timed else float("nan"),
-                             note=notes[contender], ms_b2b=in_a_row[contender]))
-        del functions, inputs
+
+        makers = {c: functools.partial(_timed_function, shape, c, mode, inputs, backend)
+                  for c in contenders}
+        results = time_interleaved(makers, device, warmup, reps, bar)
+        del makers
+        rows += [dict(shape=shape.label, contender=c, mode=mode, **results[c])
+                 for c in contenders]
+        del inputs
     bar.close()
-    baseline = {}
-    for r in rows:
-        if r["contender"] == contenders[1 if len(contenders) > 1 else 0]:
-            baseline[(r["shape"], r["mode"])] = r["ms"]
-    for r in rows:
-        base = baseline.get((r["shape"], r["mode"]))
-        r["ratio"] = r["ms"] / base if base else float("nan")
-    return rows
+    return add_ratios(rows, contenders[1 if len(contenders) > 1 else 0])
 
 
 def format_table(rows, baseline_name) -> str:

@@ -19,3 +19,19 @@ def test_run_benchmark_reports_both_timings():
         assert math.isfinite(r["ratio"])
     assert all(r["ratio"] == 1.0 for r in rows if r["contender"] == "sdpa")
     assert "b2b ms" in format_table(rows, "sdpa")
+
+
+def test_mask_benchmark_runs_on_cpu(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_masks.py"
+    spec = importlib.util.spec_from_file_location("bench_masks", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--device", "cpu", "--seqlen", "96", "--docs", "3", "--heads", "2",
+                       "--kv-heads", "1", "--head-dim", "16", "--dtype", "float32",
+                       "--backend", "torch", "--contenders", "dma", "sdpa", "--reps", "2",
+                       "--csv", str(tmp_path / "masks.csv")])
+    assert len(rows) == 4 and all(r["ms"] > 0 and not r["note"] for r in rows)
+    assert (tmp_path / "masks.csv").exists()
