@@ -85,8 +85,7 @@ class LaunchArgs:
             batched = plan.batch > 1
             self.plan_rows = (first, end, first.stride(0) if batched else 0, first.stride(1),
                               h // plan.heads)
-            self.candidates = (cand, count, cand.stride(0) if batched else 0, cand.stride(1),
-                               cand.stride(2), count.stride(0) if batched else 0, count.stride(1))
+            self.candidates = block_list_args(cand, count, batched)
         else:
             self.plan_rows = (dummy, dummy, 0, 0, h)
             self.candidates = (dummy, dummy, 0, 0, 0, 0, 0)
@@ -134,10 +133,7 @@ class LaunchArgs:
         tiles, counts = live_tile_lists(self.problem, mask.view(torch.bool), block_m, block_n,
                                         by_key)
         listed = copy.copy(self)
-        batched = tiles.shape[0] > 1
-        listed.candidates = (tiles, counts, tiles.stride(0) if batched else 0, tiles.stride(1),
-                             tiles.stride(2), counts.stride(0) if batched else 0,
-                             counts.stride(1))
+        listed.candidates = block_list_args(tiles, counts, batched=tiles.shape[0] > 1)
         listed.plan_rows = (*self.plan_rows[:4], hdiv)  # the lists are per mask head
         listed.flags = dict(self.flags, TILE_LIST=True)
         return listed
@@ -152,6 +148,14 @@ class LaunchArgs:
         while stack > 1 and group % stack:
             stack //= 2
         return stack
+
+
+def block_list_args(lists: torch.Tensor, counts: torch.Tensor, batched: bool) -> tuple:
+    """A per-block list (candidate keys, or live tiles) as the kernels take it: lists
+    (batch, heads, blocks, slots) and counts (batch, heads, blocks) with their strides, the
+    batch stride 0 when one list serves the whole batch."""
+    return (lists, counts, lists.stride(0) if batched else 0, lists.stride(1), lists.stride(2),
+            counts.stride(0) if batched else 0, counts.stride(1))
 
 
 def live_tile_lists(problem: Problem, mask: torch.Tensor, block_m: int, block_n: int,

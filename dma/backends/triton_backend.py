@@ -28,6 +28,7 @@ from .base import Backend, Capabilities, missing_packages, new_output
 from .gpu_launch import (
     LaunchArgs,
     backward_buffers,
+    block_list_args,
     candidate_key_split,
     cdiv,
     finish_backward,
@@ -290,8 +291,7 @@ class TritonBackend(Backend):
                 grid = (n_blocks, b * programs_per_batch, key_split)
                 run_kernel(kern._bwd_dkdv_candidates_kernel, grid,
                     *dkdv, *launch.key_bias, *launch.plan_rows,
-                    cand, count, cand.stride(0) if batched else 0, cand.stride(1),
-                    cand.stride(2), count.stride(0) if batched else 0, count.stride(1),
+                    *block_list_args(cand, count, batched),
                     *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
                     key_split, launch.scale, launch.softcap, ROWS_PER_PROGRAM=rows,
                     HAS_KB=launch.flags["HAS_KB"], SOFTCAP=launch.flags["SOFTCAP"],

@@ -13,11 +13,7 @@ so nothing is re-tuned per length. Choices last for the process.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from typing import Callable
-
-import torch
 
 # Alternatives per kernel, also the offline script's search space. Kernels absent here
 # (decoding) always take their default.
@@ -63,20 +59,12 @@ def alternatives(kernel: str, default: dict) -> list[dict]:
 
 
 def _time_ms(trial: Callable[[dict], None], config: dict, device) -> float:
-    trial(config)  # compiles; also fails here if the configuration does not fit
-    if device.type != "cuda":
-        start = time.perf_counter()
-        trial(config)
-        return 1e3 * (time.perf_counter() - start)
-    times = []
-    for _ in range(TRIAL_REPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        trial(config)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median time of `config` after one untimed run (which compiles, and fails here if the
+    configuration does not fit): TRIAL_REPS runs on a GPU, one elsewhere."""
+    from ..benchmarking import median_ms
+
+    reps = TRIAL_REPS if device.type == "cuda" else 1
+    return median_ms(lambda: trial(config), device, warmup=1, reps=reps)
 
 
 def choose(kernel: str, key: tuple, default: dict, trial: Callable[[dict], None],
