@@ -49,7 +49,8 @@ def triton(session):
     install(session, "test,triton")
     env = {} if HAS_GPU else {"TRITON_INTERPRET": "1"}
     session.run("pytest", "-q", "tests/conformance", "tests/test_gpu_modes.py",
-                "tests/test_selection.py", "tests/test_nn.py", "-k", "triton", *session.posargs,
+                "tests/test_selection.py", "tests/test_nn.py", "tests/test_triton_fitting.py",
+                "-k", "triton", *session.posargs,
                 env=env)
 
 

@@ -2,16 +2,18 @@
 
     python benchmarks/tune_triton.py --seqlen 16384 --window 2048
     python benchmarks/tune_triton.py --seqlen 16384 --window 0    # dense tiles, no window
+    python benchmarks/tune_triton.py --kernels fwd --trials '{"num_stages": 4}' '{"BLOCK_N": 64}'
 
 For each kernel it varies one configuration at a time around the defaults in
 dma/backends/triton_backend.py (CONFIGS), over the alternatives of
 dma/backends/triton_tuning.py (SEARCH, which DMA_TRITON_AUTOTUNE=1 also times at run time),
 and prints the forward or forward+backward time, so a better default can be read off and
-written back.
+written back. `--trials` times given settings (each a JSON object over the defaults) instead.
 """
 
 import argparse
 import itertools
+import json
 
 import torch
 
@@ -31,6 +33,8 @@ def main():
     parser.add_argument("--kernels", nargs="+", default=None,
                         help=f"default: {WINDOW_KERNELS} with a window, else {DENSE_KERNELS}")
     parser.add_argument("--full-grid", action="store_true", help="every combination")
+    parser.add_argument("--trials", nargs="+", type=json.loads, default=None,
+                        help="settings to time, each a JSON object over the defaults")
     args = parser.parse_args()
     window = args.window or None
     kernels = args.kernels or (WINDOW_KERNELS if window else DENSE_KERNELS)
@@ -57,7 +61,9 @@ def main():
         run = run_fwd if kernel.startswith("fwd") else run_train
         space = SEARCH[kernel]
         base = triton_backend.CONFIGS[kernel]
-        if args.full_grid:
+        if args.trials:
+            trials = [{}] + args.trials
+        elif args.full_grid:
             trials = [dict(zip(space, values)) for values in itertools.product(*space.values())]
         else:
             trials = [{}] + [{name: value} for name, values in space.items() for value in values

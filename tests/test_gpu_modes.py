@@ -11,6 +11,8 @@ from harness import available_devices, check_case
 WINDOW_CASES = [c for c in CASES if c.window is not None and c.attn_bias is None][:8]
 DECODE_CASES = [c for c in CASES if c.seqlen_q == 1]
 TUNED_CASES = [c for c in CASES if c.name in ("window4", "key_bias_b1_h1", "attn_bias_2x1x1x1")]
+RESCALE_CASES = [c for c in CASES if c.name in ("window4", "long_window", "empty_rows_mask",
+                                                "causal_sq1_sk33", "softcap", "float16_masks")]
 
 
 @pytest.mark.parametrize("device", available_devices())
@@ -38,4 +40,16 @@ def test_triton_autotuned(case, device, monkeypatch):
     results (gradients added atomically included) must be those of one launch."""
     monkeypatch.setenv("DMA_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(triton_tuning, "_chosen", {})
+    check_case(case, "triton", device)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("case", RESCALE_CASES, ids=[c.name for c in RESCALE_CASES])
+def test_triton_forward_rescale_modes(case, device, monkeypatch):
+    """The forward's accumulator rescaled in every tile (LAZY_RESCALE off) and only when a
+    row's max moved past the margin (on): the forward configurations each pick one, so each
+    is forced here on the other's cases."""
+    for kernel in ("fwd", "fwd_dense", "fwd_decode"):
+        lazy = not triton_backend.CONFIGS[kernel]["LAZY_RESCALE"]
+        monkeypatch.setitem(triton_backend.OVERRIDES, kernel, {"LAZY_RESCALE": lazy})
     check_case(case, "triton", device)

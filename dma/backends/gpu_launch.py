@@ -53,7 +53,11 @@ class LaunchArgs:
     is a tuple (tensor, strides..., head divisor); absent inputs point at q with zero strides
     and a head divisor of H ("shared by every head")."""
 
-    def __init__(self, problem: Problem, inputs: Inputs, plan):
+    def __init__(self, problem: Problem, inputs: Inputs, plan, float32_key_bias: bool = False):
+        """`float32_key_bias`: pass key_bias as float32 when keys are gathered (the DMA case;
+        the kernels compute in float32 anyway): a 4-byte element lets Triton's pipeliner
+        prefetch the gathered loads asynchronously, where 2-byte ones are loaded synchronously
+        inside the key loop. Consecutive keys load as wide vectors either way."""
         self.problem = problem
         keep_mask = rowwise_keep_all(problem, inputs)
         q, k, v = (_last_dim_contiguous(t) for t in (inputs.q, inputs.k, inputs.v))
@@ -65,6 +69,7 @@ class LaunchArgs:
 
         kb = inputs.key_bias
         if kb is not None:
+            kb = kb.to(torch.float32) if float32_key_bias and plan is not None else kb
             kb = kb.contiguous()
             self.key_bias = (kb, kb.stride(0) if kb.shape[0] > 1 else 0, kb.stride(1),
                              h // kb.shape[1])

@@ -49,19 +49,29 @@ DECODE_ROWS = 16  # up to this many query rows the forward takes the "fwd_decode
 # device's shared memory, else "fwd").
 # `benchmarks/tune_triton.py` times alternatives; OVERRIDES lets it (or a user) replace them.
 CONFIGS = {
-    # Tuned with benchmarks/tune_triton.py on an H100 (bf16, D=128, 16k tokens; window 2048
-    # for the candidate kernels, no window for the dense ones).
-    "fwd": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "STACK": 2},
-    "fwd_dense": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "STACK": 4},
+    # Timed with benchmarks/tune_triton.py on an H200 (bf16, D=128, 16k tokens; window 2048
+    # for the candidate kernels, none for the dense ones); docs/performance.md has the trials.
+    # Deeper pipelines for the gathered forward and dq (num_stages=5: two K/V tiles in
+    # flight instead of one) and 8-warp programs were measured slower there, so these stay
+    # at 4 warps and 3 (forward) or 2 (dq) stages.
+    # LAZY_RESCALE: rescale the output accumulator only in tiles where some row's max grew
+    # by more than 2^8 (see _fwd_kernel); it pays where key tiles are narrow (32 keys), and
+    # cost time on the 64-key dense tiles.
+    "fwd": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "STACK": 2, "LAZY_RESCALE": True},
+    "fwd_dense": {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "STACK": 4,
+                  "LAZY_RESCALE": False},
     # Decoding (at most DECODE_ROWS query rows): 16-row blocks, so that a program's tile is
     # the kv group's query heads rather than 64 rows of which one is real, and the key slots
     # split over SPLITS programs (0: enough for two programs per multiprocessor).
     "fwd_decode": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "STACK": 4,
-                   "SPLITS": 0},
+                   "SPLITS": 0, "LAZY_RESCALE": False},
     "dq": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "STACK": 2},
-    "dkdv_candidates": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1,
+    # dk/dv tiles are key-major: the key tile is every product's M dimension, which Hopper's
+    # warpgroup MMA needs (at least 64 per warpgroup: 128 keys over 8 warps); the row tiles
+    # they walk are consecutive, so Triton's pipeliner prefetches them.
+    "dkdv_candidates": {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
                         "ROWS": 512},
-    "dkdv_keys": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "dkdv_keys": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
 }
 OVERRIDES: dict = {}
 
@@ -95,6 +105,39 @@ def forward_config(launch: LaunchArgs, problem: Problem) -> tuple[str, dict]:
                 _forward_shared_bytes(config, stacked, d_pad, problem) <= limit:
             return "fwd_dense", dict(config, BLOCK_M=BLOCK_M)
     return "fwd", dict(kernel_config("fwd", d_pad), BLOCK_M=BLOCK_M)
+
+
+_fitted: dict = {}  # (kernel, device, dtype, head dim, config) -> a config that fits
+
+
+def run_fitting(kernel: str, problem: Problem, config: dict, run) -> None:
+    """run(config), with fewer pipeline stages (then narrower key tiles) while the compiled
+    kernel needs more shared memory than the device has (float32 inputs, smaller GPUs).
+    Triton raises OutOfResources before the launch, so a failed try wrote nothing."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel, problem.device, problem.dtype, problem.head_dim,
+           tuple(sorted(config.items())))
+    trial = _fitted.get(key, config)
+    while True:
+        try:
+            run(trial)
+        except OutOfResources:
+            trial = _smaller_config(trial)
+            if trial is None:
+                raise
+            continue
+        _fitted[key] = trial
+        return
+
+
+def _smaller_config(config: dict):
+    """One step down in shared memory: a stage less, else half the key tile; None at the end."""
+    if config.get("num_stages", 1) > 1:
+        return dict(config, num_stages=config["num_stages"] - 1)
+    if config.get("BLOCK_N", 16) > 16:
+        return dict(config, BLOCK_N=config["BLOCK_N"] // 2)
+    return None
 
 
 def tuned(kernel: str, problem: Problem, launch: LaunchArgs, config: dict, trial) -> dict:
@@ -221,7 +264,7 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
-        launch = LaunchArgs(problem, inputs, plan)
+        launch = LaunchArgs(problem, inputs, plan, float32_key_bias=True)
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
@@ -230,12 +273,12 @@ class TritonBackend(Backend):
             _launch_forward(problem, launch, plan, config, out, lse)
 
         name, config = forward_config(launch, problem)
-        run(tuned(name, problem, launch, config, run))
+        run_fitting(name, problem, tuned(name, problem, launch, config, run), run)
         return out, lse
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         kern = _kernels()
-        launch = LaunchArgs(problem, inputs, plan)
+        launch = LaunchArgs(problem, inputs, plan, float32_key_bias=True)
         bufs = backward_buffers(problem, launch, plan, lse, do, delta,
                                 reduce_bias_grad_in_kernel=True)
         b, h, sq = problem.batch, problem.heads, problem.seqlen_q
@@ -265,8 +308,9 @@ class TritonBackend(Backend):
                 **common, **config,
             )
 
-        run_dq(tuned("dq", problem, launch, kernel_config("dq", d_pad), run_dq),
-               zero_first=triton_tuning.enabled())  # trials added into it
+        dq_config = tuned("dq", problem, launch, kernel_config("dq", d_pad), run_dq)
+        run_fitting("dq", problem, dq_config,  # trials added into d attn_bias
+                    lambda config: run_dq(config, zero_first=triton_tuning.enabled()))
 
         dkb = bufs.dkb if need_kb else launch.q
         dkb_strides = (dkb.stride(0), dkb.stride(1)) if need_kb else (0, 0)
@@ -300,7 +344,8 @@ class TritonBackend(Backend):
 
             config = tuned("dkdv_candidates", problem, launch,
                            kernel_config("dkdv_candidates", d_pad), run_dkdv)
-            run_dkdv(config, zero_first=triton_tuning.enabled())  # trials added into them
+            run_fitting("dkdv_candidates", problem, config,  # trials added into dk, dv
+                        lambda config: run_dkdv(config, zero_first=triton_tuning.enabled()))
         else:
             def run_dkdv(config):
                 grid = (cdiv(problem.seqlen_k, config["BLOCK_N"]), b * problem.kv_heads)
@@ -311,6 +356,7 @@ class TritonBackend(Backend):
                     **tiles.flags, NEED_DKB=need_kb, **common, **config,
                 )
 
-            run_dkdv(tuned("dkdv_keys", problem, launch, kernel_config("dkdv_keys", d_pad),
-                           run_dkdv))
+            config = tuned("dkdv_keys", problem, launch, kernel_config("dkdv_keys", d_pad),
+                           run_dkdv)
+            run_fitting("dkdv_keys", problem, config, run_dkdv)
         return finish_backward(problem, inputs, bufs)

@@ -9,8 +9,10 @@ Every kernel walks the same two kinds of key tiles, so they read side by side:
   key_first_row[j] <= i < key_end_row[j].
 
 `_tile_scores` is the one place where a tile's scores and kept mask are computed (SPEC
-section 2); the kernels differ only in what they accumulate. Scores are float32; softmax runs
-in base 2 (exp2) with the natural-log lse stored for the SPEC.
+section 2); the kernels differ only in what they accumulate. The forward and dq hold tiles
+as (rows, keys); the dk/dv kernels as (keys, rows) (KEY_MAJOR, one shared step in
+`_accumulate_key_grads`), so that their products have the key tile as M dimension. Scores
+are float32; softmax runs in base 2 (exp2) with the natural-log lse stored for the SPEC.
 """
 
 import triton
@@ -18,12 +20,35 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# How far (natural log) a row's scores may exceed the forward's reference max before the
+# reference moves: probabilities stay <= 2^8, far inside float32 and bf16/fp16 range.
+RESCALE_MARGIN = tl.constexpr(8 * LN2)
 
 
 @triton.jit
 def _tanh(x):
     # tanh through exp keeps the interpreter and every CUDA arch on one code path.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _per_row(x, KEY_MAJOR: tl.constexpr):
+    """A vector over a tile's rows, broadcast along its keys (see `_tile_scores`)."""
+    if KEY_MAJOR:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
+
+
+@triton.jit
+def _per_key(x, KEY_MAJOR: tl.constexpr):
+    """A vector over a tile's keys, broadcast along its rows."""
+    if KEY_MAJOR:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
 
 
 @triton.jit
@@ -37,38 +62,42 @@ def _tile_scores(
     seqlen_q, causal_offset, scale, softcap,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
+    KEY_MAJOR: tl.constexpr = False,
 ):
-    """Scores s (float32, -inf where not kept), the kept mask, and tanh(t / softcap)."""
+    """Scores s (float32, -inf where not kept), the kept mask, and tanh(t / softcap).
+    `qk` is (rows, keys), or (keys, rows) with KEY_MAJOR (the dk/dv kernels, whose tile
+    products then have the key tile as their M dimension)."""
     t = qk * scale
     th = t
     if SOFTCAP:
         th = _tanh(t / softcap)
         t = softcap * th
-    keep = (rows[:, None] < seqlen_q) & key_ok[None, :]
+    row_ids = _per_row(rows, KEY_MAJOR)
+    keep = (row_ids < seqlen_q) & _per_key(key_ok, KEY_MAJOR)
     keys64 = keys.to(tl.int64)
     rows64 = rows.to(tl.int64)
     if HAS_KB:
         kb_ptr = KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64
-        t += tl.load(kb_ptr, mask=key_ok, other=0.0).to(tl.float32)[None, :]
+        t += _per_key(tl.load(kb_ptr, mask=key_ok, other=0.0).to(tl.float32), KEY_MAJOR)
     if HAS_AB:
-        ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + rows64[:, None] * sab_r
-                  + keys64[None, :] * sab_c)
+        ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
+                  + _per_key(keys64, KEY_MAJOR) * sab_c)
         t += tl.load(ab_ptr, mask=keep, other=0.0).to(tl.float32)
     if INTERVAL:
         plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
         first = tl.load(FIRST + plan, mask=key_ok, other=0)
         end = tl.load(END + plan, mask=key_ok, other=0)
-        keep = keep & (rows[:, None] >= first[None, :]) & (rows[:, None] < end[None, :])
+        keep = keep & (row_ids >= _per_key(first, KEY_MAJOR)) & (row_ids < _per_key(end, KEY_MAJOR))
     else:
         if CAUSAL:
-            keep = keep & (keys[None, :] <= rows[:, None] + causal_offset)
+            keep = keep & (_per_key(keys, KEY_MAJOR) <= row_ids + causal_offset)
         if HAS_AM:
-            am_ptr = (AM + b * sam_b + (h // am_hdiv) * sam_h + rows64[:, None] * sam_r
-                      + keys64[None, :] * sam_c)
+            am_ptr = (AM + b * sam_b + (h // am_hdiv) * sam_h
+                      + _per_row(rows64, KEY_MAJOR) * sam_r + _per_key(keys64, KEY_MAJOR) * sam_c)
             keep = keep & (tl.load(am_ptr, mask=keep, other=0) != 0)
         if HAS_PAD:
             pad = tl.load(PAD + b * spad_b + keys64, mask=key_ok, other=0)
-            keep = keep & (pad != 0)[None, :]
+            keep = keep & _per_key(pad != 0, KEY_MAJOR)
     s = tl.where(keep, t, float("-inf"))
     return s, keep, th
 
@@ -141,6 +170,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
     TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     """One query block of HEADS_PER_PROG query heads of one kv group, stacked into one tile
     so that each gathered K/V tile serves all of them (the host stacks heads only when every
@@ -186,15 +216,31 @@ def _fwd_kernel(
             PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
             seqlen_q, causal_offset, scale, softcap,
             CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_tile = tl.max(s, 1)
+        if LAZY_RESCALE:
+            # A row's reference max m_i moves only when the row's max exceeds it by more than
+            # RESCALE_MARGIN, so p <= exp(RESCALE_MARGIN), and the (rows x head dim)
+            # accumulator is rescaled only in tiles where some row moved (few after the
+            # first). Same result: acc / l and lse = m_i + log(l) hold for any reference.
+            moved = m_tile > m_i + RESCALE_MARGIN  # false while a row has no kept key
+            m_ref = tl.where(moved, m_tile, m_i)
+        else:
+            m_ref = tl.maximum(m_i, m_tile)
+        m_safe = tl.where(m_ref == float("-inf"), 0.0, m_ref)
         p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)  # 1 where m_i stays
         v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
                        dim_ok)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        if LAZY_RESCALE:
+            if tl.max(moved.to(tl.int32), 0) > 0:
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+            l_i += tl.sum(p, 1)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:  # the rescale fused into the accumulation, as the compiler schedules it best
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_ref
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -337,6 +383,52 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _accumulate_key_grads(
+    dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
+    rows, keys, key_ok, dims, dim_ok, b, h,
+    KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    seqlen_q, causal_offset, scale, softcap,
+    CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
+    HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One tile of query rows (of head h) into a key tile's dk, dv (float32, unscaled) and
+    d key_bias. Key-major: every product has the key tile as its M dimension (the tile of
+    rows is only the reduction or N dimension), which is what Hopper's warpgroup MMA needs
+    for 64-key tiles when the row tiles are small."""
+    row_ok = rows < seqlen_q
+    rows64 = rows.to(tl.int64)
+    q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
+    qmask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + q_off, mask=qmask, other=0.0)
+    do = tl.load(DO + q_off, mask=qmask, other=0.0)
+    lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
+    delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
+    kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (keys, rows)
+    s, keep, th = _tile_scores(
+        kq, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+        PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+        seqlen_q, causal_offset, scale, softcap,
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, KEY_MAJOR=True)
+    p = tl.exp2((s - lse[None, :]) * 1.4426950408889634)
+    dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[None, :])
+    dkb += tl.sum(ds, 1)
+    dt = ds
+    if SOFTCAP:
+        dt = ds * (1.0 - th * th)
+    dk = tl.dot(dt.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv, dkb
+
+
+@triton.jit
 def _bwd_dkdv_keys_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DKB,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, slse_b, slse_h,
@@ -397,31 +489,13 @@ def _bwd_dkdv_keys_kernel(
                 row_start = tl.load(CAND + b * scand_b + (h // plan_hdiv) * scand_h
                                     + kblock * scand_blk + t) * BLOCK_M
             rows = row_start + tl.arange(0, BLOCK_M)
-            row_ok = rows < seqlen_q
-            rows64 = rows.to(tl.int64)
-            qmask = row_ok[:, None] & dim_ok[None, :]
-            q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
-            q = tl.load(Q + q_off, mask=qmask, other=0.0)
-            do = tl.load(DO + q_off, mask=qmask, other=0.0)
-            lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s, keep, th = _tile_scores(
-                qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+            dk, dv, dkb = _accumulate_key_grads(
+                dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
+                rows, keys, key_ok, dims, dim_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
                 AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c,
                 am_hdiv, PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
-                seqlen_q, causal_offset, scale, softcap,
-                CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
-            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dkb += tl.sum(ds, 0)
-            dt = ds
-            if SOFTCAP:
-                dt = ds * (1.0 - th * th)
-            dk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                seqlen_q, causal_offset, scale, softcap, CAUSAL, HAS_KB, HAS_AB, HAS_AM,
+                HAS_PAD, SOFTCAP, INTERVAL, DOT_PRECISION)
         if NEED_DKB:
             tl.store(DKB + b * sdkb_b + h * sdkb_h + keys64, dkb, mask=key_ok)
     out = b * sdk_b + hk * sdk_h + keys64[:, None] * sdk_s + dims[None, :]
@@ -483,32 +557,13 @@ def _bwd_dkdv_candidates_kernel(
             dkb = tl.zeros([BLOCK_N], tl.float32)
             for row_start in range(row_lo, row_hi, BLOCK_M):
                 rows = row_start + tl.arange(0, BLOCK_M)
-                row_ok = rows < seqlen_q
-                rows64 = rows.to(tl.int64)
-                qmask = row_ok[:, None] & dim_ok[None, :]
-                q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
-                q = tl.load(Q + q_off, mask=qmask, other=0.0)
-                do = tl.load(DO + q_off, mask=qmask, other=0.0)
-                lse = tl.load(LSE + b * slse_b + h * slse_h + rows, mask=row_ok,
-                              other=float("inf"))
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
-                delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-                s, keep, th = _tile_scores(
-                    qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+                dk, dv, dkb = _accumulate_key_grads(
+                    dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
+                    rows, keys, key_ok, dims, dim_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
                     KB, 0, 0, 0, 0, 1, KB, 0, 0, 0, 0, 1, KB, 0,
                     FIRST, END, splan_b, splan_h, plan_hdiv,
                     seqlen_q, causal_offset, scale, softcap,
-                    False, HAS_KB, False, False, False, SOFTCAP, True)
-                p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                ds = p * (dp - delta[:, None])
-                dkb += tl.sum(ds, 0)
-                dt = ds
-                if SOFTCAP:
-                    dt = ds * (1.0 - th * th)
-                dk += tl.dot(tl.trans(dt.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                    False, HAS_KB, False, False, False, SOFTCAP, True, DOT_PRECISION)
             if NEED_DKB:
                 tl.atomic_add(DKB + b * sdkb_b + h * sdkb_h + keys64, dkb, mask=key_ok)
         out = b * sdk_b + hk * sdk_h + keys64[:, None] * sdk_s + dims[None, :]

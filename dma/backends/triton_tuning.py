@@ -18,15 +18,16 @@ from typing import Callable
 # Alternatives per kernel, also the offline script's search space. Kernels absent here
 # (decoding) always take their default.
 SEARCH = {
-    "fwd": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 4], STACK=[1, 2]),
-    "dq": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[2, 3], STACK=[1, 2]),
-    "dkdv_candidates": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
-                            num_stages=[1, 2], ROWS=[256, 512, 1024]),
+    "fwd": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 5], STACK=[1, 2, 4],
+                LAZY_RESCALE=[True, False]),
+    "dq": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 5], STACK=[1, 2]),
+    "dkdv_candidates": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[64, 128], num_warps=[4, 8],
+                            num_stages=[2, 3, 4], ROWS=[256, 512, 1024]),
     # dense tiles (no window, or explicit masks; dkdv_keys also in deterministic mode)
     "fwd_dense": dict(BLOCK_N=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4],
-                      STACK=[2, 4]),
-    "dkdv_keys": dict(BLOCK_M=[32, 64, 128], BLOCK_N=[32, 64, 128], num_warps=[4, 8],
-                      num_stages=[2, 3]),
+                      STACK=[2, 4], LAZY_RESCALE=[True, False]),
+    "dkdv_keys": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[64, 128], num_warps=[4, 8],
+                      num_stages=[2, 3, 4]),
 }
 TRIAL_REPS = 3  # timed runs per alternative, after one untimed run (which compiles)
 
