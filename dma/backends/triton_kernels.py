@@ -73,22 +73,17 @@ def _tile_scores(
         th = _tanh(t / softcap)
         t = softcap * th
     row_ids = _per_row(rows, KEY_MAJOR)
-    keep = (row_ids < seqlen_q) & _per_key(key_ok, KEY_MAJOR)
     keys64 = keys.to(tl.int64)
     rows64 = rows.to(tl.int64)
-    if HAS_KB:
-        kb_ptr = KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64
-        t += _per_key(tl.load(kb_ptr, mask=key_ok, other=0.0).to(tl.float32), KEY_MAJOR)
-    if HAS_AB:
-        ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
-                  + _per_key(keys64, KEY_MAJOR) * sab_c)
-        t += tl.load(ab_ptr, mask=keep, other=0.0).to(tl.float32)
     if INTERVAL:
+        # end <= seqlen_q, and absent keys read first = end = 0: the interval test alone
+        # also keeps rows past the end and absent keys out.
         plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
         first = tl.load(FIRST + plan, mask=key_ok, other=0)
         end = tl.load(END + plan, mask=key_ok, other=0)
-        keep = keep & (row_ids >= _per_key(first, KEY_MAJOR)) & (row_ids < _per_key(end, KEY_MAJOR))
+        keep = (row_ids >= _per_key(first, KEY_MAJOR)) & (row_ids < _per_key(end, KEY_MAJOR))
     else:
+        keep = (row_ids < seqlen_q) & _per_key(key_ok, KEY_MAJOR)
         if CAUSAL:
             keep = keep & (_per_key(keys, KEY_MAJOR) <= row_ids + causal_offset)
         if HAS_AM:
@@ -98,6 +93,13 @@ def _tile_scores(
         if HAS_PAD:
             pad = tl.load(PAD + b * spad_b + keys64, mask=key_ok, other=0)
             keep = keep & _per_key(pad != 0, KEY_MAJOR)
+    if HAS_KB:
+        kb_ptr = KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64
+        t += _per_key(tl.load(kb_ptr, mask=key_ok, other=0.0).to(tl.float32), KEY_MAJOR)
+    if HAS_AB:
+        ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
+                  + _per_key(keys64, KEY_MAJOR) * sab_c)
+        t += tl.load(ab_ptr, mask=keep, other=0.0).to(tl.float32)
     s = tl.where(keep, t, float("-inf"))
     return s, keep, th
 
@@ -227,7 +229,8 @@ def _fwd_kernel(
         else:
             m_ref = tl.maximum(m_i, m_tile)
         m_safe = tl.where(m_ref == float("-inf"), 0.0, m_ref)
-        p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
+        # One fused multiply-add per score: s * log2(e) - m * log2(e).
+        p = tl.exp2(s * 1.4426950408889634 - (m_safe * 1.4426950408889634)[:, None])
         alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)  # 1 where m_i stays
         v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
                        dim_ok)
@@ -347,6 +350,7 @@ def _bwd_dq_kernel(
     stat_off = b * slse_b + row_head * slse_h + rows
     lse = tl.load(LSE + stat_off, mask=row_ok, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
+    lse2 = lse * 1.4426950408889634  # base 2, so that p costs one multiply-add per score
     delta = tl.load(DELTA + stat_off, mask=row_ok, other=0.0)
 
     dq = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
@@ -368,7 +372,7 @@ def _bwd_dq_kernel(
             PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
             seqlen_q, causal_offset, scale, softcap,
             CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
-        p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+        p = tl.exp2(s * 1.4426950408889634 - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if NEED_DAB:
@@ -416,7 +420,7 @@ def _accumulate_key_grads(
         PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
         seqlen_q, causal_offset, scale, softcap,
         CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, KEY_MAJOR=True)
-    p = tl.exp2((s - lse[None, :]) * 1.4426950408889634)
+    p = tl.exp2(s * 1.4426950408889634 - (lse * 1.4426950408889634)[None, :])
     dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[None, :])
