@@ -309,7 +309,8 @@ class TritonBackend(Backend):
             )
 
         dq_config = tuned("dq", problem, launch, kernel_config("dq", d_pad), run_dq)
-        run_fitting("dq", problem, dq_config,  # trials added into d attn_bias
+        # After tuning trials (which added into d attn_bias) the real launch zeroes it first.
+        run_fitting("dq", problem, dq_config,
                     lambda config: run_dq(config, zero_first=triton_tuning.enabled()))
 
         dkb = bufs.dkb if need_kb else launch.q
@@ -344,7 +345,8 @@ class TritonBackend(Backend):
 
             config = tuned("dkdv_candidates", problem, launch,
                            kernel_config("dkdv_candidates", d_pad), run_dkdv)
-            run_fitting("dkdv_candidates", problem, config,  # trials added into dk, dv
+            # After tuning trials (which added into dk, dv) the real launch zeroes them first.
+            run_fitting("dkdv_candidates", problem, config,
                         lambda config: run_dkdv(config, zero_first=triton_tuning.enabled()))
         else:
             def run_dkdv(config):
