@@ -1,0 +1,35 @@
+"""The triton kernels compiled for Hopper without a GPU (benchmarks/kernel_report.py): every
+tile product of the dk/dv kernels is a warpgroup MMA (their tiles are key-major; with
+32-row (rows, keys) tiles two of the four fell back to the older mma.sync)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def report(*kernels):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"),
+                          "--kernels", *kernels], capture_output=True, text=True, env=env,
+                         check=True)
+    rows = {}
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        if fields and fields[0] in kernels:
+            # kernel, shared, KiB, regs, spill, wgmma, mma, async, sync, waits
+            rows[fields[0]] = dict(wgmma=int(fields[5]), mma=int(fields[6]))
+    return rows
+
+
+def test_triton_dkdv_kernels_use_warpgroup_mma_on_hopper():
+    rows = report("dkdv_candidates", "dkdv_keys", "fwd")
+    assert rows["dkdv_candidates"] == dict(wgmma=4, mma=0)
+    assert rows["dkdv_keys"] == dict(wgmma=4, mma=0)
+    assert rows["fwd"] == dict(wgmma=2, mma=0)
