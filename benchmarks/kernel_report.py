@@ -32,6 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dma.backends import triton_backend, triton_kernels  # noqa: E402
+from dma.backends.gpu_launch import LaunchArgs  # noqa: E402
 
 REPORTED = ["fwd", "fwd_dense", "fwd_decode", "dq", "dkdv_candidates", "dkdv_keys"]
 FLOAT32_POINTERS = {"LSE", "DELTA", "DKB", "DAB"}
@@ -42,7 +43,7 @@ DIVISIBLE_INTS = {"seqlen_q", "seqlen_k", "causal_offset", "heads", "kv_heads", 
 
 def kernel_setup(kernel: str, config: dict, head_dim: int, dtype: str):
     """(jit function, constexprs, pointer dtypes) of one reported kernel."""
-    d_pad = max(16, 1 << (head_dim - 1).bit_length())
+    d_pad = LaunchArgs.padded_head_dim(head_dim)
     common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, DOT_PRECISION="ieee", CAUSAL=True,
                   HAS_KB=True, HAS_AB=False, HAS_AM=False, HAS_PAD=False, SOFTCAP=False,
                   INTERVAL=kernel not in ("fwd_dense", "dkdv_keys"), TILE_LIST=False,
@@ -144,7 +145,7 @@ def main(argv=None):
           f"{'async':>6} {'sync':>5}   async waits (outstanding groups)")
     lines = []
     for kernel in args.kernels:
-        d_pad = max(16, 1 << (args.head_dim - 1).bit_length())
+        d_pad = LaunchArgs.padded_head_dim(args.head_dim)
         config = dict(triton_backend.kernel_config(kernel, d_pad), **args.override)
         fn, constexprs, pointers = kernel_setup(kernel, config, args.head_dim, args.dtype)
         compiled = compile_kernel(fn, constexprs, pointers, args.dtype, args.arch,
