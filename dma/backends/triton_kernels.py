@@ -18,7 +18,7 @@ are float32; softmax runs in base 2 (exp2) with the natural-log lse stored for t
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453
 # How far (natural log) a row's scores may exceed the forward's reference max before the
 # reference moves: probabilities stay <= 2^8, far inside float32 and bf16/fp16 range.
@@ -230,8 +230,8 @@ def _fwd_kernel(
             m_ref = tl.maximum(m_i, m_tile)
         m_safe = tl.where(m_ref == float("-inf"), 0.0, m_ref)
         # One fused multiply-add per score: s * log2(e) - m * log2(e).
-        p = tl.exp2(s * 1.4426950408889634 - (m_safe * 1.4426950408889634)[:, None])
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)  # 1 where m_i stays
+        p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)  # 1 where m_i stays
         v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
                        dim_ok)
         if LAZY_RESCALE:
@@ -350,7 +350,7 @@ def _bwd_dq_kernel(
     stat_off = b * slse_b + row_head * slse_h + rows
     lse = tl.load(LSE + stat_off, mask=row_ok, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-    lse2 = lse * 1.4426950408889634  # base 2, so that p costs one multiply-add per score
+    lse2 = lse * LOG2E  # base 2, so that p costs one multiply-add per score
     delta = tl.load(DELTA + stat_off, mask=row_ok, other=0.0)
 
     dq = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
@@ -372,7 +372,7 @@ def _bwd_dq_kernel(
             PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
             seqlen_q, causal_offset, scale, softcap,
             CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
-        p = tl.exp2(s * 1.4426950408889634 - lse2[:, None])
+        p = tl.exp2(s * LOG2E - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if NEED_DAB:
@@ -420,7 +420,7 @@ def _accumulate_key_grads(
         PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
         seqlen_q, causal_offset, scale, softcap,
         CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, KEY_MAJOR=True)
-    p = tl.exp2(s * 1.4426950408889634 - (lse * 1.4426950408889634)[None, :])
+    p = tl.exp2(s * LOG2E - (lse * LOG2E)[None, :])
     dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[None, :])
