@@ -27,11 +27,27 @@ class FakeKernel:
 
 
 class FakeCompiled:
+    """Launches either through `compiled[grid](*values)` (Triton's path, which runs the launch
+    hooks) or straight through the launcher `run` (no hooks set)."""
+
+    function, packed_metadata = "function", "metadata"
+
     def __init__(self, kernel):
         self.kernel = kernel
+        self.hooked = 0
 
     def __getitem__(self, grid3):
-        return lambda *values: self.kernel.direct.append((grid3, values))
+        def launch(*values):
+            self.hooked += 1
+            self.kernel.direct.append((grid3, values))
+
+        return launch
+
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, leave,
+            *values):
+        assert (function, metadata, launch_metadata, enter, leave) == (
+            "function", "metadata", None, None, None)
+        self.kernel.direct.append(((gx, gy, gz), values))
 
 
 @pytest.fixture
@@ -39,6 +55,7 @@ def direct(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("DMA_TRITON_DIRECT_LAUNCH", raising=False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"cuda_stream": 0}))
     triton_launch._compiled.clear()
     yield
     triton_launch._compiled.clear()
@@ -49,7 +66,24 @@ def test_second_launch_of_a_specialisation_is_direct(direct):
     triton_launch.run_kernel(kernel, (4, 2), x, 32, 0.5, BLOCK=16, num_warps=4)
     triton_launch.run_kernel(kernel, (5,), x, 48, 0.25, BLOCK=16, num_warps=4)
     assert len(kernel.bound) == 1
-    assert kernel.direct == [((5, 1, 1), (x, 48, 0.25, 16))]
+    # the tensor travels as its address
+    assert kernel.direct == [((5, 1, 1), (x.data_ptr(), 48, 0.25, 16))]
+
+
+def test_a_launch_hook_gets_tritons_path(direct):
+    from triton import knobs
+
+    kernel, x = FakeKernel(), torch.zeros(64)
+    triton_launch.run_kernel(kernel, (1,), x, 32, 0.5, BLOCK=16)
+    hook = knobs.runtime.launch_enter_hook
+    seen = []
+    hook.add(seen.append)
+    try:
+        triton_launch.run_kernel(kernel, (1,), x, 32, 0.5, BLOCK=16)
+    finally:
+        hook.remove(seen.append)
+    compiled = next(iter(triton_launch._compiled.values()))
+    assert compiled.hooked == 1 and kernel.direct == [((1, 1, 1), (x.data_ptr(), 32, 0.5, 16))]
 
 
 @pytest.mark.parametrize("change", ["unaligned", "odd_int", "one", "wide_int", "dtype",
