@@ -44,6 +44,11 @@ def plan_layout(problem: Problem) -> tuple[int, int]:
     return batch, heads
 
 
+def has_key_masks(inputs: Inputs) -> bool:
+    """Whether a row-independent mask (padding, per-key attn_mask) removes keys at all."""
+    return inputs.key_padding_mask is not None or inputs.attn_mask is not None
+
+
 def allowed_keys(problem: Problem, inputs: Inputs, batch: int, heads: int) -> torch.Tensor:
     """(batch, heads, Sk) bool: keys that no row-independent mask removes."""
     allowed = torch.ones(batch, heads, problem.seqlen_k, dtype=torch.bool, device=problem.device)
@@ -57,12 +62,12 @@ def allowed_keys(problem: Problem, inputs: Inputs, batch: int, heads: int) -> to
 
 
 def key_selection_scores(problem: Problem, inputs: Inputs, batch: int, heads: int):
-    """(batch, heads, Sk) float32 key_bias, detached (zeros when absent)."""
+    """(batch, heads, Sk) key_bias, detached, in its own dtype (zeros when absent); selection
+    compares it as float32 (`sortable_int32`, the plan kernels)."""
     shape = (batch, heads, problem.seqlen_k)
     if inputs.key_bias is None:
         return torch.zeros(shape, dtype=torch.float32, device=problem.device)
-    kb = inputs.key_bias.detach().float()
-    kb = expand_heads(kb, heads, problem.heads)
+    kb = expand_heads(inputs.key_bias.detach(), heads, problem.heads)
     return kb.expand(shape)
 
 
@@ -165,10 +170,14 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
                         engine: Optional[str] = None) -> IntervalPlan:
     sk = problem.seqlen_k
     batch, heads = plan_layout(problem)
-    allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk).contiguous()
+    engine = engine or plan_engine(problem.device)
+    # The triton kernels take "every key allowed" as a flag rather than a tensor of ones.
+    allowed = None
+    if engine != "triton" or has_key_masks(inputs):
+        allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk)
+        allowed = allowed.contiguous()
     scores = key_selection_scores(problem, inputs, batch, heads).reshape(batch * heads, sk)
     scores = scores.contiguous()
-    engine = engine or plan_engine(problem.device)
     if problem.seqlen_q == 1:
         first_row, end_row, candidates, counts = _single_row_plan(problem, scores, allowed,
                                                                   block_m, engine)
@@ -201,24 +210,7 @@ def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: st
     w = min(problem.window, sk)
     width = min(sk, problem.window + block_m)
     if engine == "triton":
-        from . import selection_kernels as kern
-
-        values, order, n_allowed = _sorted_keys_triton(scores, allowed)
-        first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
-        end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
-        candidates = torch.empty(n, 1, width, dtype=torch.int32, device=device)
-        counts = torch.empty(n, 1, dtype=torch.int32, device=device)
-        n_chunks = -(-sk // PLAN_CHUNK)
-        chunk_kept = torch.empty(n, n_chunks, dtype=torch.int32, device=device)
-        grid = (n_chunks, n)
-        run_kernel(kern._single_row_kernel, grid, values, order, n_allowed, first_row,
-                   end_row, counts, sk, w, CHUNK=PLAN_CHUNK)
-        run_kernel(kern._kept_per_chunk_kernel, grid, end_row, chunk_kept, sk, n_chunks,
-                   CHUNK=PLAN_CHUNK)
-        run_kernel(kern._compact_kept_kernel, grid, end_row, chunk_kept, candidates, sk,
-                   n_chunks, width, candidates.stride(0), CHUNK=PLAN_CHUNK,
-                   CHUNKS_PAD=1 << max(0, (n_chunks - 1).bit_length()))
-        return first_row, end_row, candidates, counts
+        return _single_row_plan_triton(scores, allowed, w, width)
     order, n_allowed = best_first_order(scores, allowed), allowed.sum(-1)
     top = order[:, :w]
     kept = torch.arange(w, device=device) < n_allowed[:, None]
@@ -229,6 +221,33 @@ def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: st
     candidates[:, 0, :w] = torch.where(listed < sk, listed, -1)
     counts = kept.sum(-1, dtype=torch.int32).reshape(n, 1)
     return torch.zeros_like(end_row), end_row, candidates, counts
+
+
+def _single_row_plan_triton(scores, allowed, window: int, width: int):
+    """The decoding plan without a sort: a radix select of the window-th best score in three
+    histogram launches, then per chunk the kept counts and the plan (selection_kernels.py)."""
+    from . import selection_kernels as kern
+
+    n, sk = scores.shape
+    device = scores.device
+    n_chunks = -(-sk // PLAN_CHUNK)
+    hist = torch.zeros(n, 3 * kern.BINS + 1, dtype=torch.int32, device=device)
+    chunk_counts = torch.empty(n, n_chunks, 2, dtype=torch.int32, device=device)
+    first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
+    end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
+    candidates = torch.empty(n, 1, width, dtype=torch.int32, device=device)
+    counts = torch.empty(n, 1, dtype=torch.int32, device=device)
+    grid = (n_chunks, n)
+    keys = (scores, scores.stride(0), *_allowed_args(allowed, scores), hist, hist.stride(0))
+    for level in range(3):
+        run_kernel(kern._decode_histogram_kernel, grid, *keys, sk, window, LEVEL=level,
+                   CHUNK=PLAN_CHUNK)
+    run_kernel(kern._decode_chunk_counts_kernel, grid, *keys, chunk_counts, n_chunks, sk,
+               window, CHUNK=PLAN_CHUNK)
+    run_kernel(kern._decode_plan_kernel, grid, *keys, chunk_counts, first_row, end_row,
+               candidates, counts, candidates.stride(0), n_chunks, sk, window, width,
+               CHUNK=PLAN_CHUNK, CHUNKS_PAD=1 << max(0, (n_chunks - 1).bit_length()))
+    return first_row, end_row, candidates, counts
 
 
 def _key_intervals(problem: Problem, scores, allowed, engine: str):
@@ -260,6 +279,13 @@ def _key_intervals(problem: Problem, scores, allowed, engine: str):
     return first_row.to(torch.int32).contiguous(), end_row.to(torch.int32).contiguous()
 
 
+def _allowed_args(allowed, stand_in) -> tuple:
+    """(ALLOWED, its row stride, HAS_ALLOWED) for the plan kernels; None: every key allowed."""
+    if allowed is None:
+        return stand_in, 0, False
+    return allowed, allowed.stride(0), True
+
+
 def _sorted_keys_triton(scores, allowed):
     """The sort keys of `best_first_order`, sorted best first (values and order), and the
     allowed count per row: one kernel and one sort."""
@@ -268,8 +294,8 @@ def _sorted_keys_triton(scores, allowed):
     n, sk = scores.shape
     packed = torch.empty(n, sk, dtype=torch.int64, device=scores.device)
     n_allowed = torch.zeros(n, dtype=torch.int32, device=scores.device)
-    run_kernel(kern._sort_keys_kernel, (-(-sk // PLAN_CHUNK), n), scores, allowed, packed,
-               n_allowed, scores.stride(0), allowed.stride(0), sk, CHUNK=PLAN_CHUNK)
+    run_kernel(kern._sort_keys_kernel, (-(-sk // PLAN_CHUNK), n), scores, *_allowed_args(allowed,
+               scores), packed, n_allowed, scores.stride(0), sk, CHUNK=PLAN_CHUNK)
     values, order = torch.sort(packed, dim=-1, descending=True)
     return values, order, n_allowed
 
@@ -295,7 +321,7 @@ def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
     first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
     end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
     run_kernel(kern._key_intervals_kernel, (-(-sk // chunk), n),
-        ranks, tau, allowed, first_row, end_row, allowed.stride(0), tau.stride(0),
+        ranks, tau, *_allowed_args(allowed, ranks), first_row, end_row, tau.stride(0),
         problem.seqlen_q, sk, problem.causal_offset, problem.seqlen_q.bit_length() + 1,
         CAUSAL=problem.causal, CHUNK=chunk,
     )
@@ -361,12 +387,12 @@ def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int):
     n, sk = first_row.shape
     n_blocks = max(1, -(-problem.seqlen_q // block_m))
     width = min(sk, problem.window + block_m)
-    candidates = torch.full((n, n_blocks, width), -1, dtype=torch.int32, device=first_row.device)
+    candidates = torch.empty(n, n_blocks, width, dtype=torch.int32, device=first_row.device)
     counts = torch.empty(n, n_blocks, dtype=torch.int32, device=first_row.device)
     run_kernel(_candidates_kernel, (n_blocks, n),
         first_row, end_row, candidates, counts, first_row.stride(0), candidates.stride(0),
         candidates.stride(1), counts.stride(0), problem.seqlen_q, sk, problem.causal_offset,
-        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=PLAN_CHUNK,
+        width, CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=PLAN_CHUNK,
     )
     return candidates, counts
 

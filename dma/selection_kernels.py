@@ -92,7 +92,7 @@ def _row_threshold_kernel(
 @triton.jit
 def _candidates_kernel(
     FIRST, END, CAND, COUNT,
-    sfirst_n, scand_n, scand_blk, scount_n, seqlen_q, seqlen_k, causal_offset,
+    sfirst_n, scand_n, scand_blk, scount_n, seqlen_q, seqlen_k, causal_offset, width,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -114,18 +114,26 @@ def _candidates_kernel(
         tl.store(out + slot, keys, mask=chosen)
         count += tl.sum(chosen.to(tl.int32), 0)
     tl.store(COUNT + n * scount_n + block, count)
+    for x0 in range(0, width, CHUNK):  # slots past the count read -1
+        slots = x0 + tl.arange(0, CHUNK)
+        pad = (slots >= count) & (slots < width)
+        tl.store(out + slots, tl.full([CHUNK], -1, tl.int32), mask=pad)
 
 
 @triton.jit
-def _sort_keys_kernel(SCORES, ALLOWED, PACKED, N_ALLOWED, sscore_n, sallowed_n, seqlen_k,
-                      CHUNK: tl.constexpr):
-    """One chunk of keys of one plan head; N_ALLOWED (zeroed) gathers the allowed count."""
+def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, PACKED, N_ALLOWED,
+                      sscore_n, seqlen_k, CHUNK: tl.constexpr):
+    """One chunk of keys of one plan head; N_ALLOWED (zeroed) gathers the allowed count.
+    Scores come in key_bias's dtype and compare as float32; without HAS_ALLOWED every key
+    is allowed."""
     keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     n = tl.program_id(1)
     ok = keys < seqlen_k
-    score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0)
+    score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0).to(tl.float32)
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 sorts as 0.0, as floats compare
-    allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
+    allowed = ok
+    if HAS_ALLOWED:
+        allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
     bits = score.to(tl.int32, bitcast=True)
     sortable = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     packed = (sortable.to(tl.int64) << 32) | keys.to(tl.int64)
@@ -145,8 +153,8 @@ def _ranks_kernel(ORDER, ORDER32, RANK, seqlen_k, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _key_intervals_kernel(RANK, TAU, ALLOWED, FIRST, END, sallowed_n, stau_n, seqlen_q,
-                          seqlen_k, causal_offset, search_steps,
+def _key_intervals_kernel(RANK, TAU, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, FIRST, END,
+                          stau_n, seqlen_q, seqlen_k, causal_offset, search_steps,
                           CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
     """Row i keeps key j iff j < limit_i and rank_j <= tau_i. tau never increases with i, so
     the rows with rank_j <= tau_i are a prefix [0, end) (a binary search); the causal limit
@@ -164,8 +172,10 @@ def _key_intervals_kernel(RANK, TAU, ALLOWED, FIRST, END, sallowed_n, stau_n, se
         right = searching & (tau >= rank)
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(searching & ~right, mid, hi)
-    allowed = tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0
-    end = tl.where(allowed, lo, 0)
+    end = lo
+    if HAS_ALLOWED:
+        allowed = tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0
+        end = tl.where(allowed, lo, 0)
     first = tl.zeros([CHUNK], tl.int32)
     if CAUSAL:
         first = tl.maximum(keys - causal_offset, 0)
@@ -174,50 +184,152 @@ def _key_intervals_kernel(RANK, TAU, ALLOWED, FIRST, END, sallowed_n, stau_n, se
     tl.store(END + n * seqlen_k + keys, end, mask=ok)
 
 
-@triton.jit
-def _single_row_kernel(SORTED, ORDER, N_ALLOWED, FIRST, END, COUNT, seqlen_k, window,
-                       CHUNK: tl.constexpr):
-    """Decoding plan (one query row), step 1 of 3, over positions of the best-first order:
-    the first `window` allowed keys are kept, with the row interval [0, 1); the rest get
-    [0, 0). Every key sits at one position, so every entry is written once."""
-    chunk = tl.program_id(0)
-    n = tl.program_id(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    ok = offs < seqlen_k
-    key = tl.load(ORDER + n * seqlen_k + offs, mask=ok, other=0)
-    value = tl.load(SORTED + n * seqlen_k + offs, mask=ok, other=-9223372036854775808)
-    kept = (offs < window) & (value != -9223372036854775808)
-    tl.store(FIRST + n * seqlen_k + key, tl.zeros([CHUNK], tl.int32), mask=ok)
-    tl.store(END + n * seqlen_k + key, kept.to(tl.int32), mask=ok)
-    if chunk == 0:
-        tl.store(COUNT + n, tl.minimum(tl.load(N_ALLOWED + n), window))
+# Decoding (one query row): the row keeps its `window` best allowed keys. A radix select
+# finds the window-th best score without sorting: the order-preserving 32 bits of each score
+# split into three digits (11, 11 and 10 bits); level L histograms digit L of the keys whose
+# higher digits equal the chosen ones, and the next launch picks, from that histogram, the
+# bin holding the window-th best. Every program re-derives the chosen bins from the small
+# histograms (2048 counts), so no launch waits for a reduction. Ties at the threshold go to
+# the later keys, as in the general plan.
+
+DIGIT_BITS = (11, 11, 10)  # most significant first
+DIGIT_SHIFT = (21, 10, 0)
+BINS = 2048
 
 
 @triton.jit
-def _kept_per_chunk_kernel(END, CHUNK_KEPT, seqlen_k, n_chunks, CHUNK: tl.constexpr):
-    """Step 2: how many keys of each chunk of keys the row keeps."""
+def _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, n, keys,
+                  seqlen_k):
+    """(order-preserving unsigned value as int64, allowed) of some keys of plan head n."""
+    ok = keys < seqlen_k
+    score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0).to(tl.float32)
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ranks as 0.0, as floats compare
+    bits = score.to(tl.int32, bitcast=True)
+    sortable = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    allowed = ok
+    if HAS_ALLOWED:
+        allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
+    return sortable.to(tl.int64) + 2147483648, allowed
+
+
+@triton.jit
+def _pick_bin(HIST, need):
+    """The bin (higher = better) that holds the need-th best entry of a histogram, and the
+    rank (1-based) of that entry inside the bin."""
+    bins = tl.arange(0, 2048)
+    counts = tl.load(HIST + bins)
+    above = tl.sum(counts, 0) - tl.cumsum(counts, 0)  # entries in better bins
+    hit = (above < need) & (above + counts >= need)
+    chosen = tl.max(tl.where(hit, bins, -1), 0)
+    return chosen, need - tl.sum(tl.where(bins == chosen, above, 0), 0)
+
+
+@triton.jit
+def _chosen_prefix(HIST, window, LEVELS: tl.constexpr):
+    """The value of the first LEVELS digits of the window-th best score, and the rank left
+    to find among the keys that share them."""
+    chosen, need = _pick_bin(HIST, window)
+    prefix = chosen.to(tl.int64) << 21
+    if LEVELS > 1:
+        chosen, need = _pick_bin(HIST + 2048, need)
+        prefix = prefix | (chosen.to(tl.int64) << 10)
+    if LEVELS > 2:
+        chosen, need = _pick_bin(HIST + 4096, need)
+        prefix = prefix | chosen.to(tl.int64)
+    return prefix, need
+
+
+@triton.jit
+def _decode_histogram_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr,
+                             HIST, shist_n, seqlen_k, window, LEVEL: tl.constexpr,
+                             CHUNK: tl.constexpr):
+    """Histogram of digit LEVEL over the keys whose higher digits are the chosen ones. HIST
+    (zeroed) holds per plan head three 2048-bin histograms and, after them, the allowed count
+    (level 0 adds it). Heads with at most `window` allowed keys keep them all and skip."""
     keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     n = tl.program_id(1)
-    kept = tl.load(END + n * seqlen_k + keys, mask=keys < seqlen_k, other=0)
-    tl.store(CHUNK_KEPT + n * n_chunks + tl.program_id(0), tl.sum(kept, 0))
+    hist = HIST + n * shist_n
+    value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
+                                   seqlen_k)
+    if LEVEL == 0:
+        tl.atomic_add(hist + (value >> 21), tl.full([CHUNK], 1, tl.int32), mask=allowed)
+        tl.atomic_add(hist + 3 * 2048, tl.sum(allowed.to(tl.int32), 0))
+    elif tl.load(hist + 3 * 2048) > window:
+        prefix, need = _chosen_prefix(hist, window, LEVEL)
+        if LEVEL == 1:
+            match = allowed & ((value >> 21) == (prefix >> 21))
+            digit = (value >> 10) & 2047
+        else:
+            match = allowed & ((value >> 10) == (prefix >> 10))
+            digit = value & 1023
+        tl.atomic_add(hist + LEVEL * 2048 + digit, tl.full([CHUNK], 1, tl.int32), mask=match)
 
 
 @triton.jit
-def _compact_kept_kernel(END, CHUNK_KEPT, CAND, seqlen_k, n_chunks, width, scand_n,
-                         CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
-    """Step 3: the candidate list, ascending: a key's slot is the number of kept keys before
-    it (earlier chunks' counts plus a scan of its own chunk). Slots from the total up to
-    `width` read -1, each written by the program whose chunk range holds it."""
+def _decode_keep(value, allowed, hist, window, n_allowed):
+    """(kept above the threshold, tied at it) for some keys, and how many of all the tied
+    keys (the first ones by index) are dropped. A head with at most `window` allowed keys
+    keeps all."""
+    threshold, need = _chosen_prefix(hist, window, 3)
+    dropped = tl.load(hist + 2 * 2048 + (threshold & 1023)) - need
+    # Keeping everything (the histograms past level 0 are then empty): a threshold below
+    # every value (values are >= 0)
+    everything = n_allowed <= window
+    threshold = tl.where(everything, -1, threshold)
+    dropped = tl.where(everything, 0, dropped)
+    return allowed & (value > threshold), allowed & (value == threshold), dropped
+
+
+@triton.jit
+def _decode_chunk_counts_kernel(SCORES, sscore_n, ALLOWED, sallowed_n,
+                                HAS_ALLOWED: tl.constexpr, HIST, shist_n, CHUNK_COUNTS,
+                                n_chunks, seqlen_k, window, CHUNK: tl.constexpr):
+    """Per chunk of keys: how many are kept above the threshold, and how many tie at it."""
     chunk = tl.program_id(0)
-    n = tl.program_id(1)
-    others = tl.arange(0, CHUNKS_PAD)
-    counts = tl.load(CHUNK_KEPT + n * n_chunks + others, mask=others < n_chunks, other=0)
-    before = tl.sum(tl.where(others < chunk, counts, 0), 0)
-    total = tl.sum(counts, 0)
     keys = chunk * CHUNK + tl.arange(0, CHUNK)
-    kept = tl.load(END + n * seqlen_k + keys, mask=keys < seqlen_k, other=0) != 0
-    slot = before + tl.cumsum(kept.to(tl.int32), 0) - 1
+    n = tl.program_id(1)
+    hist = HIST + n * shist_n
+    value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
+                                   seqlen_k)
+    above, tied, _ = _decode_keep(value, allowed, hist, window, tl.load(hist + 3 * 2048))
+    out = CHUNK_COUNTS + (n * n_chunks + chunk) * 2
+    tl.store(out, tl.sum(above.to(tl.int32), 0))
+    tl.store(out + 1, tl.sum(tied.to(tl.int32), 0))
+
+
+@triton.jit
+def _decode_plan_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, HIST,
+                        shist_n, CHUNK_COUNTS, FIRST, END, CAND, COUNT, scand_n, n_chunks,
+                        seqlen_k, window, width, CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+    """The plan of one chunk of keys: kept keys get the row interval [0, 1), the others
+    [0, 0), and kept keys take their ascending slot in the candidate list (kept keys in
+    earlier chunks, plus a scan of this one). Of the keys tied at the threshold the first
+    `dropped` go. Slots from the kept count up to `width` read -1, each written by the
+    program whose chunk range holds it."""
+    chunk = tl.program_id(0)
+    keys = chunk * CHUNK + tl.arange(0, CHUNK)
+    n = tl.program_id(1)
+    hist = HIST + n * shist_n
+    n_allowed = tl.load(hist + 3 * 2048)
+    value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
+                                   seqlen_k)
+    above, tied, dropped = _decode_keep(value, allowed, hist, window, n_allowed)
+    others = tl.arange(0, CHUNKS_PAD)
+    counts = CHUNK_COUNTS + (n * n_chunks + others) * 2
+    earlier = others < chunk
+    above_before = tl.sum(tl.load(counts, mask=earlier, other=0), 0)
+    tied_before = tl.sum(tl.load(counts + 1, mask=earlier, other=0), 0)
+    tied_rank = tied_before + tl.cumsum(tied.to(tl.int32), 0) - 1
+    kept = above | (tied & (tied_rank >= dropped))
+    kept_before = above_before + tl.maximum(tied_before - dropped, 0)
+    slot = kept_before + tl.cumsum(kept.to(tl.int32), 0) - 1
+    ok = keys < seqlen_k
+    tl.store(FIRST + n * seqlen_k + keys, tl.zeros([CHUNK], tl.int32), mask=ok)
+    tl.store(END + n * seqlen_k + keys, kept.to(tl.int32), mask=ok)
     tl.store(CAND + n * scand_n + slot, keys, mask=kept)
+    total = tl.minimum(n_allowed, window)
     pad = keys  # this program's share of the slots
     tl.store(CAND + n * scand_n + pad, tl.full([CHUNK], -1, tl.int32),
              mask=(pad >= total) & (pad < width))
+    if chunk == 0:
+        tl.store(COUNT + n, total)

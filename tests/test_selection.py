@@ -50,12 +50,17 @@ def check_plan_against_brute_force(seed, engine, seqlen_q=None):
         kb = torch.randint(0, 4, (b, 1, sk), generator=g).float()  # many ties
     else:
         kb = torch.randn(b, 1, sk, generator=g)
+    if seed % 4 == 0:
+        kb = kb.half()  # the plan compares half key_bias as float32
     pad = torch.rand(b, sk, generator=g) > 0.2
+    if seed % 5 == 0:
+        pad[:] = True  # and passed as no mask at all
     device = "cuda" if engine == "triton" and torch.cuda.is_available() else "cpu"
     kb, pad = kb.to(device), pad.to(device)
-    q, k = torch.randn(b, sq, 2, 8, device=device), torch.randn(b, sk, 1, 8, device=device)
+    q = torch.randn(b, sq, 2, 8, device=device, dtype=kb.dtype)
+    k = torch.randn(b, sk, 1, 8, device=device, dtype=kb.dtype)
     problem, inputs = validate(q, k, k, key_bias=kb, window=w, causal=causal,
-                               key_padding_mask=pad)
+                               key_padding_mask=None if seed % 5 == 0 else pad)
     assert problem.selection == "interval"
     block_m = 2 ** int(torch.randint(0, 4, (), generator=g))  # kernels need powers of two
     plan = build_interval_plan(problem, inputs, block_m, engine=engine)
@@ -63,7 +68,7 @@ def check_plan_against_brute_force(seed, engine, seqlen_q=None):
     plan = type(plan)(*(t.cpu() if torch.is_tensor(t) else t for t in plan.__dict__.values()))
     kb, pad = kb.cpu(), pad.cpu()
     for bi in range(b):
-        expected = brute_force_keep(kb[bi, 0], pad[bi], sq, sk, w, causal)
+        expected = brute_force_keep(kb[bi, 0].float(), pad[bi], sq, sk, w, causal)
         first, end = plan.key_first_row[bi, 0].long(), plan.key_end_row[bi, 0].long()
         assert torch.equal((rows >= first) & (rows < end), expected)
         for block in range(plan.candidates.shape[2]):
@@ -102,22 +107,28 @@ def test_window_selection_is_causal():
     torch.testing.assert_close(o[:, :20], o2[:, :20], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("window", [700, 2600])
-def test_single_row_plan_over_many_key_chunks(window):
-    """The decoding plan's compaction spans several 1024-key chunks: the triton engine must
-    give the torch engine's plan (checked above against brute force), padding and ties
-    included."""
+@pytest.mark.parametrize("window,scores", [(700, "ties"), (2600, "ties"), (1500, "normal"),
+                                           (1500, "half")])
+def test_single_row_plan_over_many_key_chunks(window, scores):
+    """The decoding plan's radix select and compaction span several 1024-key chunks: the
+    triton engine must give the torch engine's plan (checked above against brute force),
+    padding and ties (which straddle chunks) included; "normal" scores need all three digit
+    levels, "half" ones go without a padding mask."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(window)
     sk = 3000
-    kb = torch.randint(0, 50, (2, 1, sk), generator=g).float().to(device)
+    kb = torch.randint(0, 50, (2, 1, sk), generator=g).float()
+    if scores != "ties":
+        kb = torch.randn(2, 1, sk, generator=g)
+        kb = kb.half() if scores == "half" else kb
     pad = (torch.rand(2, sk, generator=g) > 0.1).to(device)
-    q, k = torch.randn(2, 1, 2, 8, device=device), torch.randn(2, sk, 1, 8, device=device)
-    problem, inputs = validate(q, k, k, key_bias=kb, window=window, causal=True,
-                               key_padding_mask=pad)
+    q = torch.randn(2, 1, 2, 8, device=device, dtype=kb.dtype)
+    k = torch.randn(2, sk, 1, 8, device=device, dtype=kb.dtype)
+    problem, inputs = validate(q, k, k, key_bias=kb.to(device), window=window, causal=True,
+                               key_padding_mask=None if scores == "half" else pad)
     plans = [build_interval_plan(problem, inputs, 64, engine=e) for e in ("torch", "triton")]
     for name in ("key_first_row", "key_end_row", "candidates", "candidate_count"):
         assert torch.equal(getattr(plans[0], name).cpu(), getattr(plans[1], name).cpu()), name
