@@ -50,10 +50,9 @@ def backward_impl(problem: Problem, inputs: Inputs, backend: Backend, plan, o, l
         )
     # ds = p * (dp - delta) with delta = rowsum(do * o) - dlse covers the gradients of both
     # outputs (d lse_i / d s_ij = p_ij).
-    acc = torch.float64 if problem.dtype == torch.float64 else torch.float32
-    delta = (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
+    delta = backend.row_delta(problem, o, do)
     if dlse is not None:
-        delta = delta - torch.where(torch.isfinite(lse), dlse.to(acc), 0.0)
+        delta = delta - torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
     return backend.backward(problem, inputs, plan, o, lse, do.contiguous(), delta.contiguous())
 
 

@@ -109,6 +109,12 @@ class Backend:
         """Return (o, lse): o like q, lse float32 (B, H, Sq)."""
         raise NotImplementedError
 
+    def row_delta(self, problem: Problem, o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+        """rowsum(do * o) as (B, H, Sq), float32 (float64 for float64 inputs): the first
+        step of every backward. Backends may fuse it into one kernel."""
+        acc = torch.float64 if problem.dtype == torch.float64 else torch.float32
+        return (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
+
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         """Return (dq, dk, dv, d_key_bias, d_attn_bias), each None where not needed.
 

@@ -8,6 +8,7 @@ buffers and reduces them to the inputs' shapes.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -26,6 +27,17 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, asked once per device (the dispatcher asks per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)
 
 
 def multiprocessors(device) -> int:

@@ -31,6 +31,7 @@ from .gpu_launch import (
     block_list_args,
     candidate_key_split,
     cdiv,
+    device_capability,
     finish_backward,
     multiprocessors,
     next_pow2,
@@ -258,7 +259,7 @@ class TritonBackend(Backend):
         if problem.device.type == "cpu" and problem.dtype == torch.bfloat16:
             reasons.append("dtype bfloat16 not supported by the Triton interpreter on CPU")
         if problem.device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(problem.device)
+            major, minor = device_capability(problem.device)
             if major < 8:
                 reasons.append(f"compute capability {major}.{minor} below 8.0")
         return reasons
@@ -275,6 +276,17 @@ class TritonBackend(Backend):
         name, config = forward_config(launch, problem)
         run_fitting(name, problem, tuned(name, problem, launch, config, run), run)
         return out, lse
+
+    def row_delta(self, problem: Problem, o, do):
+        b, sq, h, d = o.shape
+        o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (o, do))
+        delta = torch.empty(b, h, sq, dtype=torch.float32, device=o.device)
+        block_rows = 16 if interpreter_mode() else 64
+        run_kernel(_kernels()._row_delta_kernel, (cdiv(sq, block_rows), b * h),
+                   o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0),
+                   do.stride(1), do.stride(2), sq, h, HEAD_DIM=d,
+                   D_PAD=LaunchArgs.padded_head_dim(d), BLOCK_ROWS=block_rows)
+        return delta
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         kern = _kernels()

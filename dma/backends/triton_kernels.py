@@ -286,6 +286,26 @@ def _combine_splits_kernel(
 
 
 @triton.jit
+def _row_delta_kernel(OUT, DOUT, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, seqlen_q, heads,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """The backward's first step: delta[b, h, i] = sum_d do[b, i, h, d] * o[b, i, h, d] in
+    float32, reading each input once (in torch it takes a cast, a product and a sum)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    b = tl.program_id(1) // heads
+    h = tl.program_id(1) % heads
+    dims = tl.arange(0, D_PAD)
+    rows64 = rows.to(tl.int64)
+    row_ok = rows < seqlen_q
+    ok = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(OUT + b.to(tl.int64) * so_b + h * so_h + rows64[:, None] * so_s + dims[None, :],
+                mask=ok, other=0.0)
+    do = tl.load(DOUT + b.to(tl.int64) * sdo_b + h * sdo_h + rows64[:, None] * sdo_s
+                 + dims[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * heads + h).to(tl.int64) * seqlen_q + rows64, delta, mask=row_ok)
+
+
+@triton.jit
 def _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
                      sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
                      REDUCED: tl.constexpr, ROWS: tl.constexpr, KEYS: tl.constexpr):
