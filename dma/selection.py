@@ -201,8 +201,9 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
 
 def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: str):
     """Decoding (one query row): the row keeps the first min(w, allowed) keys of the
-    best-first order, so one sort answers it; no thresholds, no interval search, and the
-    candidate list is a parallel compaction rather than one program's scan over all keys.
+    best-first order: one sort on the torch path, a radix select of the w-th best on the
+    triton one; no thresholds, no interval search, and the candidate list is a parallel
+    compaction rather than one program's scan over all keys.
     Kept keys get the row interval [0, 1), the others [0, 0), as the general path gives for
     Sq == 1 (the row sees every key)."""
     n, sk = scores.shape

@@ -20,9 +20,10 @@ ops, whose launch overhead dominated the plan's time on GPUs):
 * `_candidates_kernel` lists, in ascending order, the keys kept by any row of the block:
   those with first_row < block end and end_row > block start.
 
-Decoding (one query row) needs no thresholds: after the same sort, `_single_row_kernel`,
-`_kept_per_chunk_kernel` and `_compact_kept_kernel` (at the end of this file) give the key
-intervals and the one candidate list.
+Decoding (one query row) needs neither thresholds nor a sort: a radix select of the
+window-th best score (`_decode_histogram_kernel`, three launches), then
+`_decode_chunk_counts_kernel` and `_decode_plan_kernel` give the key intervals and the one
+candidate list (at the end of this file).
 """
 
 import triton
@@ -121,24 +122,31 @@ def _candidates_kernel(
 
 
 @triton.jit
-def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, PACKED, N_ALLOWED,
-                      sscore_n, seqlen_k, CHUNK: tl.constexpr):
-    """One chunk of keys of one plan head; N_ALLOWED (zeroed) gathers the allowed count.
-    Scores come in key_bias's dtype and compare as float32; without HAS_ALLOWED every key
-    is allowed."""
-    keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    n = tl.program_id(1)
+def _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, n, keys,
+                     seqlen_k):
+    """(int32 whose integer order is the float32 order of the scores, allowed) of some keys of
+    plan head n. Scores come in key_bias's dtype; without HAS_ALLOWED every key is allowed."""
     ok = keys < seqlen_k
     score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0).to(tl.float32)
-    score = tl.where(score == 0.0, 0.0, score)  # -0.0 sorts as 0.0, as floats compare
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ranks as 0.0, as floats compare
+    bits = score.to(tl.int32, bitcast=True)
     allowed = ok
     if HAS_ALLOWED:
         allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
-    bits = score.to(tl.int32, bitcast=True)
-    sortable = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF), allowed
+
+
+@triton.jit
+def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, PACKED, N_ALLOWED,
+                      sscore_n, seqlen_k, CHUNK: tl.constexpr):
+    """One chunk of keys of one plan head; N_ALLOWED (zeroed) gathers the allowed count."""
+    keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    n = tl.program_id(1)
+    sortable, allowed = _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
+                                         keys, seqlen_k)
     packed = (sortable.to(tl.int64) << 32) | keys.to(tl.int64)
     packed = tl.where(allowed, packed, -9223372036854775808)
-    tl.store(PACKED + n * seqlen_k + keys, packed, mask=ok)
+    tl.store(PACKED + n * seqlen_k + keys, packed, mask=keys < seqlen_k)
     tl.atomic_add(N_ALLOWED + n, tl.sum(allowed.to(tl.int32), 0))
 
 
@@ -200,15 +208,10 @@ BINS = 2048
 @triton.jit
 def _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, n, keys,
                   seqlen_k):
-    """(order-preserving unsigned value as int64, allowed) of some keys of plan head n."""
-    ok = keys < seqlen_k
-    score = tl.load(SCORES + n * sscore_n + keys, mask=ok, other=0.0).to(tl.float32)
-    score = tl.where(score == 0.0, 0.0, score)  # -0.0 ranks as 0.0, as floats compare
-    bits = score.to(tl.int32, bitcast=True)
-    sortable = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    allowed = ok
-    if HAS_ALLOWED:
-        allowed = ok & (tl.load(ALLOWED + n * sallowed_n + keys, mask=ok, other=0) != 0)
+    """`_sortable_scores` as unsigned values (int64 in [0, 2^32)), whose digits the radix
+    select reads."""
+    sortable, allowed = _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
+                                         keys, seqlen_k)
     return sortable.to(tl.int64) + 2147483648, allowed
 
 
