@@ -100,12 +100,18 @@ def _launch_direct(kernel, grid, args, kwargs) -> bool:
 def _launch_compiled(compiled, grid3: tuple, values: list) -> None:
     """`compiled[grid3](*values)`, without the launch hooks' metadata when no hook is set
     (Triton builds it, and calls both hooks, on every launch otherwise)."""
-    from triton import knobs
-
-    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    enter, leave = _launch_hooks()
     if getattr(enter, "calls", True) or getattr(leave, "calls", True):
         compiled[grid3](*values)  # someone listens (a profiler): Triton's own path
         return
     stream = torch.cuda.current_stream().cuda_stream
     compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata, None, None, None,
                  *values)
+
+
+def _launch_hooks():
+    """Triton's launch hooks (enter, exit): chains of callables, empty unless a profiler or
+    a user registered one."""
+    from triton import knobs
+
+    return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
