@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py --seqlens 4096 16384 --window 2048
     python benchmarks/bench_attention.py --device cpu --seqlens 2048 8192 --window 512 \
         --heads 8 --kv-heads 8 --head-dim 64 --dtype float32
+    python benchmarks/bench_attention.py --seqlen-q 1 --seqlens 131072 --modes fwd --cuda-graph
 
 Prints a table of median times and ratios to the dense baseline (cuDNN on GPU, SDPA on CPU)
 and writes the rows to CSV (--csv).
@@ -35,6 +36,9 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--csv", default="bench-results.csv")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each contender's forward from a CUDA graph (device time "
+                             "without host time, as serving stacks run decoding steps)")
     args = parser.parse_args()
     device = torch.device(args.device)
     contenders = args.contenders or (
@@ -44,11 +48,11 @@ def main():
     shapes = [Shape(args.batch, s, args.heads, args.kv_heads, args.head_dim, window, dtype,
                     args.seqlen_q) for s in args.seqlens]
     rows = run_benchmark(shapes, device, contenders=tuple(contenders), backend=args.backend,
-                         modes=tuple(args.modes), reps=args.reps)
+                         modes=tuple(args.modes), reps=args.reps, cuda_graph=args.cuda_graph)
     write_csv(rows, args.csv)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {name}; csv: {args.csv}")
-    print(format_table(rows, contenders[1]))
+    print(format_table(rows, contenders[1 if len(contenders) > 1 else 0]))
 
 
 if __name__ == "__main__":

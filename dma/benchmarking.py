@@ -186,8 +186,26 @@ def flex_contender(shape: Shape, inputs):
     return forward
 
 
-def _timed_function(shape: Shape, contender: str, mode: str, inputs, backend):
-    """The function to time for one contender: forward under no_grad, or forward+backward."""
+def graph_replay(fn: Callable) -> Callable:
+    """`fn` captured once in a CUDA graph (after warm-up calls on a side stream) and replayed
+    per call: host time drops to one graph launch, as in serving stacks that capture their
+    decoding step. The graph reads and writes the same tensors on every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _timed_function(shape: Shape, contender: str, mode: str, inputs, backend,
+                    cuda_graph: bool = False):
+    """The function to time for one contender: forward under no_grad, or forward+backward;
+    with `cuda_graph` the forward replayed from a CUDA graph."""
     if contender == "dma" or contender.startswith("dma-"):  # dma-<backend>
         forward = dma_contender(shape, inputs, contender.partition("-")[2] or backend)
     elif contender.startswith("sdpa"):
@@ -197,8 +215,11 @@ def _timed_function(shape: Shape, contender: str, mode: str, inputs, backend):
     else:
         raise ValueError(f"unknown contender {contender!r}")
     if mode == "fwd+bwd":
+        if cuda_graph:
+            raise ValueError("CUDA graph timing covers the forward only")
         return _fwd_bwd(forward, inputs[:4])
-    return torch.no_grad()(forward)
+    forward = torch.no_grad()(forward)
+    return graph_replay(forward) if cuda_graph else forward
 
 
 def _failure(exc: Exception) -> str:
@@ -264,11 +285,13 @@ def add_ratios(rows, baseline_name: str):
 
 
 def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, modes=("fwd",
-                  "fwd+bwd"), warmup=2, reps=5, progress=True):
+                  "fwd+bwd"), warmup=2, reps=5, progress=True, cuda_graph=False):
     """Return a list of dict rows: shape, contender, mode, ms, extra_mib, note, ms_b2b and
     ratio to the dense baseline (the second contender), contenders interleaved
     (`time_interleaved`). `ms` times each call from an idle device (its host time counts in
     full); `ms_b2b` is what a model issuing layer after layer sees when the host runs ahead.
+    With `cuda_graph` every contender's forward is replayed from a CUDA graph (mode
+    "fwd graph"), which leaves the device time alone; contenders then run one after another.
     """
     from tqdm import tqdm
 
@@ -282,11 +305,20 @@ def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, mode
         for t in inputs:
             t.requires_grad_(mode == "fwd+bwd")
 
-        makers = {c: functools.partial(_timed_function, shape, c, mode, inputs, backend)
-                  for c in contenders}
-        results = time_interleaved(makers, device, warmup, reps, bar)
+        makers = {c: functools.partial(_timed_function, shape, c, mode, inputs, backend,
+                                       cuda_graph) for c in contenders}
+        if cuda_graph:
+            # One contender's graph at a time: with the graphs of several contenders alive
+            # and replayed in turn, one H200 run ended in an illegal memory access (not
+            # investigated); each contender alone replayed cleanly.
+            results = {}
+            for name, make in makers.items():
+                results.update(time_interleaved({name: make}, device, warmup, reps, bar))
+        else:
+            results = time_interleaved(makers, device, warmup, reps, bar)
         del makers
-        rows += [dict(shape=shape.label, contender=c, mode=mode, **results[c])
+        label = f"{mode} graph" if cuda_graph else mode
+        rows += [dict(shape=shape.label, contender=c, mode=label, **results[c])
                  for c in contenders]
         del inputs
     bar.close()

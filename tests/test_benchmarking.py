@@ -21,6 +21,17 @@ def test_run_benchmark_reports_both_timings():
     assert "b2b ms" in format_table(rows, "sdpa")
 
 
+def test_graph_timing_rows():
+    """CUDA-graph timing labels its rows; where it cannot run (no GPU here, or backward) the
+    row says why instead of failing the run."""
+    shape = Shape(1, 64, 2, 1, 16, 16, torch.float32)
+    rows = run_benchmark([shape], "cpu", contenders=("dma-torch", "sdpa"), warmup=1, reps=1,
+                         progress=False, cuda_graph=True)
+    assert [r["mode"] for r in rows] == ["fwd graph"] * 2 + ["fwd+bwd graph"] * 2
+    assert all(r["note"] for r in rows) and all(math.isnan(r["ms"]) for r in rows)
+    assert "forward only" in rows[2]["note"]
+
+
 def test_mask_benchmark_runs_on_cpu(tmp_path):
     import importlib.util
     from pathlib import Path
