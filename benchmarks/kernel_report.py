@@ -90,7 +90,8 @@ def compile_kernel(fn, constexprs: dict, pointers: dict, dtype: str, arch: int,
         attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                       enable_fp_fusion=True))  # as run_kernel launches them
 
 
 def ptxas_candidates() -> list:

@@ -54,7 +54,12 @@ def direct_launch_enabled() -> bool:
 
 def run_kernel(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)`, reusing the compiled kernel of an earlier launch with
-    the same specialisation."""
+    the same specialisation.
+
+    Floating-point contraction (a * b + c as one FMA) is asked for explicitly: the kernels
+    are written for it (the softmax's exp2 argument is one multiply-add per score), and
+    Triton announces that its default turns it off from 3.10 on."""
+    kwargs.setdefault("enable_fp_fusion", True)
     if direct_launch_enabled():
         try:
             if _launch_direct(kernel, grid, args, kwargs):
