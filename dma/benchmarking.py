@@ -186,10 +186,10 @@ def flex_contender(shape: Shape, inputs):
     return forward
 
 
-def graph_replay(fn: Callable) -> Callable:
-    """`fn` captured once in a CUDA graph (after warm-up calls on a side stream) and replayed
-    per call: host time drops to one graph launch, as in serving stacks that capture their
-    decoding step. The graph reads and writes the same tensors on every replay."""
+def capture_graph(fn: Callable):
+    """`fn` captured once in a CUDA graph, after warm-up calls on a side stream (which compile
+    kernels and fit launch configurations outside the capture). Returns (replay, what the
+    captured call returned): every replay reads and writes the same tensors."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -198,8 +198,14 @@ def graph_replay(fn: Callable) -> Callable:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        result = fn()
+    return graph.replay, result
+
+
+def graph_replay(fn: Callable) -> Callable:
+    """`fn` replayed from a CUDA graph: host time drops to one graph launch, as in serving
+    stacks that capture their decoding step."""
+    return capture_graph(fn)[0]
 
 
 def _timed_function(shape: Shape, contender: str, mode: str, inputs, backend,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dma
+from dma.benchmarking import capture_graph
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -31,17 +32,9 @@ def test_replay_matches_eager(backend, seqlen_q, seqlen_k, window):
     def call():
         return dma.attention(q, k, v, key_bias=kb, window=window, causal=True, backend=backend)
 
-    side = torch.cuda.Stream()  # warm-up (compiles, fits launch configurations) off capture
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    replay, out = capture_graph(call)
     for _ in range(2):
         for static, new in zip((q, k, v, kb), fresh()):
             static.copy_(new)
-        graph.replay()
+        replay()
         torch.testing.assert_close(out, call(), rtol=0, atol=0)
