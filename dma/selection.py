@@ -232,7 +232,7 @@ def _single_row_plan_triton(scores, allowed, window: int, width: int):
     n, sk = scores.shape
     device = scores.device
     n_chunks = -(-sk // PLAN_CHUNK)
-    hist = torch.zeros(n, 3 * kern.BINS + 1, dtype=torch.int32, device=device)
+    hist = torch.zeros(n, 3 * kern.BINS.value + 1, dtype=torch.int32, device=device)
     chunk_counts = torch.empty(n, n_chunks, 2, dtype=torch.int32, device=device)
     first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
     end_row = torch.empty(n, sk, dtype=torch.int32, device=device)

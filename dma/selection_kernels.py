@@ -200,9 +200,7 @@ def _key_intervals_kernel(RANK, TAU, ALLOWED, sallowed_n, HAS_ALLOWED: tl.conste
 # histograms (2048 counts), so no launch waits for a reduction. Ties at the threshold go to
 # the later keys, as in the general plan.
 
-DIGIT_BITS = (11, 11, 10)  # most significant first
-DIGIT_SHIFT = (21, 10, 0)
-BINS = 2048
+BINS = tl.constexpr(2048)  # per histogram: 2^11, the widest digit
 
 
 @triton.jit
@@ -219,7 +217,7 @@ def _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constex
 def _pick_bin(HIST, need):
     """The bin (higher = better) that holds the need-th best entry of a histogram, and the
     rank (1-based) of that entry inside the bin."""
-    bins = tl.arange(0, 2048)
+    bins = tl.arange(0, BINS)
     counts = tl.load(HIST + bins)
     above = tl.sum(counts, 0) - tl.cumsum(counts, 0)  # entries in better bins
     hit = (above < need) & (above + counts >= need)
@@ -234,10 +232,10 @@ def _chosen_prefix(HIST, window, LEVELS: tl.constexpr):
     chosen, need = _pick_bin(HIST, window)
     prefix = chosen.to(tl.int64) << 21
     if LEVELS > 1:
-        chosen, need = _pick_bin(HIST + 2048, need)
+        chosen, need = _pick_bin(HIST + BINS, need)
         prefix = prefix | (chosen.to(tl.int64) << 10)
     if LEVELS > 2:
-        chosen, need = _pick_bin(HIST + 4096, need)
+        chosen, need = _pick_bin(HIST + 2 * BINS, need)
         prefix = prefix | chosen.to(tl.int64)
     return prefix, need
 
@@ -256,8 +254,8 @@ def _decode_histogram_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED:
                                    seqlen_k)
     if LEVEL == 0:
         tl.atomic_add(hist + (value >> 21), tl.full([CHUNK], 1, tl.int32), mask=allowed)
-        tl.atomic_add(hist + 3 * 2048, tl.sum(allowed.to(tl.int32), 0))
-    elif tl.load(hist + 3 * 2048) > window:
+        tl.atomic_add(hist + 3 * BINS, tl.sum(allowed.to(tl.int32), 0))
+    elif tl.load(hist + 3 * BINS) > window:
         prefix, need = _chosen_prefix(hist, window, LEVEL)
         if LEVEL == 1:
             match = allowed & ((value >> 21) == (prefix >> 21))
@@ -265,7 +263,7 @@ def _decode_histogram_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED:
         else:
             match = allowed & ((value >> 10) == (prefix >> 10))
             digit = value & 1023
-        tl.atomic_add(hist + LEVEL * 2048 + digit, tl.full([CHUNK], 1, tl.int32), mask=match)
+        tl.atomic_add(hist + LEVEL * BINS + digit, tl.full([CHUNK], 1, tl.int32), mask=match)
 
 
 @triton.jit
@@ -274,7 +272,7 @@ def _decode_keep(value, allowed, hist, window, n_allowed):
     keys (the first ones by index) are dropped. A head with at most `window` allowed keys
     keeps all."""
     threshold, need = _chosen_prefix(hist, window, 3)
-    dropped = tl.load(hist + 2 * 2048 + (threshold & 1023)) - need
+    dropped = tl.load(hist + 2 * BINS + (threshold & 1023)) - need
     # Keeping everything (the histograms past level 0 are then empty): a threshold below
     # every value (values are >= 0)
     everything = n_allowed <= window
@@ -294,7 +292,7 @@ def _decode_chunk_counts_kernel(SCORES, sscore_n, ALLOWED, sallowed_n,
     hist = HIST + n * shist_n
     value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
                                    seqlen_k)
-    above, tied, _ = _decode_keep(value, allowed, hist, window, tl.load(hist + 3 * 2048))
+    above, tied, _ = _decode_keep(value, allowed, hist, window, tl.load(hist + 3 * BINS))
     out = CHUNK_COUNTS + (n * n_chunks + chunk) * 2
     tl.store(out, tl.sum(above.to(tl.int32), 0))
     tl.store(out + 1, tl.sum(tied.to(tl.int32), 0))
@@ -313,7 +311,7 @@ def _decode_plan_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.c
     keys = chunk * CHUNK + tl.arange(0, CHUNK)
     n = tl.program_id(1)
     hist = HIST + n * shist_n
-    n_allowed = tl.load(hist + 3 * 2048)
+    n_allowed = tl.load(hist + 3 * BINS)
     value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
                                    seqlen_k)
     above, tied, dropped = _decode_keep(value, allowed, hist, window, n_allowed)
