@@ -18,7 +18,8 @@ def make_plan(problem: Problem, inputs: Inputs, backend: Backend):
     if problem.selection != SELECT_INTERVAL or problem.is_empty:
         return None
     with torch.no_grad():
-        return build_interval_plan(problem, inputs, backend.block_m)
+        return build_interval_plan(problem, inputs, backend.block_m,
+                                   full_first=backend.full_first)
 
 
 def _empty_forward(problem: Problem):

@@ -80,8 +80,15 @@ class IntervalPlan:
     heads: int  # 1, Hkv or H
     key_first_row: torch.Tensor  # (batch, heads, Sk) int32: first row that keeps key j
     key_end_row: torch.Tensor  # (batch, heads, Sk) int32: rows [first, end) keep key j
-    candidates: torch.Tensor  # (batch, heads, n_blocks, max_candidates) int32, ascending, -1 pad
+    # (batch, heads, n_blocks, max_candidates) int32, -1 pad: the keys any row of the block
+    # keeps, ascending; with `full_first`, the keys every row of the block keeps come first
+    # (ascending), then the others (ascending).
+    candidates: torch.Tensor
     candidate_count: torch.Tensor  # (batch, heads, n_blocks) int32
+    # (batch, heads, n_blocks) int32: the block's first full_count candidates are kept by all
+    # of its rows (0 without `full_first`), so kernels can skip their per-pair test. Same
+    # strides as candidate_count.
+    full_count: torch.Tensor
 
 
 def sortable_int32(x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +174,9 @@ def plan_engine(device: torch.device) -> str:
 
 
 def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
-                        engine: Optional[str] = None) -> IntervalPlan:
+                        engine: Optional[str] = None, full_first: bool = False) -> IntervalPlan:
+    """The plan for blocks of `block_m` rows; `full_first` orders each block's candidates
+    with the keys that all its rows keep first (IntervalPlan.full_count)."""
     sk = problem.seqlen_k
     batch, heads = plan_layout(problem)
     engine = engine or plan_engine(problem.device)
@@ -181,12 +190,14 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
     if problem.seqlen_q == 1:
         first_row, end_row, candidates, counts = _single_row_plan(problem, scores, allowed,
                                                                   block_m, engine)
+        full = counts  # one row: every candidate is kept by all the block's rows
     else:
         if engine == "triton":
             first_row, end_row = _key_intervals_triton(problem, scores, allowed, block_m)
         else:
             first_row, end_row = _key_intervals(problem, scores, allowed, engine)
-        candidates, counts = _candidate_lists_by(engine, problem, first_row, end_row, block_m)
+        candidates, counts, full = _candidate_lists_by(engine, problem, first_row, end_row,
+                                                       block_m, full_first)
     n_blocks = candidates.shape[1]
     return IntervalPlan(
         block_m=block_m,
@@ -196,6 +207,7 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
         key_end_row=end_row.reshape(batch, heads, sk),
         candidates=candidates.reshape(batch, heads, n_blocks, -1),
         candidate_count=counts.reshape(batch, heads, n_blocks),
+        full_count=full.reshape(batch, heads, n_blocks),
     )
 
 
@@ -335,8 +347,8 @@ def coarse_candidate_lists(problem: Problem, plan: IntervalPlan, block_m: int):
     n = plan.batch * plan.heads
     first = plan.key_first_row.reshape(n, -1)
     end = plan.key_end_row.reshape(n, -1)
-    candidates, counts = _candidate_lists_by(plan_engine(problem.device), problem, first, end,
-                                             block_m)
+    candidates, counts, _ = _candidate_lists_by(plan_engine(problem.device), problem, first,
+                                                end, block_m)
     n_blocks = candidates.shape[1]
     return (candidates.reshape(plan.batch, plan.heads, n_blocks, -1),
             counts.reshape(plan.batch, plan.heads, n_blocks))
@@ -352,10 +364,12 @@ def _row_thresholds_torch(problem: Problem, ranks, allowed):
     return torch.where(allowed_in_prefix > problem.window, tau, torch.full_like(tau, sk))
 
 
-def _candidate_lists_by(engine: str, problem: Problem, first_row, end_row, block_m: int):
-    """(candidates, counts) of blocks of `block_m` rows from int32 (n, Sk) intervals."""
+def _candidate_lists_by(engine: str, problem: Problem, first_row, end_row, block_m: int,
+                        full_first: bool = False):
+    """(candidates, counts, full counts) of blocks of `block_m` rows from int32 (n, Sk)
+    intervals (see IntervalPlan.candidates)."""
     if engine == "triton":
-        return _candidate_lists_triton(problem, first_row, end_row, block_m)
+        return _candidate_lists_triton(problem, first_row, end_row, block_m, full_first)
     if engine == "numba":
         from .selection_numba import candidate_lists
 
@@ -364,11 +378,13 @@ def _candidate_lists_by(engine: str, problem: Problem, first_row, end_row, block
         width = min(sk, problem.window + block_m)
         candidates = torch.empty(n, n_blocks, width, dtype=torch.int32)
         counts = torch.empty(n, n_blocks, dtype=torch.int32)
+        full = torch.empty(n, n_blocks, dtype=torch.int32)
         candidate_lists(first_row.contiguous().numpy(), end_row.contiguous().numpy(),
-                        problem.seqlen_q, block_m, candidates.numpy(), counts.numpy())
-        return candidates, counts
+                        problem.seqlen_q, block_m, full_first, candidates.numpy(),
+                        counts.numpy(), full.numpy())
+        return candidates, counts, full
     return _candidate_lists(first_row.long(), end_row.long(), problem.seqlen_q, block_m,
-                            problem.window)
+                            problem.window, full_first)
 
 
 def _row_thresholds_numba(problem: Problem, ranks, allowed):
@@ -382,24 +398,28 @@ def _row_thresholds_numba(problem: Problem, ranks, allowed):
     return tau
 
 
-def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int):
+def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
+                            full_first: bool):
     from .selection_kernels import _candidates_kernel
 
     n, sk = first_row.shape
     n_blocks = max(1, -(-problem.seqlen_q // block_m))
     width = min(sk, problem.window + block_m)
     candidates = torch.empty(n, n_blocks, width, dtype=torch.int32, device=first_row.device)
-    counts = torch.empty(n, n_blocks, dtype=torch.int32, device=first_row.device)
+    counts = torch.empty(n, 2, n_blocks, dtype=torch.int32, device=first_row.device)
     run_kernel(_candidates_kernel, (n_blocks, n),
-        first_row, end_row, candidates, counts, first_row.stride(0), candidates.stride(0),
-        candidates.stride(1), counts.stride(0), problem.seqlen_q, sk, problem.causal_offset,
-        width, CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=PLAN_CHUNK,
+        first_row, end_row, candidates, counts[:, 0], counts[:, 1], first_row.stride(0),
+        candidates.stride(0), candidates.stride(1), counts.stride(0), problem.seqlen_q, sk,
+        problem.causal_offset, width, CAUSAL=problem.causal, BLOCK_M=block_m,
+        CHUNK=PLAN_CHUNK, FULL_FIRST=full_first,
     )
-    return candidates, counts
+    return candidates, counts[:, 0], counts[:, 1]
 
 
-def _candidate_lists(first_row, end_row, seqlen_q: int, block_m: int, window: int):
-    """Per block of rows, the ascending list of keys kept by any of its rows.
+def _candidate_lists(first_row, end_row, seqlen_q: int, block_m: int, window: int,
+                     full_first: bool):
+    """Per block of rows, the ascending list of keys kept by any of its rows (with
+    `full_first`, those kept by all its rows first), its length and the full count.
 
     Key j joins blocks first_row_j // block_m .. (end_row_j - 1) // block_m. The lists are
     built by expanding every key into its blocks and sorting the entries by block; no row x
@@ -425,15 +445,24 @@ def _candidate_lists(first_row, end_row, seqlen_q: int, block_m: int, window: in
     )
     head = torch.div(entry_key, sk, rounding_mode="floor")
     bucket = head * n_blocks + entry_block  # (plan head, block)
-    # Entries are in (head, key) order; a stable sort by bucket keeps keys ascending.
-    bucket, order = torch.sort(bucket, stable=True)
+    full = torch.zeros_like(bucket, dtype=torch.bool)
+    if full_first:  # kept from the block's first row to its last
+        block_end = ((entry_block + 1) * block_m).clamp(max=seqlen_q)
+        full = ((first_row.reshape(-1)[entry_key] <= entry_block * block_m)
+                & (end_row.reshape(-1)[entry_key] >= block_end))
+    # Entries are in (head, key) order; a stable sort by bucket (full entries first) keeps
+    # keys ascending within each part.
+    _, order = torch.sort(bucket * 2 + (~full).long(), stable=True)
+    bucket, full = bucket[order], full[order]
     entry_key = entry_key[order] - head[order] * sk
+    full_counts = torch.bincount(bucket[full], minlength=n * n_blocks)
     counts = torch.bincount(bucket, minlength=n * n_blocks)
     bucket_start = torch.cumsum(counts, 0) - counts
     slot = torch.arange(total, device=device) - bucket_start[bucket]
     candidates = torch.full((n * n_blocks, width), -1, dtype=torch.int32, device=device)
     candidates[bucket, slot] = entry_key.to(torch.int32)
-    return candidates.reshape(n, n_blocks, width), counts.to(torch.int32).reshape(n, n_blocks)
+    return (candidates.reshape(n, n_blocks, width), counts.to(torch.int32).reshape(n, n_blocks),
+            full_counts.to(torch.int32).reshape(n, n_blocks))
 
 
 def rows_and_keys(t: torch.Tensor, rows: slice, key_count: int) -> torch.Tensor:

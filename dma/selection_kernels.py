@@ -18,7 +18,8 @@ ops, whose launch overhead dominated the plan's time on GPUs):
   finds those two ranks, then a (rows x ranks) scan of that short window finds each row's
   threshold. Work per block is about BLOCK_M x (window length), not rows x keys.
 * `_candidates_kernel` lists, in ascending order, the keys kept by any row of the block:
-  those with first_row < block end and end_row > block start.
+  those with first_row < block end and end_row > block start (with FULL_FIRST, a first scan
+  counts the keys kept by every row of the block, which are then listed first).
 
 Decoding (one query row) needs neither thresholds nor a sort: a radix select of the
 window-th best score (`_decode_histogram_kernel`, three launches), then
@@ -91,10 +92,23 @@ def _row_threshold_kernel(
 
 
 @triton.jit
+def _candidate_bounds(FIRST, END, sfirst_n, n, x0, key_hi, row_lo, row_hi, CHUNK: tl.constexpr):
+    """Keys x0.. of a block's scan: (ids, listed: kept by a row of the block, full: kept by
+    all of them)."""
+    keys = x0 + tl.arange(0, CHUNK)
+    ok = keys < key_hi
+    first = tl.load(FIRST + n * sfirst_n + keys, mask=ok, other=0)
+    end = tl.load(END + n * sfirst_n + keys, mask=ok, other=0)
+    listed = ok & (end > first) & (first < row_hi) & (end > row_lo)
+    full = listed & (first <= row_lo) & (end >= row_hi)
+    return keys, listed, full
+
+
+@triton.jit
 def _candidates_kernel(
-    FIRST, END, CAND, COUNT,
+    FIRST, END, CAND, COUNT, FULL,
     sfirst_n, scand_n, scand_blk, scount_n, seqlen_q, seqlen_k, causal_offset, width,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FULL_FIRST: tl.constexpr,
 ):
     block = tl.program_id(0)
     n = tl.program_id(1)
@@ -104,17 +118,30 @@ def _candidates_kernel(
     if CAUSAL:
         key_hi = tl.minimum(tl.maximum(row_hi + causal_offset, 0), seqlen_k)
     out = CAND + n * scand_n + block * scand_blk
-    count = 0
+    n_full = 0  # with FULL_FIRST, a first scan counts the keys that go first
+    if FULL_FIRST:
+        for x0 in range(0, key_hi, CHUNK):
+            _, _, full = _candidate_bounds(FIRST, END, sfirst_n, n, x0, key_hi, row_lo, row_hi,
+                                           CHUNK)
+            n_full += tl.sum(full.to(tl.int32), 0)
+    full_slot = 0
+    other_slot = n_full
     for x0 in range(0, key_hi, CHUNK):
-        keys = x0 + tl.arange(0, CHUNK)
-        ok = keys < key_hi
-        first = tl.load(FIRST + n * sfirst_n + keys, mask=ok, other=0)
-        end = tl.load(END + n * sfirst_n + keys, mask=ok, other=0)
-        chosen = ok & (end > first) & (first < row_hi) & (end > row_lo)
-        slot = tl.cumsum(chosen.to(tl.int32), 0) - 1 + count
-        tl.store(out + slot, keys, mask=chosen)
-        count += tl.sum(chosen.to(tl.int32), 0)
+        keys, listed, full = _candidate_bounds(FIRST, END, sfirst_n, n, x0, key_hi, row_lo,
+                                               row_hi, CHUNK)
+        if FULL_FIRST:
+            other = listed & ((full.to(tl.int32)) == 0)
+            slot = tl.where(full, tl.cumsum(full.to(tl.int32), 0) - 1 + full_slot,
+                            tl.cumsum(other.to(tl.int32), 0) - 1 + other_slot)
+            full_slot += tl.sum(full.to(tl.int32), 0)
+            other_slot += tl.sum(other.to(tl.int32), 0)
+        else:
+            slot = tl.cumsum(listed.to(tl.int32), 0) - 1 + other_slot
+            other_slot += tl.sum(listed.to(tl.int32), 0)
+        tl.store(out + slot, keys, mask=listed)
+    count = other_slot
     tl.store(COUNT + n * scount_n + block, count)
+    tl.store(FULL + n * scount_n + block, n_full)
     for x0 in range(0, width, CHUNK):  # slots past the count read -1
         slots = x0 + tl.arange(0, CHUNK)
         pad = (slots >= count) & (slots < width)

@@ -62,9 +62,11 @@ def row_thresholds(ranks, allowed, limit, window, tau):
 
 
 @njit(parallel=True, cache=True)
-def candidate_lists(first_row, end_row, seqlen_q, block_m, candidates, counts):
+def candidate_lists(first_row, end_row, seqlen_q, block_m, full_first, candidates, counts,
+                    full_counts):
     """Per block of rows, the ascending keys j with a non-empty interval [first_j, end_j)
-    that meets the block. first_row never decreases along the keys (causal bound or 0)."""
+    that meets the block (with `full_first`, those whose interval covers the whole block
+    first). first_row never decreases along the keys (causal bound or 0)."""
     n, sk = first_row.shape
     n_blocks, width = candidates.shape[1], candidates.shape[2]
     for r in prange(n):
@@ -86,8 +88,19 @@ def candidate_lists(first_row, end_row, seqlen_q, block_m, candidates, counts):
                     size += 1
                 j += 1
             count = min(size, width)
+            slot = 0
+            if full_first:
+                for a in range(count):
+                    key = active[a]
+                    if first_row[r, key] <= lo and end_row[r, key] >= hi:
+                        candidates[r, block, slot] = key
+                        slot += 1
+            full_counts[r, block] = slot
             for a in range(count):
-                candidates[r, block, a] = active[a]
+                key = active[a]
+                if not (full_first and first_row[r, key] <= lo and end_row[r, key] >= hi):
+                    candidates[r, block, slot] = key
+                    slot += 1
             for a in range(count, width):
                 candidates[r, block, a] = -1
             counts[r, block] = count

@@ -63,7 +63,8 @@ def check_plan_against_brute_force(seed, engine, seqlen_q=None):
                                key_padding_mask=None if seed % 5 == 0 else pad)
     assert problem.selection == "interval"
     block_m = 2 ** int(torch.randint(0, 4, (), generator=g))  # kernels need powers of two
-    plan = build_interval_plan(problem, inputs, block_m, engine=engine)
+    full_first = (seed // 2) % 2 == 1
+    plan = build_interval_plan(problem, inputs, block_m, engine=engine, full_first=full_first)
     rows = torch.arange(sq)[:, None]
     plan = type(plan)(*(t.cpu() if torch.is_tensor(t) else t for t in plan.__dict__.values()))
     kb, pad = kb.cpu(), pad.cpu()
@@ -74,8 +75,15 @@ def check_plan_against_brute_force(seed, engine, seqlen_q=None):
         for block in range(plan.candidates.shape[2]):
             count = int(plan.candidate_count[bi, 0, block])
             listed = plan.candidates[bi, 0, block, :count].tolist()
-            assert listed == expected[block * block_m:(block + 1) * block_m].any(0) \
-                .nonzero().flatten().tolist()
+            block_keep = expected[block * block_m:(block + 1) * block_m]
+            by_any = block_keep.any(0).nonzero().flatten().tolist()
+            by_all = block_keep.all(0).nonzero().flatten().tolist()
+            n_full = int(plan.full_count[bi, 0, block])
+            if full_first or sq == 1:  # every row keeps the first n_full, listed first
+                assert n_full == len(by_all)
+                assert listed == by_all + [j for j in by_any if j not in by_all]
+            else:
+                assert n_full == 0 and listed == by_any
             assert count <= w + block_m
             assert (plan.candidates[bi, 0, block, count:] == -1).all()
 
@@ -130,5 +138,5 @@ def test_single_row_plan_over_many_key_chunks(window, scores):
     problem, inputs = validate(q, k, k, key_bias=kb.to(device), window=window, causal=True,
                                key_padding_mask=None if scores == "half" else pad)
     plans = [build_interval_plan(problem, inputs, 64, engine=e) for e in ("torch", "triton")]
-    for name in ("key_first_row", "key_end_row", "candidates", "candidate_count"):
+    for name in ("key_first_row", "key_end_row", "candidates", "candidate_count", "full_count"):
         assert torch.equal(getattr(plans[0], name).cpu(), getattr(plans[1], name).cpu()), name

@@ -58,6 +58,9 @@ class Backend:
     capabilities: Capabilities
     # Rows per query block of the selection plan this backend consumes.
     block_m: int = 64
+    # Whether its kernels want each block's fully kept candidates listed first (their tiles
+    # then skip the per-pair test; IntervalPlan.full_count) rather than all keys ascending.
+    full_first: bool = False
 
     def environment_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (missing package, no GPU).

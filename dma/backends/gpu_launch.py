@@ -103,9 +103,11 @@ class LaunchArgs:
             self.plan_rows = (first, end, first.stride(0) if batched else 0, first.stride(1),
                               h // plan.heads)
             self.candidates = block_list_args(cand, count, batched)
+            self.full_count = plan.full_count  # read with candidate_count's strides
         else:
             self.plan_rows = (dummy, dummy, 0, 0, h)
             self.candidates = (dummy, dummy, 0, 0, 0, 0, 0)
+            self.full_count = dummy
         self.flags = dict(
             CAUSAL=problem.causal,
             HAS_KB=inputs.key_bias is not None,

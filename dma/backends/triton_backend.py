@@ -186,7 +186,7 @@ def _launch_forward(problem: Problem, launch: LaunchArgs, plan, config: dict, ou
     run_kernel(kern._fwd_kernel, (*grid, splits),
         launch.q, launch.k, launch.v, o_to, lse_to, *launch.qkv,
         o_to.stride(1), o_to.stride(2), o_to.stride(3), lse_to.stride(1), lse_to.stride(2),
-        *launch.masks(), *launch.candidates,
+        *launch.masks(), *launch.candidates, launch.full_count,
         *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
         split_slots, o_to.stride(0) if splits > 1 else 0, lse_to.stride(0) if splits > 1 else 0,
         **launch.dims, **launch.flags,
@@ -246,6 +246,7 @@ class TritonBackend(Backend):
         notes=("float32 dots are IEEE by default (DMA_ALLOW_TF32=1 for tf32)",),
     )
     block_m = BLOCK_M
+    full_first = True  # the forward and dq skip the per-pair test on fully kept tiles
 
     def environment_reasons(self) -> list[str]:
         reasons = missing_packages("triton")
@@ -314,7 +315,7 @@ class TritonBackend(Backend):
                 launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
                 *launch.qkv, *stats,
                 *_bias_grad_args(bufs, launch),
-                *tiles.masks(), *tiles.candidates,
+                *tiles.masks(), *tiles.candidates, tiles.full_count,
                 *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
                 **tiles.flags, NEED_DAB=need_ab, DAB_REDUCED=bufs.dab_reduced,
                 DAB_ROWS=bufs.dab_reduced and dab.shape[2] > 1,

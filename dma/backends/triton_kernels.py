@@ -62,11 +62,12 @@ def _tile_scores(
     seqlen_q, causal_offset, scale, softcap,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
-    KEY_MAJOR: tl.constexpr = False,
+    KEY_MAJOR: tl.constexpr = False, ALL_KEPT: tl.constexpr = False,
 ):
     """Scores s (float32, -inf where not kept), the kept mask, and tanh(t / softcap).
     `qk` is (rows, keys), or (keys, rows) with KEY_MAJOR (the dk/dv kernels, whose tile
-    products then have the key tile as their M dimension)."""
+    products then have the key tile as their M dimension). ALL_KEPT (candidate tiles only):
+    the plan lists these keys as kept by every row of the block, so nothing is tested."""
     t = qk * scale
     th = t
     if SOFTCAP:
@@ -76,12 +77,16 @@ def _tile_scores(
     keys64 = keys.to(tl.int64)
     rows64 = rows.to(tl.int64)
     if INTERVAL:
-        # end <= seqlen_q, and absent keys read first = end = 0: the interval test alone
-        # also keeps rows past the end and absent keys out.
-        plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
-        first = tl.load(FIRST + plan, mask=key_ok, other=0)
-        end = tl.load(END + plan, mask=key_ok, other=0)
-        keep = (row_ids >= _per_key(first, KEY_MAJOR)) & (row_ids < _per_key(end, KEY_MAJOR))
+        if ALL_KEPT:
+            keep = tl.full(qk.shape, 1, tl.int1)
+        else:
+            # end <= seqlen_q, and absent keys read first = end = 0: the interval test alone
+            # also keeps rows past the end and absent keys out.
+            plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
+            first = tl.load(FIRST + plan, mask=key_ok, other=0)
+            end = tl.load(END + plan, mask=key_ok, other=0)
+            keep = ((row_ids >= _per_key(first, KEY_MAJOR))
+                    & (row_ids < _per_key(end, KEY_MAJOR)))
     else:
         keep = (row_ids < seqlen_q) & _per_key(key_ok, KEY_MAJOR)
         if CAUSAL:
@@ -100,7 +105,10 @@ def _tile_scores(
         ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
                   + _per_key(keys64, KEY_MAJOR) * sab_c)
         t += tl.load(ab_ptr, mask=keep, other=0.0).to(tl.float32)
-    s = tl.where(keep, t, float("-inf"))
+    if ALL_KEPT:
+        s = t
+    else:
+        s = tl.where(keep, t, float("-inf"))
     return s, keep, th
 
 
@@ -117,11 +125,16 @@ def _key_tile(
     start, block, b, h, seqlen_k, key_limit,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv,
     BLOCK_N: tl.constexpr, INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr = False,
+    ALL_KEPT: tl.constexpr = False,
 ):
     """Key ids of one tile and which of them are real: candidates, the next live tile of
-    consecutive keys (TILE_LIST: CAND holds the block's live tile ids), or consecutive keys."""
+    consecutive keys (TILE_LIST: CAND holds the block's live tile ids), or consecutive keys.
+    ALL_KEPT: a tile of the block's fully kept candidates, all of them real."""
     offs = start + tl.arange(0, BLOCK_N)
-    if INTERVAL:
+    if INTERVAL and ALL_KEPT:
+        keys = tl.load(CAND + b * scand_b + (h // plan_hdiv) * scand_h + block * scand_blk + offs)
+        key_ok = tl.full([BLOCK_N], 1, tl.int1)
+    elif INTERVAL:
         base = b * scand_b + (h // plan_hdiv) * scand_h
         count = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block)
         key_ok = offs < count
@@ -157,6 +170,66 @@ def _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset,
 
 
 @triton.jit
+def _fwd_tile(
+    m_i, l_i, acc, q, start, block, b, h, hk, rows, dims, dim_ok,
+    K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
+    HAS_AM: tl.constexpr, HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
+    INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, ALL_KEPT: tl.constexpr = False,
+):
+    """One key tile (slots start..start + BLOCK_N) into the forward's online softmax: the
+    updated (row max reference m_i, row sum l_i, accumulator acc)."""
+    keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                             scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
+                             INTERVAL, TILE_LIST, ALL_KEPT)
+    keys64 = keys.to(tl.int64)
+    k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
+                   dim_ok)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s, keep, th = _tile_scores(
+        qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+        PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+        seqlen_q, causal_offset, scale, softcap,
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL,
+        ALL_KEPT=ALL_KEPT)
+    m_tile = tl.max(s, 1)
+    if LAZY_RESCALE:
+        # A row's reference max m_i moves only when the row's max exceeds it by more than
+        # RESCALE_MARGIN, so p <= exp(RESCALE_MARGIN), and the (rows x head dim)
+        # accumulator is rescaled only in tiles where some row moved (few after the
+        # first). Same result: acc / l and lse = m_i + log(l) hold for any reference.
+        moved = m_tile > m_i + RESCALE_MARGIN  # false while a row has no kept key
+        m_ref = tl.where(moved, m_tile, m_i)
+    else:
+        m_ref = tl.maximum(m_i, m_tile)
+    m_safe = tl.where(m_ref == float("-inf"), 0.0, m_ref)
+    # One fused multiply-add per score: s * log2(e) - m * log2(e).
+    p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)  # 1 where m_i stays
+    v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
+                   dim_ok)
+    if LAZY_RESCALE:
+        if tl.max(moved.to(tl.int32), 0) > 0:
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+        l_i += tl.sum(p, 1)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:  # the rescale fused into the accumulation, as the compiler schedules it best
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    m_i = m_ref
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h, slse_b, slse_h,
@@ -165,7 +238,7 @@ def _fwd_kernel(
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
     FIRST, END, splan_b, splan_h, plan_hdiv,
-    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, FULL,
     seqlen_q, seqlen_k, causal_offset, heads, group, scale, softcap,
     split_slots, so_split, slse_split,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -204,46 +277,35 @@ def _fwd_kernel(
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
                           scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
     slot_lo = split * split_slots
-    for start in range(slot_lo, tl.minimum(n_slots, slot_lo + split_slots), BLOCK_N):
-        keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
-                                 scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
-                                 INTERVAL, TILE_LIST)
-        keys64 = keys.to(tl.int64)
-        k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
-                       dim_ok)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, keep, th = _tile_scores(
-            qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+    slot_hi = tl.minimum(n_slots, slot_lo + split_slots)
+    if INTERVAL:
+        # The plan lists first the candidates that every row of the block keeps: whole tiles
+        # of them skip the per-pair test (most tiles; the block's few entering and leaving
+        # keys come last).
+        cnt = b * scnt_b + (h // plan_hdiv) * scnt_h + block
+        full_hi = tl.load(FULL + cnt) // BLOCK_N * BLOCK_N
+        full_hi = tl.maximum(tl.minimum(full_hi, slot_hi), slot_lo)
+        for start in range(slot_lo, full_hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(
+                m_i, l_i, acc, q, start, block, b, h, hk, rows, dims, dim_ok,
+                K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_hdiv,
+                AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+                CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+                seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+                BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
+                DOT_PRECISION, LAZY_RESCALE, ALL_KEPT=True)
+        slot_lo = full_hi
+    for start in range(slot_lo, slot_hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            m_i, l_i, acc, q, start, block, b, h, hk, rows, dims, dim_ok,
+            K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_hdiv,
             AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
             PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
-            seqlen_q, causal_offset, scale, softcap,
-            CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
-        m_tile = tl.max(s, 1)
-        if LAZY_RESCALE:
-            # A row's reference max m_i moves only when the row's max exceeds it by more than
-            # RESCALE_MARGIN, so p <= exp(RESCALE_MARGIN), and the (rows x head dim)
-            # accumulator is rescaled only in tiles where some row moved (few after the
-            # first). Same result: acc / l and lse = m_i + log(l) hold for any reference.
-            moved = m_tile > m_i + RESCALE_MARGIN  # false while a row has no kept key
-            m_ref = tl.where(moved, m_tile, m_i)
-        else:
-            m_ref = tl.maximum(m_i, m_tile)
-        m_safe = tl.where(m_ref == float("-inf"), 0.0, m_ref)
-        # One fused multiply-add per score: s * log2(e) - m * log2(e).
-        p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)  # 1 where m_i stays
-        v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
-                       dim_ok)
-        if LAZY_RESCALE:
-            if tl.max(moved.to(tl.int32), 0) > 0:
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-            l_i += tl.sum(p, 1)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:  # the rescale fused into the accumulation, as the compiler schedules it best
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_ref
+            CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+            seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+            BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
+            DOT_PRECISION, LAZY_RESCALE)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -330,6 +392,55 @@ def _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
 
 
 @triton.jit
+def _dq_tile(
+    dq, q, do, lse2, delta, start, block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok,
+    K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB, sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
+    KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
+    HAS_AM: tl.constexpr, HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
+    INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DAB: tl.constexpr, DAB_REDUCED: tl.constexpr, DAB_ROWS: tl.constexpr,
+    DAB_KEYS: tl.constexpr, ALL_KEPT: tl.constexpr = False,
+):
+    """One key tile (slots start..start + BLOCK_N) into dq (float32, unscaled), and its ds
+    into d attn_bias."""
+    keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                             scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
+                             INTERVAL, TILE_LIST, ALL_KEPT)
+    keys64 = keys.to(tl.int64)
+    k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
+                   dim_ok)
+    v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
+                   dim_ok)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s, keep, th = _tile_scores(
+        qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+        PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+        seqlen_q, causal_offset, scale, softcap,
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL,
+        ALL_KEPT=ALL_KEPT)
+    p = tl.exp2(s * LOG2E - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if NEED_DAB:
+        _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
+                         sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
+                         DAB_REDUCED, DAB_ROWS, DAB_KEYS)
+    dt = ds
+    if SOFTCAP:
+        dt = ds * (1.0 - th * th)
+    dq += tl.dot(dt.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DAB,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, slse_b, slse_h,
@@ -339,7 +450,7 @@ def _bwd_dq_kernel(
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
     FIRST, END, splan_b, splan_h, plan_hdiv,
-    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, FULL,
     seqlen_q, seqlen_k, causal_offset, heads, group, scale, softcap,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
@@ -376,33 +487,32 @@ def _bwd_dq_kernel(
     dq = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
                           scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
-    for start in range(0, n_slots, BLOCK_N):
-        keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
-                                 scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
-                                 INTERVAL, TILE_LIST)
-        keys64 = keys.to(tl.int64)
-        k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
-                       dim_ok)
-        v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
-                       dim_ok)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, keep, th = _tile_scores(
-            qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+    slot_lo = 0
+    if INTERVAL:  # tiles of fully kept candidates first, untested (see _fwd_kernel)
+        cnt = b * scnt_b + (h // plan_hdiv) * scnt_h + block
+        slot_lo = tl.minimum(tl.load(FULL + cnt) // BLOCK_N * BLOCK_N, n_slots)
+        for start in range(0, slot_lo, BLOCK_N):
+            dq = _dq_tile(
+                dq, q, do, lse2, delta, start, block, b, h, hk, row_head, rows, rows64, row_ok,
+                dims, dim_ok, K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB,
+                sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv, KB, skb_b, skb_h, kb_hdiv,
+                AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+                CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+                seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+                BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
+                DOT_PRECISION, NEED_DAB, DAB_REDUCED, DAB_ROWS, DAB_KEYS, ALL_KEPT=True)
+    for start in range(slot_lo, n_slots, BLOCK_N):
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, start, block, b, h, hk, row_head, rows, rows64, row_ok,
+            dims, dim_ok, K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB,
+            sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv, KB, skb_b, skb_h, kb_hdiv,
             AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
             PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
-            seqlen_q, causal_offset, scale, softcap,
-            CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL)
-        p = tl.exp2(s * LOG2E - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if NEED_DAB:
-            _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
-                             sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
-                             DAB_REDUCED, DAB_ROWS, DAB_KEYS)
-        dt = ds
-        if SOFTCAP:
-            dt = ds * (1.0 - th * th)
-        dq += tl.dot(dt.to(k.dtype), k, input_precision=DOT_PRECISION)
+            CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+            seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+            BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
+            DOT_PRECISION, NEED_DAB, DAB_REDUCED, DAB_ROWS, DAB_KEYS)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
