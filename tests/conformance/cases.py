@@ -61,6 +61,9 @@ def _cases():
     # Long enough for several coarse backward blocks and many candidate tiles per block.
     yield base.with_(name="long_window", batch=1, seqlen_q=600, seqlen_k=640, window=40,
                      key_bias=(1, HKV))
+    # A window wide against the query blocks: most candidate tiles are kept by every row.
+    yield base.with_(name="long_wide_window", batch=1, seqlen_q=600, seqlen_k=600, window=300,
+                     key_bias=(1, HKV))
     yield base.with_(name="long_window_ties", batch=1, seqlen_q=600, seqlen_k=600, window=70,
                      key_bias=(1, 1), key_bias_ties=True, grads=("q", "k", "v", "key_bias"))
     # Head dims, with a short sequence to keep the dense reference cheap.
