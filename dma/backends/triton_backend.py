@@ -73,8 +73,9 @@ CONFIGS = {
     # dk/dv tiles are key-major: the key tile is every product's M dimension, which Hopper's
     # warpgroup MMA needs (at least 64 per warpgroup: 128 keys over 8 warps); the row tiles
     # they walk are consecutive, so Triton's pipeliner prefetches them.
+    # ROWS=1024: 8.74 ms forward+backward against 9.35 for 512 (16k, window 2048, H200).
     "dkdv_candidates": {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
-                        "ROWS": 512},
+                        "ROWS": 1024},
     "dkdv_keys": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
 }
 OVERRIDES: dict = {}

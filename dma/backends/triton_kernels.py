@@ -52,19 +52,48 @@ def _per_key(x, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(
-    qk, rows, keys, key_ok, b, h,
+def _key_terms(
+    keys, key_ok, b, h,
     KB, skb_b, skb_h, kb_hdiv,
-    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
     FIRST, END, splan_b, splan_h, plan_hdiv,
+    HAS_KB: tl.constexpr, HAS_PAD: tl.constexpr, INTERVAL: tl.constexpr,
+    ALL_KEPT: tl.constexpr = False,
+):
+    """A key tile's per-key inputs to `_tile_scores`, loaded once per tile (the dk/dv kernels
+    reuse them for every tile of rows): key_bias in float32 (0 without), the rows [first,
+    end) that keep each key (INTERVAL; absent keys read first = end = 0, kept by none), and
+    which keys are usable (real and not padding; the dense case)."""
+    keys64 = keys.to(tl.int64)
+    kb = tl.zeros(keys.shape, tl.float32)
+    if HAS_KB:
+        kb = tl.load(KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64, mask=key_ok,
+                     other=0.0).to(tl.float32)
+    first = tl.zeros(keys.shape, tl.int32)
+    end = tl.zeros(keys.shape, tl.int32)
+    usable = key_ok
+    if INTERVAL:
+        if not ALL_KEPT:
+            plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
+            first = tl.load(FIRST + plan, mask=key_ok, other=0)
+            end = tl.load(END + plan, mask=key_ok, other=0)
+    elif HAS_PAD:
+        usable = key_ok & (tl.load(PAD + b * spad_b + keys64, mask=key_ok, other=0) != 0)
+    return kb, first, end, usable
+
+
+@triton.jit
+def _tile_scores(
+    qk, rows, keys, kb, first, end, usable, b, h,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     seqlen_q, causal_offset, scale, softcap,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
-    HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
+    SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
     KEY_MAJOR: tl.constexpr = False, ALL_KEPT: tl.constexpr = False,
 ):
-    """Scores s (float32, -inf where not kept), the kept mask, and tanh(t / softcap).
+    """Scores s (float32, -inf where not kept), the kept mask, and tanh(t / softcap), from
+    the tile's products and its keys' `_key_terms`.
     `qk` is (rows, keys), or (keys, rows) with KEY_MAJOR (the dk/dv kernels, whose tile
     products then have the key tile as their M dimension). ALL_KEPT (candidate tiles only):
     the plan lists these keys as kept by every row of the block, so nothing is tested."""
@@ -80,27 +109,19 @@ def _tile_scores(
         if ALL_KEPT:
             keep = tl.full(qk.shape, 1, tl.int1)
         else:
-            # end <= seqlen_q, and absent keys read first = end = 0: the interval test alone
-            # also keeps rows past the end and absent keys out.
-            plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
-            first = tl.load(FIRST + plan, mask=key_ok, other=0)
-            end = tl.load(END + plan, mask=key_ok, other=0)
+            # end <= seqlen_q: the interval test alone also keeps rows past the end out.
             keep = ((row_ids >= _per_key(first, KEY_MAJOR))
                     & (row_ids < _per_key(end, KEY_MAJOR)))
     else:
-        keep = (row_ids < seqlen_q) & _per_key(key_ok, KEY_MAJOR)
+        keep = (row_ids < seqlen_q) & _per_key(usable, KEY_MAJOR)
         if CAUSAL:
             keep = keep & (_per_key(keys, KEY_MAJOR) <= row_ids + causal_offset)
         if HAS_AM:
             am_ptr = (AM + b * sam_b + (h // am_hdiv) * sam_h
                       + _per_row(rows64, KEY_MAJOR) * sam_r + _per_key(keys64, KEY_MAJOR) * sam_c)
             keep = keep & (tl.load(am_ptr, mask=keep, other=0) != 0)
-        if HAS_PAD:
-            pad = tl.load(PAD + b * spad_b + keys64, mask=key_ok, other=0)
-            keep = keep & _per_key(pad != 0, KEY_MAJOR)
     if HAS_KB:
-        kb_ptr = KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64
-        t += _per_key(tl.load(kb_ptr, mask=key_ok, other=0.0).to(tl.float32), KEY_MAJOR)
+        t += _per_key(kb, KEY_MAJOR)
     if HAS_AB:
         ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
                   + _per_key(keys64, KEY_MAJOR) * sab_c)
@@ -193,13 +214,14 @@ def _fwd_tile(
     k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
                    dim_ok)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    kb, first, end, usable = _key_terms(
+        keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
     s, keep, th = _tile_scores(
-        qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+        qk, rows, keys, kb, first, end, usable, b, h,
         AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-        PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
         seqlen_q, causal_offset, scale, softcap,
-        CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL,
-        ALL_KEPT=ALL_KEPT)
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
     m_tile = tl.max(s, 1)
     if LAZY_RESCALE:
         # A row's reference max m_i moves only when the row's max exceeds it by more than
@@ -419,13 +441,14 @@ def _dq_tile(
     v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
                    dim_ok)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    kb, first, end, usable = _key_terms(
+        keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
     s, keep, th = _tile_scores(
-        qk, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+        qk, rows, keys, kb, first, end, usable, b, h,
         AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-        PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
         seqlen_q, causal_offset, scale, softcap,
-        CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL,
-        ALL_KEPT=ALL_KEPT)
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
     p = tl.exp2(s * LOG2E - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -519,21 +542,17 @@ def _bwd_dq_kernel(
 @triton.jit
 def _accumulate_key_grads(
     dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
-    rows, keys, key_ok, dims, dim_ok, b, h,
-    KB, skb_b, skb_h, kb_hdiv,
+    rows, keys, kb, first, end, usable, dims, dim_ok, b, h,
     AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-    PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
     seqlen_q, causal_offset, scale, softcap,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
-    HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One tile of query rows (of head h) into a key tile's dk, dv (float32, unscaled) and
-    d key_bias. Key-major: every product has the key tile as its M dimension (the tile of
-    rows is only the reduction or N dimension), which is what Hopper's warpgroup MMA needs
-    for 64-key tiles when the row tiles are small."""
+    d key_bias, given the key tile's `_key_terms`. Key-major: every product has the key
+    tile as its M dimension (the tile of rows is only the reduction or N dimension), which
+    is what Hopper's warpgroup MMA needs for 64-key tiles when the row tiles are small."""
     row_ok = rows < seqlen_q
     rows64 = rows.to(tl.int64)
     q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
@@ -545,11 +564,10 @@ def _accumulate_key_grads(
     delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
     kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (keys, rows)
     s, keep, th = _tile_scores(
-        kq, rows, keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+        kq, rows, keys, kb, first, end, usable, b, h,
         AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-        PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
         seqlen_q, causal_offset, scale, softcap,
-        CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, KEY_MAJOR=True)
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, KEY_MAJOR=True)
     p = tl.exp2(s * LOG2E - (lse * LOG2E)[None, :])
     dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -616,6 +634,9 @@ def _bwd_dkdv_keys_kernel(
         n_row_tiles = tl.cdiv(row_hi - row_lo, BLOCK_M)
         if TILE_LIST:
             n_row_tiles = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + kblock)
+        kb, first, end, usable = _key_terms(
+            keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
+            FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL)
         dkb = tl.zeros([BLOCK_N], tl.float32)
         for t in range(0, n_row_tiles):
             row_start = row_lo + t * BLOCK_M
@@ -625,11 +646,10 @@ def _bwd_dkdv_keys_kernel(
             rows = row_start + tl.arange(0, BLOCK_M)
             dk, dv, dkb = _accumulate_key_grads(
                 dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
-                rows, keys, key_ok, dims, dim_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
+                rows, keys, kb, first, end, usable, dims, dim_ok, b, h,
                 AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c,
-                am_hdiv, PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
-                seqlen_q, causal_offset, scale, softcap, CAUSAL, HAS_KB, HAS_AB, HAS_AM,
-                HAS_PAD, SOFTCAP, INTERVAL, DOT_PRECISION)
+                am_hdiv, seqlen_q, causal_offset, scale, softcap, CAUSAL, HAS_KB, HAS_AB,
+                HAS_AM, SOFTCAP, INTERVAL, DOT_PRECISION)
         if NEED_DKB:
             tl.store(DKB + b * sdkb_b + h * sdkb_h + keys64, dkb, mask=key_ok)
     out = b * sdk_b + hk * sdk_h + keys64[:, None] * sdk_s + dims[None, :]
@@ -688,16 +708,19 @@ def _bwd_dkdv_candidates_kernel(
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for g in range(0, heads_per_program):
             h = h0 + g
+            kb = tl.zeros([BLOCK_N], tl.float32)
+            if HAS_KB:
+                kb = tl.load(KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64, mask=key_ok,
+                             other=0.0).to(tl.float32)
             dkb = tl.zeros([BLOCK_N], tl.float32)
             for row_start in range(row_lo, row_hi, BLOCK_M):
                 rows = row_start + tl.arange(0, BLOCK_M)
                 dk, dv, dkb = _accumulate_key_grads(
                     dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
-                    rows, keys, key_ok, dims, dim_ok, b, h, KB, skb_b, skb_h, kb_hdiv,
-                    KB, 0, 0, 0, 0, 1, KB, 0, 0, 0, 0, 1, KB, 0,
-                    FIRST, END, splan_b, splan_h, plan_hdiv,
+                    rows, keys, kb, first, end, key_ok, dims, dim_ok, b, h,
+                    KB, 0, 0, 0, 0, 1, KB, 0, 0, 0, 0, 1,
                     seqlen_q, causal_offset, scale, softcap,
-                    False, HAS_KB, False, False, False, SOFTCAP, True, DOT_PRECISION)
+                    False, HAS_KB, False, False, SOFTCAP, True, DOT_PRECISION)
             if NEED_DKB:
                 tl.atomic_add(DKB + b * sdkb_b + h * sdkb_h + keys64, dkb, mask=key_ok)
         out = b * sdk_b + hk * sdk_h + keys64[:, None] * sdk_s + dims[None, :]
