@@ -10,9 +10,8 @@ import argparse
 
 import torch
 
-from dma.autograd import make_plan
 from dma.benchmarking import Shape, make_inputs, median_ms, sdpa_contender
-from dma.dispatch import get_backend
+from dma.selection import build_interval_plan
 from dma.validation import validate
 
 
@@ -31,7 +30,6 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     print(f"{'seqlen':>8} {'block_m':>8} {'plan ms':>9} {'dense fwd ms':>13} {'plan/dense':>11}"
           f" {'max cand':>9} {'plan MiB':>9}")
-    backend = get_backend("torch")
     for seqlen in args.seqlens:
         shape = Shape(1, seqlen, args.heads, args.kv_heads, args.head_dim, args.window, dtype)
         q, k, v, kb = make_inputs(shape, device)
@@ -41,11 +39,15 @@ def main():
             dense = median_ms(torch.no_grad()(sdpa_contender((q, k, v, kb), "cudnn")), device,
                               3, 10)
         for block_m in args.block_m:
-            backend.block_m = block_m
-            plan_ms = median_ms(lambda p=problem, i=inputs: make_plan(p, i, backend), device, 2, 10)
-            plan = make_plan(problem, inputs, backend)
+            # as the triton backend builds it: fully kept candidates first
+            def build(problem=problem, inputs=inputs, block_m=block_m):
+                return build_interval_plan(problem, inputs, block_m, full_first=True)
+
+            plan_ms = median_ms(build, device, 2, 10)
+            plan = build()
             size = sum(t.numel() * t.element_size() for t in (
-                plan.key_first_row, plan.key_end_row, plan.candidates, plan.candidate_count))
+                plan.key_first_row, plan.key_end_row, plan.candidates, plan.candidate_count,
+                plan.full_count))
             print(f"{seqlen:8d} {block_m:8d} {plan_ms:9.3f} {dense:13.3f} "
                   f"{plan_ms / dense:11.3f} {int(plan.candidate_count.max()):9d} "
                   f"{size / 2**20:9.1f}")
