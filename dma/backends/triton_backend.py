@@ -40,7 +40,6 @@ from .gpu_launch import (
 
 BLOCK_M = 64  # query rows per program; also the plan's block size
 DECODE_ROWS = 16  # up to this many query rows the forward takes the "fwd_decode" config
-SHORT_QUERIES = 8192  # below this many query rows dk/dv takes coarse blocks of ROWS / 2
 
 # Launch configuration per kernel: BLOCK_N (keys per tile), num_warps and num_stages; the
 # forward and dq stack up to STACK heads of a kv group per program; the candidate dk/dv kernel
@@ -74,8 +73,7 @@ CONFIGS = {
     # dk/dv tiles are key-major: the key tile is every product's M dimension, which Hopper's
     # warpgroup MMA needs (at least 64 per warpgroup: 128 keys over 8 warps); the row tiles
     # they walk are consecutive, so Triton's pipeliner prefetches them.
-    # ROWS=1024: 8.74 ms forward+backward against 9.35 for 512 (16k, window 2048, H200);
-    # under SHORT_QUERIES rows the backward halves it (4k: 3.01 ms for 512 against 3.18-3.38).
+    # ROWS=1024: 8.74 ms forward+backward against 9.35 for 512 (16k, window 2048, H200).
     "dkdv_candidates": {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3,
                         "ROWS": 1024},
     "dkdv_keys": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
@@ -362,11 +360,8 @@ class TritonBackend(Backend):
                     NEED_DKB=need_kb, **common, **config,
                 )
 
-            config = kernel_config("dkdv_candidates", d_pad)
-            if problem.seqlen_q < SHORT_QUERIES and not interpreter_mode() and \
-                    "ROWS" not in OVERRIDES.get("dkdv_candidates", {}):
-                config["ROWS"] //= 2  # more, smaller coarse blocks keep the GPU busy
-            config = tuned("dkdv_candidates", problem, launch, config, run_dkdv)
+            config = tuned("dkdv_candidates", problem, launch,
+                           kernel_config("dkdv_candidates", d_pad), run_dkdv)
             # After tuning trials (which added into dk, dv) the real launch zeroes them first.
             run_fitting("dkdv_candidates", problem, config,
                         lambda config: run_dkdv(config, zero_first=triton_tuning.enabled()))
