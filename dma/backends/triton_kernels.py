@@ -191,6 +191,41 @@ def _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset,
 
 
 @triton.jit
+def _row_tile_scores(
+    q, start, block, b, h, hk, rows, dims, dim_ok,
+    K, sk_b, sk_s, sk_h, KB, skb_b, skb_h, kb_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    PAD, spad_b,
+    FIRST, END, splan_b, splan_h, plan_hdiv,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
+    HAS_AM: tl.constexpr, HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
+    INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALL_KEPT: tl.constexpr = False,
+):
+    """The first half of the forward's and dq's step: a query block's scores against one
+    key tile (slots start..start + BLOCK_N). Returns the key ids (int64), which are real,
+    the tile's K rows, and `_tile_scores`' s and tanh."""
+    keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                             scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
+                             INTERVAL, TILE_LIST, ALL_KEPT)
+    keys64 = keys.to(tl.int64)
+    k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok, dim_ok)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    kb, first, end, usable = _key_terms(
+        keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
+    s, _, th = _tile_scores(
+        qk, rows, keys, kb, first, end, usable, b, h,
+        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+        seqlen_q, causal_offset, scale, softcap,
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
+    return keys64, key_ok, k, s, th
+
+
+@triton.jit
 def _fwd_tile(
     m_i, l_i, acc, q, start, block, b, h, hk, rows, dims, dim_ok,
     K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_hdiv,
@@ -207,21 +242,15 @@ def _fwd_tile(
 ):
     """One key tile (slots start..start + BLOCK_N) into the forward's online softmax: the
     updated (row max reference m_i, row sum l_i, accumulator acc)."""
-    keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
-                             scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
-                             INTERVAL, TILE_LIST, ALL_KEPT)
-    keys64 = keys.to(tl.int64)
-    k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
-                   dim_ok)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    kb, first, end, usable = _key_terms(
-        keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
-    s, keep, th = _tile_scores(
-        qk, rows, keys, kb, first, end, usable, b, h,
-        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-        seqlen_q, causal_offset, scale, softcap,
-        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
+    keys64, key_ok, k, s, th = _row_tile_scores(
+        q, start, block, b, h, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
+        KB, skb_b, skb_h, kb_hdiv, AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+        AM, sam_b, sam_h, sam_r, sam_c, am_hdiv, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_hdiv,
+        CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+        seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+        BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
+        DOT_PRECISION, ALL_KEPT)
     m_tile = tl.max(s, 1)
     if LAZY_RESCALE:
         # A row's reference max m_i moves only when the row's max exceeds it by more than
@@ -432,23 +461,16 @@ def _dq_tile(
 ):
     """One key tile (slots start..start + BLOCK_N) into dq (float32, unscaled), and its ds
     into d attn_bias."""
-    keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
-                             scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
-                             INTERVAL, TILE_LIST, ALL_KEPT)
-    keys64 = keys.to(tl.int64)
-    k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
-                   dim_ok)
-    v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
-                   dim_ok)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    kb, first, end, usable = _key_terms(
-        keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
-    s, keep, th = _tile_scores(
-        qk, rows, keys, kb, first, end, usable, b, h,
-        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-        seqlen_q, causal_offset, scale, softcap,
-        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
+    keys64, key_ok, k, s, th = _row_tile_scores(
+        q, start, block, b, h, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
+        KB, skb_b, skb_h, kb_hdiv, AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
+        AM, sam_b, sam_h, sam_r, sam_c, am_hdiv, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_hdiv,
+        CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+        seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
+        BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
+        DOT_PRECISION, ALL_KEPT)
+    v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok, dim_ok)
     p = tl.exp2(s * LOG2E - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
