@@ -86,8 +86,8 @@ class IntervalPlan:
     candidates: torch.Tensor
     candidate_count: torch.Tensor  # (batch, heads, n_blocks) int32
     # (batch, heads, n_blocks) int32: the block's first full_count candidates are kept by all
-    # of its rows (0 without `full_first`), so kernels can skip their per-pair test. Same
-    # strides as candidate_count.
+    # of its rows, so kernels can skip their per-pair test: 0 without `full_first`, except for
+    # one query row, whose candidates all are. Same strides as candidate_count.
     full_count: torch.Tensor
 
 

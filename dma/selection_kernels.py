@@ -130,7 +130,7 @@ def _candidates_kernel(
         keys, listed, full = _candidate_bounds(FIRST, END, sfirst_n, n, x0, key_hi, row_lo,
                                                row_hi, CHUNK)
         if FULL_FIRST:
-            other = listed & ((full.to(tl.int32)) == 0)
+            other = listed & (full == 0)
             slot = tl.where(full, tl.cumsum(full.to(tl.int32), 0) - 1 + full_slot,
                             tl.cumsum(other.to(tl.int32), 0) - 1 + other_slot)
             full_slot += tl.sum(full.to(tl.int32), 0)
