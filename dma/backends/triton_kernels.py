@@ -6,7 +6,9 @@ Every kernel walks the same two kinds of key tiles, so they read side by side:
   and attn_bias applied per element (broadcast dims have stride 0 and are never materialised);
 * candidate tiles (INTERVAL=True, the DMA case): the query block's candidate keys from the
   selection plan, gathered from K and V; a key j is kept by row i when
-  key_first_row[j] <= i < key_end_row[j].
+  key_first_row[j] <= i < key_end_row[j]. The forward and dq first walk the whole tiles of
+  the block's fully kept candidates (listed first by the plan, `full_count`) without that
+  test (ALL_KEPT), then the rest.
 
 `_tile_scores` is the one place where a tile's scores and kept mask are computed (SPEC
 section 2); the kernels differ only in what they accumulate. The forward and dq hold tiles
