@@ -54,6 +54,16 @@ def _per_key(x, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
+def _key_bias(keys64, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, HAS_KB: tl.constexpr):
+    """key_bias of some keys of head h in float32 (0 without key_bias or for absent keys)."""
+    kb = tl.zeros(keys64.shape, tl.float32)
+    if HAS_KB:
+        kb = tl.load(KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64, mask=key_ok,
+                     other=0.0).to(tl.float32)
+    return kb
+
+
+@triton.jit
 def _key_terms(
     keys, key_ok, b, h,
     KB, skb_b, skb_h, kb_hdiv,
@@ -67,10 +77,7 @@ def _key_terms(
     end) that keep each key (INTERVAL; absent keys read first = end = 0, kept by none), and
     which keys are usable (real and not padding; the dense case)."""
     keys64 = keys.to(tl.int64)
-    kb = tl.zeros(keys.shape, tl.float32)
-    if HAS_KB:
-        kb = tl.load(KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64, mask=key_ok,
-                     other=0.0).to(tl.float32)
+    kb = _key_bias(keys64, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, HAS_KB)
     first = tl.zeros(keys.shape, tl.int32)
     end = tl.zeros(keys.shape, tl.int32)
     usable = key_ok
@@ -94,8 +101,8 @@ def _tile_scores(
     SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
     KEY_MAJOR: tl.constexpr = False, ALL_KEPT: tl.constexpr = False,
 ):
-    """Scores s (float32, -inf where not kept), the kept mask, and tanh(t / softcap), from
-    the tile's products and its keys' `_key_terms`.
+    """Scores s (float32, -inf where not kept) and tanh(t / softcap), from the tile's
+    products and its keys' `_key_terms`.
     `qk` is (rows, keys), or (keys, rows) with KEY_MAJOR (the dk/dv kernels, whose tile
     products then have the key tile as their M dimension). ALL_KEPT (candidate tiles only):
     the plan lists these keys as kept by every row of the block, so nothing is tested."""
@@ -132,7 +139,7 @@ def _tile_scores(
         s = t
     else:
         s = tl.where(keep, t, float("-inf"))
-    return s, keep, th
+    return s, th
 
 
 @triton.jit
@@ -219,7 +226,7 @@ def _row_tile_scores(
     kb, first, end, usable = _key_terms(
         keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
         FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
-    s, _, th = _tile_scores(
+    s, th = _tile_scores(
         qk, rows, keys, kb, first, end, usable, b, h,
         AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
         seqlen_q, causal_offset, scale, softcap,
@@ -587,7 +594,7 @@ def _accumulate_key_grads(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
     delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
     kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (keys, rows)
-    s, keep, th = _tile_scores(
+    s, th = _tile_scores(
         kq, rows, keys, kb, first, end, usable, b, h,
         AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
         seqlen_q, causal_offset, scale, softcap,
@@ -732,10 +739,8 @@ def _bwd_dkdv_candidates_kernel(
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for g in range(0, heads_per_program):
             h = h0 + g
-            kb = tl.zeros([BLOCK_N], tl.float32)
-            if HAS_KB:
-                kb = tl.load(KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64, mask=key_ok,
-                             other=0.0).to(tl.float32)
+            # key_bias per head; the row intervals loaded above serve every head (one plan)
+            kb = _key_bias(keys64, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, HAS_KB)
             dkb = tl.zeros([BLOCK_N], tl.float32)
             for row_start in range(row_lo, row_hi, BLOCK_M):
                 rows = row_start + tl.arange(0, BLOCK_M)
