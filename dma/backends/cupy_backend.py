@@ -58,6 +58,7 @@ def _fields(problem: Problem, launch: LaunchArgs) -> dict:
         key_bias=_pointer(kb), attn_bias=_pointer(ab), attn_mask=_pointer(am),
         padding=_pointer(pad), first_row=_pointer(first), end_row=_pointer(end),
         candidates=_pointer(cand), candidate_count=_pointer(count),
+        full_count=_pointer(launch.full_count),
         sq_b=sq_b, sq_s=sq_s, sq_h=sq_h, sk_b=sk_b, sk_s=sk_s, sk_h=sk_h,
         sv_b=sv_b, sv_s=sv_s, sv_h=sv_h, so_b=0, so_s=0, so_h=0, slse_b=0, slse_h=0,
         sdk_b=0, sdk_s=0, sdk_h=0, sdkb_b=0, sdkb_h=0, sdab_b=0, sdab_h=0, sdab_r=0,
@@ -87,6 +88,7 @@ class CupyBackend(Backend):
         notes=("float32 runs scalar FMAs (IEEE), half types run mma.sync tensor cores",),
     )
     block_m = BLOCK_M
+    full_first = True  # the forward and dq skip the per-pair test on fully kept tiles
 
     def environment_reasons(self) -> list[str]:
         reasons = missing_packages("cupy")

@@ -89,6 +89,12 @@ def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     return 2 * (block_n if kernel == "dma_backward_dkdv" else block_m)
 
 
+def dkdv_row_buffers(dtype: torch.dtype, d_pad: int) -> int:
+    """Buffers of (Q, dO) row tiles in dk/dv: two (the next tile's copies overlap this one's
+    products) unless a row is 1 KiB or more (ROW_BUFFERS in dma_attention.cuh)."""
+    return 1 if d_pad * _element_size(dtype) >= 1024 else 2
+
+
 def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """Dynamic shared memory of one program: the tiles its kernel declares."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
@@ -97,8 +103,9 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
         elements = block_m * rows + 2 * block_n * rows + block_m * (block_n + SMEM_PAD)
     elif kernel == "dma_backward_dq":  # q, do; k, v; ds
         elements = 2 * block_m * rows + 2 * block_n * rows + block_m * (block_n + SMEM_PAD)
-    else:  # k, v; q, do; p and ds, transposed
-        elements = 2 * block_n * rows + 2 * block_m * rows + block_n * (block_m + SMEM_PAD)
+    else:  # k, v; q, do (one or two buffers); p and ds, transposed
+        elements = (2 * block_n * rows + 2 * dkdv_row_buffers(dtype, d_pad) * block_m * rows
+                    + block_n * (block_m + SMEM_PAD))
     return elements * _element_size(dtype)
 
 

@@ -23,19 +23,61 @@
 #define DMA_DQ_MIN_BLOCKS 2
 #endif
 
+// The ids and facts of one tile's keys, staged into shared memory by the first BLOCK_N
+// threads in two steps: `fetch` issues the global loads early, `publish` stores them later,
+// so their latency hides behind the current tile's products.
+template <class E, int BLOCK_N>
+struct TileKeys {
+    int id;
+    KeyFacts facts;
+
+    DMA_DEVICE void fetch(const ScoreInputs<E>& in, const int* cand, long long start,
+                          long long n_slots) {
+        if (threadIdx.x < BLOCK_N) {
+            id = key_tile_id(cand, start, threadIdx.x, n_slots);
+            facts = key_facts(in, id);
+        }
+    }
+    DMA_DEVICE void publish(int* ids, KeyFacts* all) const {
+        if (threadIdx.x < BLOCK_N) {
+            ids[threadIdx.x] = id;
+            all[threadIdx.x] = facts;
+        }
+    }
+};
+
+// Scores of one warp's 16 x BLOCK_N tile in place (base 2), and each row's maximum.
+template <class E, int NT, bool ALL_KEPT>
+DMA_DEVICE void forward_scores(float (&s)[NT][4], float (&tile_max)[2],
+                               const ScoreInputs<E>& in, int row_w, const KeyFacts* facts) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float th;
+            s[nt][e] = masked_score<E, ALL_KEPT>(in, row_w + frag_row(e),
+                                                 facts[frag_col(nt, e)], s[nt][e], th);
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+        }
+}
+
+// Key tiles are single-buffered and software-pipelined: V(i) is copied while the scores of
+// tile i are computed, K(i + 1) while tile i's probabilities multiply V(i); the ids and facts
+// of tile i + 1 (two buffers) are fetched meanwhile. Two barriers per tile.
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
 __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forward(const Params p) {
     typedef typename E::T T;
     constexpr int THREADS = BLOCK_M * 2;  // one warp per 16 rows
     constexpr int LD = D_PAD + SMEM_PAD, LDP = BLOCK_N + SMEM_PAD;
     constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
+    static_assert(THREADS >= BLOCK_N, "one thread per key of a tile stages its ids");
     extern __shared__ __align__(16) unsigned char smem[];
     T* q_s = reinterpret_cast<T*>(smem);
     T* k_s = q_s + BLOCK_M * LD;
     T* v_s = k_s + BLOCK_N * LD;
     T* p_s = v_s + BLOCK_N * LD;
-    __shared__ int key_ids[BLOCK_N];
-    __shared__ KeyFacts facts[BLOCK_N];
+    __shared__ int key_ids[2][BLOCK_N];
+    __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32;
     const long long row0 = (long long)blockIdx.x * BLOCK_M;
@@ -43,51 +85,47 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
     const ScoreInputs<E> in(p, b, h);
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
-    load_tile<E, BLOCK_M, D_PAD, THREADS>(
-        q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, nullptr, row0,
-        p.seqlen_q, p);
     const T* q_w = q_s + warp * 16 * LD;
     T* p_w = p_s + warp * 16 * LDP;
-    const long long row_w = row0 + warp * 16;
+    const int row_w = (int)row0 + warp * 16;
 
     float o[DT][4];
     zero(o);
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
     const long long n_slots = tile_count(p, b, h, row0, BLOCK_M);
+    const long long n_full = full_tile_slots(p, b, h, row0);
     const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
-    for (long long start = 0; start < n_slots; start += BLOCK_N) {
-        __syncthreads();  // every warp is done with the previous tile
-        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
-            key_ids[i] = key_tile_id(cand, start, i, n_slots);
-            facts[i] = key_facts(in, key_ids[i]);
-        }
-        __syncthreads();
-        // V's copies stay in flight while the scores are computed.
-        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids, 0, 0, p);
-        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids, 0, 0, p);
-        cp_async_wait<1>();
-        __syncthreads();
+    TileKeys<E, BLOCK_N> next;
+    next.fetch(in, cand, 0, n_slots);
+    next.publish(key_ids[0], facts[0]);
+    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(
+        q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, nullptr, row0,
+        p.seqlen_q, p);
+    __syncthreads();  // tile 0's ids
+    if (n_slots > 0) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[0], 0, 0, p);
+    for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
+        const int cur = tile & 1;
+        cp_async_wait<0>();
+        __syncthreads();  // K(i) and Q landed; every warp is done with V(i - 1)
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur], 0, 0, p);
+        const bool more = start + BLOCK_N < n_slots;
+        if (more) next.fetch(in, cand, start + BLOCK_N, n_slots);
 
         float s[NT][4];
         zero(s);
         warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
         float tile_max[2] = {neg_inf(), neg_inf()};
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float th;
-                s[nt][e] = masked_score(in, (int)row_w + frag_row(e), facts[frag_col(nt, e)],
-                                        s[nt][e], th);
-                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
-            }
+        if (start + BLOCK_N <= n_full)
+            forward_scores<E, NT, true>(s, tile_max, in, row_w, facts[cur]);
+        else
+            forward_scores<E, NT, false>(s, tile_max, in, row_w, facts[cur]);
         // Online softmax: rescale what the rows hold so far to the new running max.
         float m_safe[2], alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
             m_safe[r] = m_new == neg_inf() ? 0.f : m_new;
-            alpha[r] = fast_exp2((m[r] - m_safe[r]) * LOG2E);
+            alpha[r] = fast_exp2(m[r] - m_safe[r]);
             m[r] = m_new;
             l[r] *= alpha[r];
         }
@@ -95,17 +133,20 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[nt][e] = fast_exp2((s[nt][e] - m_safe[e >> 1]) * LOG2E);  // p
+                s[nt][e] = fast_exp2(s[nt][e] - m_safe[e >> 1]);  // p
                 l[e >> 1] += s[nt][e];
             }
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+        if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
         cp_async_wait<0>();
-        __syncthreads();
+        __syncthreads();  // V(i) landed; every warp is done with K(i); tile i + 1's ids
+        if (more) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur ^ 1], 0, 0, p);
         warp_mma_scores<E, NT, DT, false>(o, s, p_w, LDP, v_s, LD);
     }
+    cp_async_wait<0>();  // nothing left in flight when no tile ran
 
     l[0] = quad_sum(l[0]);
     l[1] = quad_sum(l[1]);
@@ -124,15 +165,15 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const long long row = row_w + frag_row(2 * r);
-            if (row < p.seqlen_q)
+            if (row < p.seqlen_q)  // natural-log lse of the base-2 running max and sum
                 p.lse[b * p.slse_b + h * p.slse_h + row] =
-                    l[r] == 0.f ? neg_inf() : m[r] + logf(l[r]);
+                    l[r] == 0.f ? neg_inf() : (m[r] + log2f(l[r])) * LN2;
         }
     }
 }
 
-// lse and delta of one row for the backward: empty rows (lse = -inf) and rows past the end
-// read lse = +inf, so their p = exp(s - lse) is 0.
+// lse (in base 2, as the scores) and delta of one row for the backward: empty rows
+// (lse = -inf) and rows past the end read lse = +inf, so their p = exp2(s - lse) is 0.
 DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long row,
                           float& lse, float& delta) {
     lse = __int_as_float(0x7f800000);
@@ -140,25 +181,50 @@ DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long r
     if (row < p.seqlen_q) {
         const long long at = b * p.slse_b + h * p.slse_h + row;
         const float stored = p.lse[at];
-        if (stored != neg_inf()) lse = stored;
+        if (stored != neg_inf()) lse = stored * LOG2E;
         delta = p.delta[at];
     }
 }
 
+// d scores of one warp's 16 x BLOCK_N tile in place of the scores s, from dp = dO V^T
+// (and d attn_bias written out when asked for).
+template <class E, int NT, bool ALL_KEPT>
+DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const ScoreInputs<E>& in,
+                          const Params& p, long long b, long long h, int row_w,
+                          const KeyFacts* facts, const float (&lse)[2], const float (&delta)[2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row_w + frag_row(e);
+            const KeyFacts& key = facts[frag_col(nt, e)];
+            float th;
+            const float score = masked_score<E, ALL_KEPT>(in, row, key, s[nt][e], th);
+            const float pe = fast_exp2(score - lse[e >> 1]);
+            const float ds = pe * (dp[nt][e] - delta[e >> 1]);
+            if (p.need_dab && row < p.seqlen_q && key.id >= 0)
+                p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key.id] = ds;
+            s[nt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
+        }
+}
+
+// The forward's pipeline with V used first: K(i) is copied while dp = dO V(i)^T runs, V(i + 1)
+// while the scores, d scores and dq of tile i are computed.
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
 __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_dq(const Params p) {
     typedef typename E::T T;
     constexpr int THREADS = BLOCK_M * 2;
     constexpr int LD = D_PAD + SMEM_PAD, LDP = BLOCK_N + SMEM_PAD;
     constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
+    static_assert(THREADS >= BLOCK_N, "one thread per key of a tile stages its ids");
     extern __shared__ __align__(16) unsigned char smem[];
     T* q_s = reinterpret_cast<T*>(smem);
     T* do_s = q_s + BLOCK_M * LD;
     T* k_s = do_s + BLOCK_M * LD;
     T* v_s = k_s + BLOCK_N * LD;
     T* p_s = v_s + BLOCK_N * LD;
-    __shared__ int key_ids[BLOCK_N];
-    __shared__ KeyFacts facts[BLOCK_N];
+    __shared__ int key_ids[2][BLOCK_N];
+    __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32;
     const long long row0 = (long long)blockIdx.x * BLOCK_M;
@@ -167,14 +233,10 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
     const long long q_off = b * p.sq_b + h * p.sq_h;
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
-    load_tile<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + q_off, p.sq_s,
-                                          nullptr, row0, p.seqlen_q, p);
-    load_tile<E, BLOCK_M, D_PAD, THREADS>(do_s, static_cast<const T*>(p.dout) + q_off, p.sq_s,
-                                          nullptr, row0, p.seqlen_q, p);
     const T* q_w = q_s + warp * 16 * LD;
     const T* do_w = do_s + warp * 16 * LD;
     T* p_w = p_s + warp * 16 * LDP;
-    const long long row_w = row0 + warp * 16;
+    const int row_w = (int)row0 + warp * 16;
     float lse[2], delta[2];
     row_stats(p, b, h, row_w + frag_row(0), lse[0], delta[0]);
     row_stats(p, b, h, row_w + frag_row(2), lse[1], delta[1]);
@@ -182,39 +244,41 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
     float dq[DT][4];
     zero(dq);
     const long long n_slots = tile_count(p, b, h, row0, BLOCK_M);
+    const long long n_full = full_tile_slots(p, b, h, row0);
     const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
-    for (long long start = 0; start < n_slots; start += BLOCK_N) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
-            key_ids[i] = key_tile_id(cand, start, i, n_slots);
-            facts[i] = key_facts(in, key_ids[i]);
-        }
-        __syncthreads();
-        load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
-        load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
-        __syncthreads();
+    TileKeys<E, BLOCK_N> next;
+    next.fetch(in, cand, 0, n_slots);
+    next.publish(key_ids[0], facts[0]);
+    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(q_s, static_cast<const T*>(p.q) + q_off, p.sq_s,
+                                                 nullptr, row0, p.seqlen_q, p);
+    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(do_s, static_cast<const T*>(p.dout) + q_off,
+                                                 p.sq_s, nullptr, row0, p.seqlen_q, p);
+    __syncthreads();  // tile 0's ids
+    if (n_slots > 0) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[0], 0, 0, p);
+    for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
+        const int cur = tile & 1;
+        cp_async_wait<0>();
+        __syncthreads();  // V(i), Q and dO landed; every warp is done with K(i - 1)
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur], 0, 0, p);
+        const bool more = start + BLOCK_N < n_slots;
+        if (more) next.fetch(in, cand, start + BLOCK_N, n_slots);
 
         float s[NT][4], dp[NT][4];
-        zero(s);
         zero(dp);
-        warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
         warp_mma<E, D_PAD, NT, true, true>(dp, do_w, LD, v_s, LD);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = (int)row_w + frag_row(e);
-                const KeyFacts& key = facts[frag_col(nt, e)];
-                float th;
-                const float score = masked_score(in, row, key, s[nt][e], th);
-                const float pe = fast_exp2((score - lse[e >> 1]) * LOG2E);
-                const float ds = pe * (dp[nt][e] - delta[e >> 1]);
-                if (p.need_dab && row < p.seqlen_q && key.id >= 0)
-                    p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key.id] = ds;
-                s[nt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
-            }
+        if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
+        cp_async_wait<0>();
+        __syncthreads();  // K(i) landed; every warp is done with V(i); tile i + 1's ids
+        if (more) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur ^ 1], 0, 0, p);
+        zero(s);
+        warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
+        if (start + BLOCK_N <= n_full)
+            dq_scores<E, NT, true>(s, dp, in, p, b, h, row_w, facts[cur], lse, delta);
+        else
+            dq_scores<E, NT, false>(s, dp, in, p, b, h, row_w, facts[cur], lse, delta);
         warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
     }
+    cp_async_wait<0>();
 
     T* dq_out = static_cast<T*>(p.dq) + q_off;
 #pragma unroll
@@ -228,20 +292,34 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
         }
 }
 
+// Q and dO rows row0.. of one head into a dk/dv row buffer (dO right after Q), left in flight.
+template <class E, int BLOCK_M, int D_PAD, int THREADS>
+DMA_DEVICE void load_rows(typename E::T* dst, const typename E::T* q, const typename E::T* dout,
+                          long long row0, const Params& p) {
+    constexpr int LD = D_PAD + SMEM_PAD;
+    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(dst, q, p.sq_s, nullptr, row0, p.seqlen_q, p);
+    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(dst + BLOCK_M * LD, dout, p.sq_s, nullptr, row0,
+                                                 p.seqlen_q, p);
+}
+
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
 __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p) {
     typedef typename E::T T;
     constexpr int THREADS = BLOCK_N * 2;  // one warp per 16 keys
     constexpr int LD = D_PAD + SMEM_PAD, LDT = BLOCK_M + SMEM_PAD;
     constexpr int DT = D_PAD / 8, MT = BLOCK_M / 8;
+    static_assert(THREADS >= BLOCK_M, "one thread per row of a tile stages its lse and delta");
     extern __shared__ __align__(16) unsigned char smem[];
     T* k_s = reinterpret_cast<T*>(smem);
     T* v_s = k_s + BLOCK_N * LD;
-    T* q_s = v_s + BLOCK_N * LD;
-    T* do_s = q_s + BLOCK_M * LD;
-    T* pt_s = do_s + BLOCK_M * LD;  // p transposed (keys x rows), then ds
+    // Row tiles (Q, dO) are double-buffered unless a row is 1 KiB or more (float32 at head
+    // dim 256), where two buffers would not fit in shared memory (dkdv_row_buffers in the
+    // launcher); lse and delta always are.
+    constexpr int ROW_BUFFERS = sizeof(T) * D_PAD >= 1024 ? 1 : 2;
+    T* q_buf = v_s + BLOCK_N * LD;  // Q, dO of buffer 0, then of buffer 1
+    T* pt_s = q_buf + 2 * ROW_BUFFERS * BLOCK_M * LD;  // p transposed (keys x rows), then ds
     __shared__ int key_ids[BLOCK_N];
-    __shared__ float lse_s[BLOCK_M], delta_s[BLOCK_M];
+    __shared__ float lse_s[2][BLOCK_M], delta_s[2][BLOCK_M];
     __shared__ int row_range[2];
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -322,16 +400,32 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
 
             float dkb[2] = {0.f, 0.f};
             const long long q_off = b * p.sq_b + h * p.sq_h;
-            for (long long row0 = row_lo; row0 < row_hi; row0 += BLOCK_M) {
-                __syncthreads();
-                load_tile<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + q_off,
-                                                      p.sq_s, nullptr, row0, p.seqlen_q, p);
-                load_tile<E, BLOCK_M, D_PAD, THREADS>(do_s,
-                                                      static_cast<const T*>(p.dout) + q_off,
-                                                      p.sq_s, nullptr, row0, p.seqlen_q, p);
-                for (int i = threadIdx.x; i < BLOCK_M; i += THREADS)
-                    row_stats(p, b, h, row0 + i, lse_s[i], delta_s[i]);
-                __syncthreads();
+            const T* q = static_cast<const T*>(p.q) + q_off;
+            const T* dout = static_cast<const T*>(p.dout) + q_off;
+            // Tile j + 1's Q, dO, lse and delta are copied while tile j is computed (with
+            // one row buffer: after it, behind a second barrier).
+            float next_lse, next_delta;
+            __syncthreads();  // every warp is done with the previous head's buffers
+            if (row_lo < row_hi) {
+                load_rows<E, BLOCK_M, D_PAD, THREADS>(q_buf, q, dout, row_lo, p);
+                if (threadIdx.x < BLOCK_M) {
+                    row_stats(p, b, h, row_lo + threadIdx.x, next_lse, next_delta);
+                    lse_s[0][threadIdx.x] = next_lse;
+                    delta_s[0][threadIdx.x] = next_delta;
+                }
+            }
+            for (long long row0 = row_lo, j = 0; row0 < row_hi; row0 += BLOCK_M, ++j) {
+                const int cur = j & 1, buf = ROW_BUFFERS == 2 ? cur : 0;
+                const T* q_s = q_buf + 2 * buf * BLOCK_M * LD;
+                const T* do_s = q_s + BLOCK_M * LD;
+                T* q_next = q_buf + 2 * (ROW_BUFFERS == 2 ? cur ^ 1 : 0) * BLOCK_M * LD;
+                cp_async_wait<0>();
+                __syncthreads();  // tile j landed; every warp is done with tile j - 1's buffer
+                const bool more = row0 + BLOCK_M < row_hi;
+                if (more && threadIdx.x < BLOCK_M)
+                    row_stats(p, b, h, row0 + BLOCK_M + threadIdx.x, next_lse, next_delta);
+                if (more && ROW_BUFFERS == 2)
+                    load_rows<E, BLOCK_M, D_PAD, THREADS>(q_next, q, dout, row0 + BLOCK_M, p);
 
                 float st[MT][4], dpt[MT][4];  // transposed: rows are keys, columns query rows
                 zero(st);
@@ -346,15 +440,24 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                         float th;
                         const float score = masked_score(in, (int)row0 + r, mine[e >> 1],
                                                          st[mt][e], th);
-                        const float pe = fast_exp2((score - lse_s[r]) * LOG2E);
-                        const float ds = pe * (dpt[mt][e] - delta_s[r]);
+                        const float pe = fast_exp2(score - lse_s[cur][r]);
+                        const float ds = pe * (dpt[mt][e] - delta_s[cur][r]);
                         dkb[e >> 1] += ds;
                         st[mt][e] = pe;
                         dpt[mt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
                     }
                 warp_mma_scores<E, MT, DT, false>(dv, st, pt_w, LDT, do_s, LD);
                 warp_mma_scores<E, MT, DT, false>(dk, dpt, pt_w, LDT, q_s, LD);
+                if (more && ROW_BUFFERS == 1) {
+                    __syncthreads();  // every warp is done with the one buffer
+                    load_rows<E, BLOCK_M, D_PAD, THREADS>(q_next, q, dout, row0 + BLOCK_M, p);
+                }
+                if (more && threadIdx.x < BLOCK_M) {  // published by the next barrier
+                    lse_s[cur ^ 1][threadIdx.x] = next_lse;
+                    delta_s[cur ^ 1][threadIdx.x] = next_delta;
+                }
             }
+            cp_async_wait<0>();
             // d key_bias of head h: one value per key, summed over the quad's columns.
             dkb[0] = quad_sum(dkb[0]);
             dkb[1] = quad_sum(dkb[1]);

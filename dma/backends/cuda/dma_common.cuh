@@ -20,6 +20,7 @@ DMA_DEVICE long long lmin(long long a, long long b) { return a < b ? a : b; }
 DMA_DEVICE long long lmax(long long a, long long b) { return a > b ? a : b; }
 
 constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
 constexpr int SMEM_PAD = 8;  // elements added to each shared-memory row against bank conflicts
 
 // ---------------------------------------------------------------------------------------
@@ -277,6 +278,20 @@ DMA_DEVICE long long tile_count(const Params& p, long long b, long long h, long 
     return n;
 }
 
+// How many of those slots every row of the block keeps, so that their tiles skip the
+// per-pair test (only whole tiles below this count do): the plan's fully kept candidates,
+// which it lists first; otherwise the keys at or left of the block's first causal diagonal
+// when nothing else masks them. Rows past seqlen_q see such tiles as kept too; their outputs
+// are never written and the backward's p is 0 there (row_stats).
+DMA_DEVICE long long full_tile_slots(const Params& p, long long b, long long h, long long row0) {
+    if (p.interval) {
+        const int* count = static_cast<const int*>(p.full_count);
+        return count[b * p.scnt_b + (h / p.plan_hdiv) * p.scnt_h + row0 / p.plan_block];
+    }
+    if (p.has_pad || p.has_am || p.has_ab) return 0;
+    return p.causal ? lmax(lmin(p.seqlen_k, row0 + p.causal_offset + 1), 0) : p.seqlen_k;
+}
+
 DMA_DEVICE const int* candidate_list(const Params& p, long long b, long long h,
                                      long long block) {
     return static_cast<const int*>(p.candidates) + b * p.scand_b + (h / p.plan_hdiv) * p.scand_h
@@ -297,7 +312,9 @@ struct ScoreInputs {
     long long sab_r, sab_c, sam_r, sam_c;
     int seqlen_q, causal_offset;
     bool causal, softcap;
-    float scale, softcap_value;
+    // Scores run in base 2 (log2(e) * s of SPEC section 2), so softmax needs a bare exp2:
+    // qk * scale_log2 without softcap, softcap_log2 * tanh(qk * scale_over_cap) with it.
+    float scale_log2, scale_over_cap, softcap_log2;
 
     DMA_DEVICE ScoreInputs(const Params& p, long long b, long long h)
         : key_bias(p.has_kb ? static_cast<const T*>(p.key_bias) + b * p.skb_b
@@ -314,7 +331,9 @@ struct ScoreInputs {
                                    + (h / p.plan_hdiv) * p.splan_h : nullptr),
           sab_r(p.sab_r), sab_c(p.sab_c), sam_r(p.sam_r), sam_c(p.sam_c),
           seqlen_q((int)p.seqlen_q), causal_offset((int)p.causal_offset), causal(p.causal),
-          softcap(p.has_softcap), scale((float)p.scale), softcap_value((float)p.softcap) {}
+          softcap(p.has_softcap), scale_log2((float)(p.scale * LOG2E)),
+          scale_over_cap((float)(p.scale / p.softcap)),
+          softcap_log2((float)(p.softcap * LOG2E)) {}
 };
 
 // What a score needs to know about one key, read once per tile (or per head) rather than per
@@ -324,14 +343,14 @@ struct ScoreInputs {
 struct KeyFacts {
     int id;  // -1: an absent slot (first = end = 0)
     int first, end;
-    float bias;
+    float bias;  // key_bias times log2(e)
 };
 
 template <class E>
 DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
     KeyFacts f = {id, 0, 0, 0.f};
     if (id < 0) return f;
-    if (in.key_bias) f.bias = E::to_f32(in.key_bias[id]);
+    if (in.key_bias) f.bias = E::to_f32(in.key_bias[id]) * LOG2E;
     if (in.first_row) {
         f.first = in.first_row[id];
         f.end = in.end_row[id];
@@ -342,20 +361,25 @@ DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
     return f;
 }
 
-// The score of (row, key), -inf where row does not keep key (SPEC section 2), plus
-// tanh(t / softcap) for the softcap gradient.
-template <class E>
+// The score of (row, key) in base 2, -inf where row does not keep key (SPEC section 2), plus
+// tanh(t / softcap) for the softcap gradient. ALL_KEPT: a tile that every row keeps
+// (full_tile_slots), so nothing is tested and no attn_bias or attn_mask is present.
+template <class E, bool ALL_KEPT = false>
 DMA_DEVICE float masked_score(const ScoreInputs<E>& in, int row, const KeyFacts& key, float qk,
                               float& th) {
-    float t = qk * in.scale;
-    th = t;
+    float t;
     if (in.softcap) {
-        th = tanhf(t / in.softcap_value);
-        t = in.softcap_value * th;
+        th = tanhf(qk * in.scale_over_cap);
+        t = in.softcap_log2 * th;
+    } else {
+        th = 0.f;
+        t = qk * in.scale_log2;
     }
     t += key.bias;
+    if (ALL_KEPT) return t;
     bool keep = key.first <= row && row < key.end;  // row < end <= seqlen_q: a real row
-    if (in.attn_bias && keep) t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]);
+    if (in.attn_bias && keep)
+        t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]) * LOG2E;
     if (in.attn_mask && keep) keep = in.attn_mask[row * in.sam_r + key.id * in.sam_c] != 0;
     return keep ? t : neg_inf();
 }

@@ -28,6 +28,7 @@ struct Params {
     const void* end_row;
     const void* candidates;
     const void* candidate_count;
+    const void* full_count;  // per block, with candidate_count's strides
     // Strides of q (also dq and dout), k, v, out, lse (also delta), dk/dv, dkb, dab.
     long long sq_b;
     long long sq_s;
