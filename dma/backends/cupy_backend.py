@@ -24,7 +24,7 @@ from .gpu_launch import (
     shared_memory_limit,
 )
 
-BLOCK_M = 64  # the plan's block size; kernels with 32-row tiles read the enclosing block
+BLOCK_M = 128  # the plan's block size; kernels with smaller row tiles read the enclosing block
 COARSE_ROWS = 512  # rows per program of the atomic dk/dv pass (as in the triton backend)
 
 

@@ -74,9 +74,20 @@ def tile_size(dtype: torch.dtype, d_pad: int) -> int:
     return 64 if d_pad * _element_size(dtype) <= 256 else 32
 
 
+def warp_rows(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
+    """Query rows per warp (forward, dq): 32 in the forward for tensor-core types up to head
+    dim 128, as two fragments that share every K and V fragment they read (half the shared
+    memory reads per product; the accumulators still fit in registers), else 16."""
+    return 32 if kernel == "dma_forward" and dtype != torch.float32 and d_pad <= 128 else 16
+
+
 def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
-    """(BLOCK_M, BLOCK_N) of a kernel: rows and keys per tile. dk/dv walk rows 32 at a time
-    from head dim 64 up: its transposed score tiles then fit in registers beside dk and dv."""
+    """(BLOCK_M, BLOCK_N) of a kernel: rows and keys per tile. The forward with 32-row warps
+    takes 128 rows and 32-key tiles (64 keys would spill its registers). dk/dv walk rows 32 at
+    a time from head dim 64 up: its transposed score tiles then fit in registers beside dk
+    and dv."""
+    if warp_rows(kernel, dtype, d_pad) == 32:
+        return 128, 32
     tile = tile_size(dtype, d_pad)
     if kernel == "dma_backward_dkdv" and d_pad >= 64:
         return 32, tile
@@ -84,9 +95,11 @@ def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
 
 
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
-    """One warp per 16 rows (forward, dq) or per 16 keys (dk/dv)."""
+    """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv)."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
-    return 2 * (block_n if kernel == "dma_backward_dkdv" else block_m)
+    if kernel == "dma_backward_dkdv":
+        return 2 * block_n
+    return block_m // warp_rows(kernel, dtype, d_pad) * 32
 
 
 def dkdv_row_buffers(dtype: torch.dtype, d_pad: int) -> int:
@@ -99,19 +112,25 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """Dynamic shared memory of one program: the tiles its kernel declares."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
     rows = d_pad + SMEM_PAD
-    if kernel == "dma_forward":  # q; k, v; p
-        elements = block_m * rows + 2 * block_n * rows + block_m * (block_n + SMEM_PAD)
-    elif kernel == "dma_backward_dq":  # q, do; k, v; ds
-        elements = 2 * block_m * rows + 2 * block_n * rows + block_m * (block_n + SMEM_PAD)
-    else:  # k, v; q, do (one or two buffers); p and ds, transposed
+    # float32 stages its score tiles in shared memory on their way to a product (the
+    # tensor-core types keep them in registers): p (forward), ds (dq), p and ds transposed
+    # (dk/dv).
+    staging = dtype == torch.float32
+    if kernel == "dma_forward":  # q; k, v
+        elements = block_m * rows + 2 * block_n * rows + staging * block_m * (block_n + SMEM_PAD)
+    elif kernel == "dma_backward_dq":  # q, do; k, v
+        elements = (2 * block_m * rows + 2 * block_n * rows
+                    + staging * block_m * (block_n + SMEM_PAD))
+    else:  # k, v; q, do (one or two buffers)
         elements = (2 * block_n * rows + 2 * dkdv_row_buffers(dtype, d_pad) * block_m * rows
-                    + block_n * (block_m + SMEM_PAD))
+                    + staging * block_n * (block_m + SMEM_PAD))
     return elements * _element_size(dtype)
 
 
 def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
     block_m, block_n = tiles(kernel, dtype, d_pad)
-    return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}>"
+    rows = f", {warp_rows(kernel, dtype, d_pad)}" if kernel == "dma_forward" else ""
+    return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}{rows}>"
 
 
 def all_instantiations():

@@ -46,28 +46,35 @@ struct TileKeys {
     }
 };
 
-// Scores of one warp's 16 x BLOCK_N tile in place (base 2), and each row's maximum.
-template <class E, int NT, bool ALL_KEPT>
-DMA_DEVICE void forward_scores(float (&s)[NT][4], float (&tile_max)[2],
+// Scores of one warp's WARP_M x BLOCK_N tile in place (base 2), and each row's maximum.
+template <class E, int MF, int NT, bool ALL_KEPT>
+DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
                                const ScoreInputs<E>& in, int row_w, const KeyFacts* facts) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float th;
-            s[nt][e] = masked_score<E, ALL_KEPT>(in, row_w + frag_row(e),
-                                                 facts[frag_col(nt, e)], s[nt][e], th);
-            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
-        }
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float th;
+                s[mf][nt][e] = masked_score<E, ALL_KEPT>(in, row_w + 16 * mf + frag_row(e),
+                                                         facts[frag_col(nt, e)], s[mf][nt][e],
+                                                         th);
+                tile_max[mf][e >> 1] = fmaxf(tile_max[mf][e >> 1], s[mf][nt][e]);
+            }
 }
 
 // Key tiles are single-buffered and software-pipelined: V(i) is copied while the scores of
 // tile i are computed, K(i + 1) while tile i's probabilities multiply V(i); the ids and facts
-// of tile i + 1 (two buffers) are fetched meanwhile. Two barriers per tile.
-template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
-__global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forward(const Params p) {
+// of tile i + 1 (two buffers) are fetched meanwhile. Two barriers per tile. A warp owns
+// WARP_M rows: 32 (two fragments sharing every K and V fragment they read) where its
+// accumulators fit in registers, else 16.
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N, int WARP_M>
+__global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
+                                  WARP_M == 16 ? DMA_FORWARD_MIN_BLOCKS : 2)
+    dma_forward(const Params p) {
     typedef typename E::T T;
-    constexpr int THREADS = BLOCK_M * 2;  // one warp per 16 rows
+    constexpr int THREADS = BLOCK_M / WARP_M * 32, MF = WARP_M / 16;
     constexpr int LD = D_PAD + SMEM_PAD, LDP = BLOCK_N + SMEM_PAD;
     constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
     static_assert(THREADS >= BLOCK_N, "one thread per key of a tile stages its ids");
@@ -75,7 +82,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
     T* q_s = reinterpret_cast<T*>(smem);
     T* k_s = q_s + BLOCK_M * LD;
     T* v_s = k_s + BLOCK_N * LD;
-    T* p_s = v_s + BLOCK_N * LD;
+    T* p_s = v_s + BLOCK_N * LD;  // float32 only: p on its way to the product
     __shared__ int key_ids[2][BLOCK_N];
     __shared__ KeyFacts facts[2][BLOCK_N];
 
@@ -85,13 +92,15 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
     const ScoreInputs<E> in(p, b, h);
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
-    const T* q_w = q_s + warp * 16 * LD;
-    T* p_w = p_s + warp * 16 * LDP;
-    const int row_w = (int)row0 + warp * 16;
+    const T* q_w = q_s + warp * WARP_M * LD;
+    T* p_w = p_s + warp * WARP_M * LDP;
+    const int row_w = (int)row0 + warp * WARP_M;
 
-    float o[DT][4];
+    float o[MF][DT][4];
     zero(o);
-    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    float m[MF][2], l[MF][2];
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf) m[mf][0] = m[mf][1] = neg_inf(), l[mf][0] = l[mf][1] = 0.f;
     const long long n_slots = tile_count(p, b, h, row0, BLOCK_M);
     const long long n_full = full_tile_slots(p, b, h, row0);
     const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
@@ -111,63 +120,71 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_FORWARD_MIN_BLOCKS) dma_forwa
         const bool more = start + BLOCK_N < n_slots;
         if (more) next.fetch(in, cand, start + BLOCK_N, n_slots);
 
-        float s[NT][4];
+        float s[MF][NT][4];
         zero(s);
-        warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
-        float tile_max[2] = {neg_inf(), neg_inf()};
+        warp_mma<E, D_PAD, NT, true, true, MF>(s, q_w, LD, k_s, LD);
+        float tile_max[MF][2];
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) tile_max[mf][0] = tile_max[mf][1] = neg_inf();
         if (start + BLOCK_N <= n_full)
-            forward_scores<E, NT, true>(s, tile_max, in, row_w, facts[cur]);
+            forward_scores<E, MF, NT, true>(s, tile_max, in, row_w, facts[cur]);
         else
-            forward_scores<E, NT, false>(s, tile_max, in, row_w, facts[cur]);
+            forward_scores<E, MF, NT, false>(s, tile_max, in, row_w, facts[cur]);
         // Online softmax: rescale what the rows hold so far to the new running max.
-        float m_safe[2], alpha[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
-            m_safe[r] = m_new == neg_inf() ? 0.f : m_new;
-            alpha[r] = fast_exp2(m[r] - m_safe[r]);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
+        for (int mf = 0; mf < MF; ++mf) {
+            float m_safe[2], alpha[2];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] = fast_exp2(s[nt][e] - m_safe[e >> 1]);  // p
-                l[e >> 1] += s[nt][e];
+            for (int r = 0; r < 2; ++r) {
+                const float m_new = fmaxf(m[mf][r], quad_max(tile_max[mf][r]));
+                m_safe[r] = m_new == neg_inf() ? 0.f : m_new;
+                alpha[r] = fast_exp2(m[mf][r] - m_safe[r]);
+                m[mf][r] = m_new;
+                l[mf][r] *= alpha[r];
             }
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+                for (int e = 0; e < 4; ++e) {
+                    s[mf][nt][e] = fast_exp2(s[mf][nt][e] - m_safe[e >> 1]);  // p
+                    l[mf][e >> 1] += s[mf][nt][e];
+                }
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[mf][dt][e] *= alpha[e >> 1];
+        }
         if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
         cp_async_wait<0>();
         __syncthreads();  // V(i) landed; every warp is done with K(i); tile i + 1's ids
         if (more) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur ^ 1], 0, 0, p);
-        warp_mma_scores<E, NT, DT, false>(o, s, p_w, LDP, v_s, LD);
+        warp_mma_scores<E, NT, DT, false, MF>(o, s, p_w, LDP, v_s, LD);
     }
     cp_async_wait<0>();  // nothing left in flight when no tile ran
 
-    l[0] = quad_sum(l[0]);
-    l[1] = quad_sum(l[1]);
     T* out = static_cast<T*>(p.out) + b * p.so_b + h * p.so_h;
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
+    for (int mf = 0; mf < MF; ++mf) {
+        l[mf][0] = quad_sum(l[mf][0]);
+        l[mf][1] = quad_sum(l[mf][1]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const long long row = row_w + frag_row(e);
-            const int d = frag_col(dt, e);
-            const float denom = l[e >> 1] == 0.f ? 1.f : l[e >> 1];  // empty rows give 0
-            if (row < p.seqlen_q && d < p.head_dim)
-                out[row * p.so_s + d] = E::from_f32(o[dt][e] / denom);
-        }
-    if ((threadIdx.x & 3) == 0) {
+        for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const long long row = row_w + frag_row(2 * r);
-            if (row < p.seqlen_q)  // natural-log lse of the base-2 running max and sum
-                p.lse[b * p.slse_b + h * p.slse_h + row] =
-                    l[r] == 0.f ? neg_inf() : (m[r] + log2f(l[r])) * LN2;
+            for (int e = 0; e < 4; ++e) {
+                const long long row = row_w + 16 * mf + frag_row(e);
+                const int d = frag_col(dt, e);
+                const float denom = l[mf][e >> 1] == 0.f ? 1.f : l[mf][e >> 1];  // empty rows: 0
+                if (row < p.seqlen_q && d < p.head_dim)
+                    out[row * p.so_s + d] = E::from_f32(o[mf][dt][e] / denom);
+            }
+        if ((threadIdx.x & 3) == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const long long row = row_w + 16 * mf + frag_row(2 * r);
+                if (row < p.seqlen_q)  // natural-log lse of the base-2 running max and sum
+                    p.lse[b * p.slse_b + h * p.slse_h + row] =
+                        l[mf][r] == 0.f ? neg_inf() : (m[mf][r] + log2f(l[mf][r])) * LN2;
+            }
         }
     }
 }
@@ -222,7 +239,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
     T* do_s = q_s + BLOCK_M * LD;
     T* k_s = do_s + BLOCK_M * LD;
     T* v_s = k_s + BLOCK_N * LD;
-    T* p_s = v_s + BLOCK_N * LD;
+    T* p_s = v_s + BLOCK_N * LD;  // float32 only: ds on its way to the product
     __shared__ int key_ids[2][BLOCK_N];
     __shared__ KeyFacts facts[2][BLOCK_N];
 
@@ -317,7 +334,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
     // launcher); lse and delta always are.
     constexpr int ROW_BUFFERS = sizeof(T) * D_PAD >= 1024 ? 1 : 2;
     T* q_buf = v_s + BLOCK_N * LD;  // Q, dO of buffer 0, then of buffer 1
-    T* pt_s = q_buf + 2 * ROW_BUFFERS * BLOCK_M * LD;  // p transposed (keys x rows), then ds
+    T* pt_s = q_buf + 2 * ROW_BUFFERS * BLOCK_M * LD;  // float32 only: p, ds transposed
     __shared__ int key_ids[BLOCK_N];
     __shared__ float lse_s[2][BLOCK_M], delta_s[2][BLOCK_M];
     __shared__ int row_range[2];

@@ -80,17 +80,20 @@ struct F32 {
 };
 
 // ---------------------------------------------------------------------------------------
-// Warp-level product on shared-memory tiles: c[16 x 8*NT] += A[16 x K] * B[K x 8*NT].
+// Warp-level product on shared-memory tiles: c[16 MF x 8 NT] += A[16 MF x K] * B[K x 8 NT],
+// as MF fragments of 16 rows (c[mf] holds rows 16 mf..16 mf + 15) that share each B fragment
+// they read, so two fragments per warp halve B's shared-memory traffic per product.
 // A(i, k) is a[i * lda + k] when A_KC (k contiguous) else a[k * lda + i]; B(k, j) is
 // b[j * ldb + k] when B_KC else b[k * ldb + j]. Lane (g = lane / 4, t = lane % 4) owns the
-// accumulator elements of mma.sync's C layout: c[nt][e] is row g + 8 * (e / 2), column
-// nt * 8 + 2 * t + e % 2. Every kernel reads its scores out of this layout.
+// accumulator elements of mma.sync's C layout: c[mf][nt][e] is row 16 mf + g + 8 * (e / 2),
+// column nt * 8 + 2 * t + e % 2. Every kernel reads its scores out of this layout. The
+// overloads without the MF dimension are the one-fragment case.
 template <bool KC, class T>
 DMA_DEVICE T operand_at(const T* p, int ld, int outer, int k) {
     return KC ? p[outer * ld + k] : p[k * ld + outer];
 }
 
-// Row (within the warp's 16) and column of accumulator element e of tile nt.
+// Row (within a fragment's 16) and column of accumulator element e of tile nt.
 DMA_DEVICE int frag_row(int e) { return ((threadIdx.x & 31) >> 2) + 8 * (e >> 1); }
 DMA_DEVICE int frag_col(int nt, int e) { return nt * 8 + 2 * (threadIdx.x & 3) + (e & 1); }
 
@@ -114,11 +117,12 @@ DMA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const unsigned short* p) {
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
 }
 
-// One 16-wide k step on tensor cores: c[nt] += A fragment (af) times B's column tiles, B's
-// fragments loaded with ldmatrix (k 0-7 and 8-15 of column tiles nt and nt + 1 at once).
-template <class E, int NT, bool B_KC>
-DMA_DEVICE void mma_step(float (&c)[NT][4], const unsigned (&af)[4], const typename E::T* b,
-                         int ldb, int k0) {
+// One 16-wide k step on tensor cores: c[mf][nt] += A fragment af[mf] times B's column
+// tiles, B's fragments loaded with ldmatrix (k 0-7 and 8-15 of column tiles nt and nt + 1 at
+// once) and used by every fragment.
+template <class E, int MF, int NT, bool B_KC>
+DMA_DEVICE void mma_step(float (&c)[MF][NT][4], const unsigned (&af)[MF][4],
+                         const typename E::T* b, int ldb, int k0) {
     const int lane = threadIdx.x & 31, quad = lane >> 3, in_quad = lane & 7;
 #pragma unroll
     for (int nt = 0; nt < NT; nt += 2) {
@@ -130,74 +134,111 @@ DMA_DEVICE void mma_step(float (&c)[NT][4], const unsigned (&af)[4], const typen
             ldmatrix_x4<true>(bf, b + (k0 + in_quad + (quad & 1) * 8) * ldb + nt * 8
                                       + (quad >> 1) * 8);
         const unsigned b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-        E::mma(c[nt], af, b0);
-        E::mma(c[nt + 1], af, b1);
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+            E::mma(c[mf][nt], af[mf], b0);
+            E::mma(c[mf][nt + 1], af[mf], b1);
+        }
     }
 }
 
-template <class E, int K, int NT, bool A_KC, bool B_KC>
-DMA_DEVICE void warp_mma(float (&c)[NT][4], const typename E::T* a, int lda,
+template <class E, int K, int NT, bool A_KC, bool B_KC, int MF>
+DMA_DEVICE void warp_mma(float (&c)[MF][NT][4], const typename E::T* a, int lda,
                          const typename E::T* b, int ldb) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     if constexpr (E::TENSOR) {
         static_assert(A_KC && NT % 2 == 0, "tensor-core path: A k-contiguous, even NT");
 #pragma unroll
         for (int k0 = 0; k0 < K; k0 += 16) {
-            unsigned af[4];  // rows 0-7 / 8-15 by k 0-7 / 8-15 of this 16x16 step
-            ldmatrix_x4<false>(af, a + (lane & 15) * lda + k0 + (lane >> 4) * 8);
-            mma_step<E, NT, B_KC>(c, af, b, ldb, k0);
+            unsigned af[MF][4];  // rows 0-7 / 8-15 by k 0-7 / 8-15 of this 16x16 step
+#pragma unroll
+            for (int mf = 0; mf < MF; ++mf)
+                ldmatrix_x4<false>(af[mf], a + (16 * mf + (lane & 15)) * lda + k0
+                                               + (lane >> 4) * 8);
+            mma_step<E, MF, NT, B_KC>(c, af, b, ldb, k0);
         }
     } else {
 #pragma unroll 4
         for (int k = 0; k < K; ++k) {
-            const float a0 = operand_at<A_KC>(a, lda, g, k);
-            const float a1 = operand_at<A_KC>(a, lda, g + 8, k);
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const float b0 = operand_at<B_KC>(b, ldb, nt * 8 + 2 * t, k);
-                const float b1 = operand_at<B_KC>(b, ldb, nt * 8 + 2 * t + 1, k);
-                c[nt][0] += a0 * b0;
-                c[nt][1] += a0 * b1;
-                c[nt][2] += a1 * b0;
-                c[nt][3] += a1 * b1;
+            for (int mf = 0; mf < MF; ++mf) {
+                const float a0 = operand_at<A_KC>(a, lda, 16 * mf + g, k);
+                const float a1 = operand_at<A_KC>(a, lda, 16 * mf + g + 8, k);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const float b0 = operand_at<B_KC>(b, ldb, nt * 8 + 2 * t, k);
+                    const float b1 = operand_at<B_KC>(b, ldb, nt * 8 + 2 * t + 1, k);
+                    c[mf][nt][0] += a0 * b0;
+                    c[mf][nt][1] += a0 * b1;
+                    c[mf][nt][2] += a1 * b0;
+                    c[mf][nt][3] += a1 * b1;
+                }
             }
         }
     }
 }
 
-// c[16 x 8*NT] += F[16 x 16*KT] * B, where F is a score-shaped tile still in registers in the
-// accumulator layout above (f[kt][e]: KT/2 column tiles of 8 per 16-wide step). For tensor-core
-// types the C layout of two adjacent column tiles is exactly mma.sync's A layout of one
-// 16-wide step, so F never touches shared memory; float32 stages it through `scratch`.
-template <class E, int KT, int NT, bool B_KC>
-DMA_DEVICE void warp_mma_scores(float (&c)[NT][4], const float (&f)[KT][4],
+template <class E, int K, int NT, bool A_KC, bool B_KC>
+DMA_DEVICE void warp_mma(float (&c)[NT][4], const typename E::T* a, int lda,
+                         const typename E::T* b, int ldb) {
+    warp_mma<E, K, NT, A_KC, B_KC, 1>(reinterpret_cast<float (&)[1][NT][4]>(c), a, lda, b, ldb);
+}
+
+// c[16 MF x 8 NT] += F[16 MF x 16 KT/2] * B, where F is a score-shaped tile still in registers
+// in the accumulator layout above (f[mf][kt][e]: KT column tiles of 8). For tensor-core types
+// the C layout of two adjacent column tiles is exactly mma.sync's A layout of one 16-wide
+// step, so F never touches shared memory; float32 stages it through `scratch` (16 MF rows).
+template <class E, int KT, int NT, bool B_KC, int MF>
+DMA_DEVICE void warp_mma_scores(float (&c)[MF][NT][4], const float (&f)[MF][KT][4],
                                 typename E::T* scratch, int ld_scratch,
                                 const typename E::T* b, int ldb) {
     if constexpr (E::TENSOR) {
         static_assert(KT % 2 == 0 && NT % 2 == 0, "16-wide steps, pairs of column tiles");
 #pragma unroll
         for (int kt = 0; kt < KT; kt += 2) {
-            const unsigned af[4] = {pack2<E>(f[kt][0], f[kt][1]), pack2<E>(f[kt][2], f[kt][3]),
-                                    pack2<E>(f[kt + 1][0], f[kt + 1][1]),
-                                    pack2<E>(f[kt + 1][2], f[kt + 1][3])};
-            mma_step<E, NT, B_KC>(c, af, b, ldb, kt * 8);
+            unsigned af[MF][4];
+#pragma unroll
+            for (int mf = 0; mf < MF; ++mf) {
+                af[mf][0] = pack2<E>(f[mf][kt][0], f[mf][kt][1]);
+                af[mf][1] = pack2<E>(f[mf][kt][2], f[mf][kt][3]);
+                af[mf][2] = pack2<E>(f[mf][kt + 1][0], f[mf][kt + 1][1]);
+                af[mf][3] = pack2<E>(f[mf][kt + 1][2], f[mf][kt + 1][3]);
+            }
+            mma_step<E, MF, NT, B_KC>(c, af, b, ldb, kt * 8);
         }
     } else {
         __syncwarp();  // the warp's previous reads of scratch are done
 #pragma unroll
-        for (int kt = 0; kt < KT; ++kt)
+        for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                scratch[frag_row(e) * ld_scratch + frag_col(kt, e)] = f[kt][e];
+            for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    scratch[(16 * mf + frag_row(e)) * ld_scratch + frag_col(kt, e)] =
+                        f[mf][kt][e];
         __syncwarp();
-        warp_mma<E, KT * 8, NT, true, B_KC>(c, scratch, ld_scratch, b, ldb);
+        warp_mma<E, KT * 8, NT, true, B_KC, MF>(c, scratch, ld_scratch, b, ldb);
     }
+}
+
+template <class E, int KT, int NT, bool B_KC>
+DMA_DEVICE void warp_mma_scores(float (&c)[NT][4], const float (&f)[KT][4],
+                                typename E::T* scratch, int ld_scratch,
+                                const typename E::T* b, int ldb) {
+    warp_mma_scores<E, KT, NT, B_KC, 1>(reinterpret_cast<float (&)[1][NT][4]>(c),
+                                        reinterpret_cast<const float (&)[1][KT][4]>(f),
+                                        scratch, ld_scratch, b, ldb);
 }
 
 template <int NT>
 DMA_DEVICE void zero(float (&c)[NT][4]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+}
+template <int MF, int NT>
+DMA_DEVICE void zero(float (&c)[MF][NT][4]) {
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf) zero(c[mf]);
 }
 
 
