@@ -47,7 +47,7 @@ struct TileKeys {
 };
 
 // Scores of one warp's WARP_M x BLOCK_N tile in place (base 2), and each row's maximum.
-template <class E, int MF, int NT, bool ALL_KEPT>
+template <class E, int MF, int NT, int TEST>
 DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
                                const ScoreInputs<E>& in, int row_w, const KeyFacts* facts) {
 #pragma unroll
@@ -57,7 +57,7 @@ DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float th;
-                s[mf][nt][e] = masked_score<E, ALL_KEPT>(in, row_w + 16 * mf + frag_row(e),
+                s[mf][nt][e] = masked_score<E, TEST>(in, row_w + 16 * mf + frag_row(e),
                                                          facts[frag_col(nt, e)], s[mf][nt][e],
                                                          th);
                 tile_max[mf][e >> 1] = fmaxf(tile_max[mf][e >> 1], s[mf][nt][e]);
@@ -126,10 +126,9 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         float tile_max[MF][2];
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) tile_max[mf][0] = tile_max[mf][1] = neg_inf();
-        if (start + BLOCK_N <= n_full)
-            forward_scores<E, MF, NT, true>(s, tile_max, in, row_w, facts[cur]);
-        else
-            forward_scores<E, MF, NT, false>(s, tile_max, in, row_w, facts[cur]);
+        with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
+            forward_scores<E, MF, NT, decltype(test)::value>(s, tile_max, in, row_w, facts[cur]);
+        });
         // Online softmax: rescale what the rows hold so far to the new running max.
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
@@ -205,7 +204,7 @@ DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long r
 
 // d scores of one warp's 16 x BLOCK_N tile in place of the scores s, from dp = dO V^T
 // (and d attn_bias written out when asked for).
-template <class E, int NT, bool ALL_KEPT>
+template <class E, int NT, int TEST>
 DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const ScoreInputs<E>& in,
                           const Params& p, long long b, long long h, int row_w,
                           const KeyFacts* facts, const float (&lse)[2], const float (&delta)[2]) {
@@ -216,7 +215,7 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
             const int row = row_w + frag_row(e);
             const KeyFacts& key = facts[frag_col(nt, e)];
             float th;
-            const float score = masked_score<E, ALL_KEPT>(in, row, key, s[nt][e], th);
+            const float score = masked_score<E, TEST>(in, row, key, s[nt][e], th);
             const float pe = fast_exp2(score - lse[e >> 1]);
             const float ds = pe * (dp[nt][e] - delta[e >> 1]);
             if (p.need_dab && row < p.seqlen_q && key.id >= 0)
@@ -289,10 +288,10 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
         if (more) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur ^ 1], 0, 0, p);
         zero(s);
         warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
-        if (start + BLOCK_N <= n_full)
-            dq_scores<E, NT, true>(s, dp, in, p, b, h, row_w, facts[cur], lse, delta);
-        else
-            dq_scores<E, NT, false>(s, dp, in, p, b, h, row_w, facts[cur], lse, delta);
+        with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
+            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, b, h, row_w, facts[cur], lse,
+                                                    delta);
+        });
         warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
     }
     cp_async_wait<0>();
@@ -306,6 +305,27 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
             const int d = frag_col(dt, e);
             if (row < p.seqlen_q && d < p.head_dim)
                 dq_out[row * p.sq_s + d] = E::from_f32(dq[dt][e] * (float)p.scale);
+        }
+}
+
+// Probabilities (in st) and d scores (in dpt) of one warp's transposed 16-key x BLOCK_M-row
+// tile, from the scores st and dpt = V dO^T; d key_bias summed per key into dkb.
+template <class E, int MT, int TEST>
+DMA_DEVICE void dkdv_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb)[2],
+                            const ScoreInputs<E>& in, int row0, const KeyFacts (&mine)[2],
+                            const float* lse, const float* delta) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = frag_col(mt, e);
+            float th;
+            const float score = masked_score<E, TEST>(in, row0 + r, mine[e >> 1], st[mt][e], th);
+            const float pe = fast_exp2(score - lse[r]);
+            const float ds = pe * (dpt[mt][e] - delta[r]);
+            dkb[e >> 1] += ds;
+            st[mt][e] = pe;
+            dpt[mt][e] = in.softcap ? ds * (1.f - th * th) : ds;  // d score
         }
 }
 
@@ -449,20 +469,15 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 zero(dpt);
                 warp_mma<E, D_PAD, MT, true, true>(st, k_w, LD, q_s, LD);
                 warp_mma<E, D_PAD, MT, true, true>(dpt, v_w, LD, do_s, LD);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int r = frag_col(mt, e);
-                        float th;
-                        const float score = masked_score(in, (int)row0 + r, mine[e >> 1],
-                                                         st[mt][e], th);
-                        const float pe = fast_exp2(score - lse_s[cur][r]);
-                        const float ds = pe * (dpt[mt][e] - delta_s[cur][r]);
-                        dkb[e >> 1] += ds;
-                        st[mt][e] = pe;
-                        dpt[mt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
-                    }
+                // Whether every row of the tile keeps both keys of every lane of this warp.
+                const bool all_kept = __all_sync(
+                    0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
+                                     && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
+                                     && !in.attn_bias && !in.attn_mask);
+                with_keep_test(in, all_kept, [&](auto test) {
+                    dkdv_scores<E, MT, decltype(test)::value>(st, dpt, dkb, in, (int)row0, mine,
+                                                              lse_s[cur], delta_s[cur]);
+                });
                 warp_mma_scores<E, MT, DT, false>(dv, st, pt_w, LDT, do_s, LD);
                 warp_mma_scores<E, MT, DT, false>(dk, dpt, pt_w, LDT, q_s, LD);
                 if (more && ROW_BUFFERS == 1) {

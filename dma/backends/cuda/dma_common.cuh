@@ -21,6 +21,13 @@ DMA_DEVICE long long lmax(long long a, long long b) { return a > b ? a : b; }
 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
+// tanh(x) = 1 - 2 / (e^2x + 1) through the special-function unit (absolute error about
+// 1e-7; tanhf inlined at every score of an unrolled tile is long code), as triton's _tanh.
+DMA_DEVICE float fast_tanh(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(fast_exp2(2.f * LOG2E * x) + 1.f));
+    return 1.f - 2.f * r;
+}
 constexpr int SMEM_PAD = 8;  // elements added to each shared-memory row against bank conflicts
 
 // ---------------------------------------------------------------------------------------
@@ -266,6 +273,22 @@ DMA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(
 
 // With WAIT = false the copies are left in flight as one committed group: the caller waits
 // (cp_async_wait) before the barrier that publishes the tile.
+// The fallback for rows that are not whole aligned vectors: element by element, synchronous.
+// Kept out of line: it is rare, and inlined at every tile load it would crowd the hot loops
+// out of the instruction cache.
+template <class E, int ROWS, int D_PAD, int THREADS>
+__device__ __noinline__ void load_tile_elements(typename E::T* dst, const typename E::T* base,
+                                                long long row_stride, const int* ids,
+                                                long long first, long long limit, int head_dim) {
+    constexpr int LD = D_PAD + SMEM_PAD;
+    for (int i = threadIdx.x; i < ROWS * D_PAD; i += THREADS) {
+        const int r = i / D_PAD, d = i % D_PAD;
+        const long long row = ids ? ids[r] : first + r;
+        const bool ok = (ids ? row >= 0 : row < limit) && d < head_dim;
+        dst[r * LD + d] = ok ? base[row * row_stride + d] : E::from_f32(0.f);
+    }
+}
+
 template <class E, int ROWS, int D_PAD, int THREADS, bool WAIT = true>
 DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long long row_stride,
                           const int* ids, long long first, long long limit,
@@ -288,12 +311,8 @@ DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long lo
         cp_async_commit();
         if (WAIT) cp_async_wait<0>();
     } else {
-        for (int i = threadIdx.x; i < ROWS * D_PAD; i += THREADS) {
-            const int r = i / D_PAD, d = i % D_PAD;
-            const long long row = ids ? ids[r] : first + r;
-            const bool ok = (ids ? row >= 0 : row < limit) && d < p.head_dim;
-            dst[r * LD + d] = ok ? base[row * row_stride + d] : E::from_f32(0.f);
-        }
+        load_tile_elements<E, ROWS, D_PAD, THREADS>(dst, base, row_stride, ids, first, limit,
+                                                    (int)p.head_dim);
     }
 }
 
@@ -402,25 +421,42 @@ DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
     return f;
 }
 
+// What a tile's scores test (chosen per tile by with_keep_test): nothing, for a tile that
+// every row keeps (full_tile_slots); the keys' row intervals alone, when no attn_bias or
+// attn_mask is given (branch-free); or the intervals, attn_mask and attn_bias.
+enum KeepTest { KEEP_ALL, KEEP_INTERVAL, KEEP_MASKS };
+template <int TEST>
+struct KeepTestTag {
+    static constexpr int value = TEST;
+};
+
+template <class E, class F>
+DMA_DEVICE void with_keep_test(const ScoreInputs<E>& in, bool all_kept, F&& scores) {
+    if (all_kept) scores(KeepTestTag<KEEP_ALL>());
+    else if (in.attn_bias || in.attn_mask) scores(KeepTestTag<KEEP_MASKS>());
+    else scores(KeepTestTag<KEEP_INTERVAL>());
+}
+
 // The score of (row, key) in base 2, -inf where row does not keep key (SPEC section 2), plus
-// tanh(t / softcap) for the softcap gradient. ALL_KEPT: a tile that every row keeps
-// (full_tile_slots), so nothing is tested and no attn_bias or attn_mask is present.
-template <class E, bool ALL_KEPT = false>
+// tanh(t / softcap) for the softcap gradient.
+template <class E, int TEST>
 DMA_DEVICE float masked_score(const ScoreInputs<E>& in, int row, const KeyFacts& key, float qk,
                               float& th) {
     float t;
     if (in.softcap) {
-        th = tanhf(qk * in.scale_over_cap);
+        th = fast_tanh(qk * in.scale_over_cap);
         t = in.softcap_log2 * th;
     } else {
         th = 0.f;
         t = qk * in.scale_log2;
     }
     t += key.bias;
-    if (ALL_KEPT) return t;
+    if (TEST == KEEP_ALL) return t;
     bool keep = key.first <= row && row < key.end;  // row < end <= seqlen_q: a real row
-    if (in.attn_bias && keep)
-        t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]) * LOG2E;
-    if (in.attn_mask && keep) keep = in.attn_mask[row * in.sam_r + key.id * in.sam_c] != 0;
+    if (TEST == KEEP_MASKS) {
+        if (in.attn_bias && keep)
+            t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]) * LOG2E;
+        if (in.attn_mask && keep) keep = in.attn_mask[row * in.sam_r + key.id * in.sam_c] != 0;
+    }
     return keep ? t : neg_inf();
 }
