@@ -46,6 +46,10 @@ struct TileKeys {
     }
 };
 
+// How far (in base 2) a row's scores may rise above the forward's running max before it
+// moves: p stays below 2^8.
+constexpr float RESCALE_SLACK = 8.f;
+
 // Scores of one warp's WARP_M x BLOCK_N tile in place (base 2), and each row's maximum.
 template <class E, int MF, int NT, int TEST>
 DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
@@ -129,18 +133,40 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
             forward_scores<E, MF, NT, decltype(test)::value>(s, tile_max, in, row_w, facts[cur]);
         });
-        // Online softmax: rescale what the rows hold so far to the new running max.
+        // Online softmax with a lazy rescale: the running max m moves (and o, l are rescaled
+        // to it) only when some row of the warp gains more than RESCALE_SLACK on it; until
+        // then p = exp2(s - m) stays below 2^RESCALE_SLACK, harmless in float32 and in the
+        // 16-bit p of the product. o and l share m, so o / l and lse are exact either way.
+        bool grows = false;
 #pragma unroll
-        for (int mf = 0; mf < MF; ++mf) {
-            float m_safe[2], alpha[2];
+        for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float m_new = fmaxf(m[mf][r], quad_max(tile_max[mf][r]));
-                m_safe[r] = m_new == neg_inf() ? 0.f : m_new;
-                alpha[r] = fast_exp2(m[mf][r] - m_safe[r]);
-                m[mf][r] = m_new;
-                l[mf][r] *= alpha[r];
+                tile_max[mf][r] = quad_max(tile_max[mf][r]);
+                grows |= tile_max[mf][r] > m[mf][r] + RESCALE_SLACK;
             }
+        if (__any_sync(0xffffffffu, grows)) {
+#pragma unroll
+            for (int mf = 0; mf < MF; ++mf) {
+                float alpha[2];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float m_new = fmaxf(m[mf][r], tile_max[mf][r]);
+                    alpha[r] = m_new == neg_inf() ? 1.f : fast_exp2(m[mf][r] - m_new);
+                    m[mf][r] = m_new;
+                    l[mf][r] *= alpha[r];
+                }
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[mf][dt][e] *= alpha[e >> 1];
+            }
+        }
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+            // Rows that kept nothing so far have m = -inf and s = -inf: p = exp2(-inf) = 0.
+            const float m_safe[2] = {m[mf][0] == neg_inf() ? 0.f : m[mf][0],
+                                     m[mf][1] == neg_inf() ? 0.f : m[mf][1]};
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -148,10 +174,6 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
                     s[mf][nt][e] = fast_exp2(s[mf][nt][e] - m_safe[e >> 1]);  // p
                     l[mf][e >> 1] += s[mf][nt][e];
                 }
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[mf][dt][e] *= alpha[e >> 1];
         }
         if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
         cp_async_wait<0>();
