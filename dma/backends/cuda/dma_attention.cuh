@@ -1,9 +1,10 @@
 // CUDA kernels of the cupy backend: the twins of triton_kernels.py, walking the same tiles.
 //
 // * forward and dq: one program per (query block of BLOCK_M rows, batch x head); warp w owns
-//   rows 16w..16w+15 and walks key tiles of BLOCK_N keys: the block's candidate keys from the
-//   selection plan, gathered from K and V (DMA case, p.interval), or consecutive keys with
-//   masks and biases applied per element (broadcast dims read at stride 0).
+//   WARP_M rows from WARP_M * w (16 in dq, 16 or 32 in the forward) and walks key tiles of
+//   BLOCK_N keys: the block's candidate keys from the selection plan, gathered from K and V
+//   (DMA case, p.interval), or consecutive keys with masks and biases applied per element
+//   (broadcast dims read at stride 0). Each tile picks its keep test (with_keep_test).
 // * dk/dv: one program per tile of keys, warp w owning keys 16w..16w+15, walking the query
 //   rows that may keep them. Two modes, as in the triton backend: consecutive keys with one
 //   writer per output element (deterministic; dense case), or the candidate keys of a coarse
@@ -15,7 +16,8 @@
 #include "dma_common.cuh"
 
 // Programs per multiprocessor that the registers must allow (occupancy against spills; tuned
-// on an H100 for bf16, head dim 128). Override with -D in DMA_CUPY_OPTIONS to experiment.
+// for bf16, head dim 128; forwards with 32-row warps need two, for 255 registers). Override
+// with -D in DMA_CUPY_OPTIONS to experiment.
 #ifndef DMA_FORWARD_MIN_BLOCKS
 #define DMA_FORWARD_MIN_BLOCKS 3
 #endif
