@@ -102,6 +102,22 @@ def test_tiles_fit_every_supported_card():
             assert cupy_backend.BLOCK_M % tile == 0  # a tile never straddles two plan blocks
 
 
+def test_warps_cover_their_tiles():
+    # The launcher's thread counts match the kernels' warp layouts: forward and dq warps own
+    # warp_rows query rows each, and at least one thread per key stages a tile's ids; dk/dv
+    # warps own 16 keys and at least one thread per row stages lse and delta.
+    for kernel, dtype, d_pad in cupy_kernels.all_instantiations():
+        block_m, block_n = cupy_kernels.tiles(kernel, dtype, d_pad)
+        threads = cupy_kernels.threads(kernel, dtype, d_pad)
+        if kernel == "dma_backward_dkdv":
+            assert threads == 2 * block_n and threads >= block_m
+        else:
+            rows = cupy_kernels.warp_rows(kernel, dtype, d_pad)
+            assert threads // 32 * rows == block_m and threads >= block_n
+            name = cupy_kernels.instantiation(kernel, dtype, d_pad)
+            assert name.count(",") == (4 if kernel == "dma_forward" else 3)
+
+
 def test_vector_loads_need_aligned_whole_rows():
     problem, inputs = _problem()
     assert cupy_backend._vector_loads(problem, (inputs.q, inputs.k))

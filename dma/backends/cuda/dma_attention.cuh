@@ -64,8 +64,7 @@ DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
             for (int e = 0; e < 4; ++e) {
                 float th;
                 s[mf][nt][e] = masked_score<E, TEST>(in, row_w + 16 * mf + frag_row(e),
-                                                         facts[frag_col(nt, e)], s[mf][nt][e],
-                                                         th);
+                                                     facts[frag_col(nt, e)], s[mf][nt][e], th);
                 tile_max[mf][e >> 1] = fmaxf(tile_max[mf][e >> 1], s[mf][nt][e]);
             }
 }
@@ -117,7 +116,8 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, nullptr, row0,
         p.seqlen_q, p);
     __syncthreads();  // tile 0's ids
-    if (n_slots > 0) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[0], 0, 0, p);
+    if (n_slots > 0)
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[0], 0, 0, p);
     for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
         const int cur = tile & 1;
         cp_async_wait<0>();
@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
         cp_async_wait<0>();
         __syncthreads();  // V(i) landed; every warp is done with K(i); tile i + 1's ids
-        if (more) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur ^ 1], 0, 0, p);
+        if (more)
+            load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur ^ 1], 0, 0, p);
         warp_mma_scores<E, NT, DT, false, MF>(o, s, p_w, LDP, v_s, LD);
     }
     cp_async_wait<0>();  // nothing left in flight when no tile ran
@@ -294,7 +295,8 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
     load_tile<E, BLOCK_M, D_PAD, THREADS, false>(do_s, static_cast<const T*>(p.dout) + q_off,
                                                  p.sq_s, nullptr, row0, p.seqlen_q, p);
     __syncthreads();  // tile 0's ids
-    if (n_slots > 0) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[0], 0, 0, p);
+    if (n_slots > 0)
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[0], 0, 0, p);
     for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
         const int cur = tile & 1;
         cp_async_wait<0>();
@@ -309,7 +311,8 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
         if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
         cp_async_wait<0>();
         __syncthreads();  // K(i) landed; every warp is done with V(i); tile i + 1's ids
-        if (more) load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur ^ 1], 0, 0, p);
+        if (more)
+            load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur ^ 1], 0, 0, p);
         zero(s);
         warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
         with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
