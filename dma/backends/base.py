@@ -23,6 +23,10 @@ def missing_packages(*names: str) -> list[str]:
             for n in names if not installed(n)]
 
 
+# Elements of o (and do) per chunk of Backend.row_delta: 64 MiB per float32 temporary.
+ROW_DELTA_CHUNK_ELEMENTS = 1 << 24
+
+
 def new_output(shape, dtype, device) -> torch.Tensor:
     """Allocate a tensor that a kernel will fill. With DMA_DEBUG_POISON=1 (set by the test
     suite) it starts as NaN, so any element a kernel forgets to write fails the checks."""
@@ -114,9 +118,19 @@ class Backend:
 
     def row_delta(self, problem: Problem, o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
         """rowsum(do * o) as (B, H, Sq), float32 (float64 for float64 inputs): the first
-        step of every backward. Backends may fuse it into one kernel."""
+        step of every backward. Backends may fuse it into one kernel.
+
+        Runs over chunks of rows: the whole of o and do in float32 (and their product) would
+        be the backward's largest temporaries, hundreds of MiB at 16k tokens and 32 heads."""
         acc = torch.float64 if problem.dtype == torch.float64 else torch.float32
-        return (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)
+        batch, seqlen, heads, dim = o.shape
+        delta = new_output((batch, heads, seqlen), acc, o.device)
+        rows = max(1, ROW_DELTA_CHUNK_ELEMENTS // max(1, batch * heads * dim))
+        for start in range(0, seqlen, rows):
+            chunk = slice(start, start + rows)
+            product = do[:, chunk].to(acc) * o[:, chunk].to(acc)
+            delta[:, :, chunk] = product.sum(-1).transpose(1, 2)
+        return delta
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         """Return (dq, dk, dv, d_key_bias, d_attn_bias), each None where not needed.
