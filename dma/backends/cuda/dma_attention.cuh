@@ -397,8 +397,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
         row_base = block * p.coarse_rows;
         row_end = lmin(row_base + p.coarse_rows, p.seqlen_q);
         cand = candidate_list(p, b, h0, block);
-        n_slots = static_cast<const int*>(p.candidate_count)[
-            b * p.scnt_b + (h0 / p.plan_hdiv) * p.scnt_h + block];
+        n_slots = block_count(p, p.candidate_count, b, h0, block);
         first_tile = (long long)blockIdx.z * BLOCK_N;
         tile_step = p.key_split * BLOCK_N;
     } else {  // one tile of consecutive keys, every query head of its kv head

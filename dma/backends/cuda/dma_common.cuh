@@ -323,13 +323,23 @@ DMA_DEVICE int key_tile_id(const int* candidates, long long start, int i, long l
     return slot >= limit ? -1 : (candidates ? candidates[slot] : (int)slot);
 }
 
+DMA_DEVICE const int* candidate_list(const Params& p, long long b, long long h,
+                                     long long block) {
+    return static_cast<const int*>(p.candidates) + b * p.scand_b + (h / p.plan_hdiv) * p.scand_h
+           + block * p.scand_blk;
+}
+
+// Entry `block` of one of the plan's per-block counts (candidate_count, full_count: the same
+// strides).
+DMA_DEVICE long long block_count(const Params& p, const void* counts, long long b, long long h,
+                                 long long block) {
+    return static_cast<const int*>(counts)[b * p.scnt_b + (h / p.plan_hdiv) * p.scnt_h + block];
+}
+
 // How many key slots a query block walks: its candidate count, or its causal limit.
 DMA_DEVICE long long tile_count(const Params& p, long long b, long long h, long long row0,
                                 int block_m) {
-    if (p.interval) {
-        const int* count = static_cast<const int*>(p.candidate_count);
-        return count[b * p.scnt_b + (h / p.plan_hdiv) * p.scnt_h + row0 / p.plan_block];
-    }
+    if (p.interval) return block_count(p, p.candidate_count, b, h, row0 / p.plan_block);
     long long n = p.seqlen_k;
     if (p.causal) {
         const long long last_row = lmin(row0 + block_m, p.seqlen_q) - 1;
@@ -344,18 +354,9 @@ DMA_DEVICE long long tile_count(const Params& p, long long b, long long h, long 
 // when nothing else masks them. Rows past seqlen_q see such tiles as kept too; their outputs
 // are never written and the backward's p is 0 there (row_stats).
 DMA_DEVICE long long full_tile_slots(const Params& p, long long b, long long h, long long row0) {
-    if (p.interval) {
-        const int* count = static_cast<const int*>(p.full_count);
-        return count[b * p.scnt_b + (h / p.plan_hdiv) * p.scnt_h + row0 / p.plan_block];
-    }
+    if (p.interval) return block_count(p, p.full_count, b, h, row0 / p.plan_block);
     if (p.has_pad || p.has_am || p.has_ab) return 0;
     return p.causal ? lmax(lmin(p.seqlen_k, row0 + p.causal_offset + 1), 0) : p.seqlen_k;
-}
-
-DMA_DEVICE const int* candidate_list(const Params& p, long long b, long long h,
-                                     long long block) {
-    return static_cast<const int*>(p.candidates) + b * p.scand_b + (h / p.plan_hdiv) * p.scand_h
-           + block * p.scand_blk;
 }
 
 // The inputs of one (batch, head)'s scores, with base pointers resolved once per program so
