@@ -1,6 +1,7 @@
 """Per-kernel GPU time of one dma forward+backward (torch.profiler), to see where time goes.
 
     python benchmarks/profile_kernels.py --seqlen 16384 --window 2048
+    python benchmarks/profile_kernels.py --seqlen 131072 --seqlen-q 1 --forward-only
 """
 
 import argparse
@@ -20,18 +21,21 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--backend", default=None)
+    parser.add_argument("--seqlen-q", type=int, default=None, help="query rows (default: seqlen)")
+    parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
     shape = Shape(1, args.seqlen, args.heads, args.kv_heads, args.head_dim, args.window,
-                  torch.bfloat16)
+                  torch.bfloat16, seqlen_q=args.seqlen_q)
     q, k, v, kb = make_inputs(shape, "cuda")
     for t in (q, k, v, kb):
-        t.requires_grad_(True)
+        t.requires_grad_(not args.forward_only)
 
     def step():
         o = dma.attention(q, k, v, key_bias=kb, window=args.window, causal=True,
                           backend=args.backend)
-        o.backward(torch.ones_like(o))
+        if not args.forward_only:
+            o.backward(torch.ones_like(o))
 
     step()
     torch.cuda.synchronize()

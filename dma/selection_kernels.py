@@ -4,9 +4,10 @@ selection.py, which stays the reference and the CPU path).
 The whole plan takes five launches (the torch path in selection.py takes about forty small
 ops, whose launch overhead dominated the plan's time on GPUs):
 
-* `_sort_keys_kernel`: per chunk of keys of a plan head, the int64 sort key of every key (the
-  score's order-preserving bits above the key index; disallowed keys get the smallest value)
-  and the number of allowed keys; then one torch.sort gives `order` (keys best first);
+* `_sort_keys_kernel`: per chunk of keys of a plan head, the int32 sort key of every key (the
+  score's order-preserving bits; disallowed keys get the smallest value), stored in reverse
+  key order, and the number of allowed keys; then one stable torch.sort (descending) gives
+  `order` (keys best first, later keys first among ties);
 * `_ranks_kernel`: `order` as int32 and its inverse `rank`;
 * `_row_threshold_kernel` and `_candidates_kernel` below, one program per (query block,
   plan head), between which `_key_intervals_kernel` turns the thresholds into each key's row
@@ -15,11 +16,18 @@ ops, whose launch overhead dominated the plan's time on GPUs):
 * `_row_threshold_kernel` finds tau for the block's rows. The block's first row keeps the w
   best of its prefix; each later row adds one new key, so the rows' thresholds lie between
   the (w - BLOCK_M)-th and the w-th best of the first row's prefix. A 1-D scan of `order`
-  finds those two ranks, then a (rows x ranks) scan of that short window finds each row's
-  threshold. Work per block is about BLOCK_M x (window length), not rows x keys.
+  finds those two ranks and the BLOCK_M ranks of the first row's keys between them; with
+  the ranks of the block's new keys they are the only places where a row's count of better
+  keys grows, so a sort of those 2 x BLOCK_M events and a (rows x events) scan give each
+  row's threshold. Work per block: the 1-D scan (about w x Sk / prefix length entries) and
+  BLOCK_M x 2 BLOCK_M, not rows x keys (nor rows x the rank window, which grows as
+  Sk / prefix length for the early blocks of long sequences).
 * `_candidates_kernel` lists, in ascending order, the keys kept by any row of the block:
-  those with first_row < block end and end_row > block start (with FULL_FIRST, a first scan
-  counts the keys kept by every row of the block, which are then listed first).
+  those with first_row < block end and end_row > block start (with FULL_FIRST, the keys kept
+  by every row of the block first). One program serves several consecutive blocks: it scans
+  every key for the first of them only, and derives each later block's list from the one
+  before (the keys still kept, plus the keys the causal limit adds), which takes the work
+  from blocks x keys to about blocks x (window + BLOCK_M) for long sequences.
 
 Decoding (one query row) needs neither thresholds nor a sort: a radix select of the
 window-th best score (`_decode_histogram_kernel`, three launches), then
@@ -30,12 +38,17 @@ candidate list (at the end of this file).
 import triton
 import triton.language as tl
 
+EVENT_TAG_BITS = tl.constexpr(16)  # an event packs (rank << 16) | tag; tag BLOCK_M: an old key
+EVENT_TAG_MASK = tl.constexpr(0xFFFF)
+NO_EVENT = tl.constexpr(9223372036854775807)  # sorts after every event
+
 
 @triton.jit
 def _row_threshold_kernel(
-    ORDER, RANK, N_ALLOWED, TAU,
-    sorder_n, stau_n, seqlen_q, seqlen_k, causal_offset, window,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, WCHUNK: tl.constexpr,
+    ORDER, RANK, N_ALLOWED, TAU, EVENTS,
+    sorder_n, stau_n, sevents_n, seqlen_q, seqlen_k, causal_offset, window,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, SCAN_CHUNK: tl.constexpr,
+    ECHUNK: tl.constexpr,
 ):
     block = tl.program_id(0)
     n = tl.program_id(1)
@@ -49,13 +62,34 @@ def _row_threshold_kernel(
         limits = tl.zeros([BLOCK_M], tl.int32) + seqlen_k
     n_allowed = tl.load(N_ALLOWED + n)
     order = ORDER + n * sorder_n
+    events = EVENTS + n * sevents_n + block * (2 * BLOCK_M)
     target_lo = tl.maximum(window - BLOCK_M, 0)
 
-    # 1-D scan: ranks where the first row's prefix count reaches target_lo and window.
-    r_lo = tl.where(target_lo == 0, -1, big)
-    t0 = big
+    # A coarse count finds where to start the detailed scan below: the start of the
+    # SCAN_CHUNK of `order` in which the first row's count of old keys (< first_limit)
+    # reaches target_lo. Blocks whose last row sees at most `window` keys keep all of them.
+    keeps_all = tl.max(limits, 0) <= window
+    x_lo = 0
+    count_lo = 0
     count = 0
-    x0 = 0
+    x0 = tl.where(keeps_all, n_allowed, 0)
+    while (count < window) & (x0 < n_allowed):
+        offs = x0 + tl.arange(0, SCAN_CHUNK)
+        idx = tl.load(order + offs, mask=offs < n_allowed, other=seqlen_k)
+        here = tl.sum(((offs < n_allowed) & (idx < first_limit)).to(tl.int32), 0)
+        before_crossing = count + here < target_lo
+        x_lo = tl.where(before_crossing, x0 + SCAN_CHUNK, x_lo)
+        count_lo = tl.where(before_crossing, count + here, count_lo)
+        count += here
+        x0 += SCAN_CHUNK
+
+    # Detailed scan from there: the ranks r_lo and t0 where the count reaches target_lo and
+    # window, and, as events in EVENTS, the ranks of the old keys counted target_lo + 1 ..
+    # window (ascending).
+    r_lo = tl.where((target_lo == 0) & ~keeps_all, -1, big)
+    t0 = big
+    count = count_lo
+    x0 = tl.where(keeps_all, n_allowed, x_lo)
     while (t0 == big) & (x0 < n_allowed):
         offs = x0 + tl.arange(0, CHUNK)
         idx = tl.load(order + offs, mask=offs < n_allowed, other=seqlen_k)
@@ -63,89 +97,154 @@ def _row_threshold_kernel(
         running = tl.cumsum(active.to(tl.int32), 0) + count
         r_lo = tl.minimum(r_lo, tl.min(tl.where(active & (running == target_lo), offs, big), 0))
         t0 = tl.minimum(t0, tl.min(tl.where(active & (running == window), offs, big), 0))
+        in_window = active & (running > target_lo) & (running <= window)
+        tl.store(events + running - target_lo - 1,
+                 (offs.to(tl.int64) << EVENT_TAG_BITS) | BLOCK_M, mask=in_window)
         count += tl.sum(active.to(tl.int32), 0)
         x0 += CHUNK
 
     tau = tl.zeros([BLOCK_M], tl.int32) + big
     if r_lo < big:
-        # Per-row count up to r_lo: target_lo old keys plus the row's new keys ranked <= r_lo.
-        new_keys = first_limit + tl.arange(0, BLOCK_M)
-        new_ok = new_keys < seqlen_k
-        new_rank = tl.load(RANK + n * sorder_n + new_keys, mask=new_ok, other=big)
-        early = new_ok & (new_rank <= r_lo) & (new_rank < n_allowed)
-        seen = (new_keys[None, :] < limits[:, None]) & early[None, :]
-        counts = tl.sum(seen.to(tl.int32), 1) + target_lo
-        # 2-D scan of the window (r_lo, end]: rows x ranks.
-        end = tl.where(t0 < big, t0, n_allowed - 1)
-        x = r_lo + 1
-        while x <= end:
-            offs = x + tl.arange(0, WCHUNK)
-            ok = offs <= end
-            idx = tl.load(order + offs, mask=ok, other=seqlen_k)
-            active = ok[None, :] & (idx[None, :] < limits[:, None])
-            running = tl.cumsum(active.to(tl.int32), 1) + counts[:, None]
-            hit = tl.min(tl.where(active & (running == window), offs[None, :], big), 1)
+        # Up to r_lo every row counts target_lo old keys. After it a row's count grows at the
+        # old events (every row) and at its own new keys: at most 2 x BLOCK_M events, merged
+        # in rank order by one sort. New keys ranked before r_lo join the events too (a row
+        # counts them before any old event, where no count can reach w yet), so that no
+        # rows x new keys tile is needed for them.
+        last = tl.where(t0 < big, t0, n_allowed - 1)
+        n_old = tl.minimum(count, window) - target_lo
+        slot = tl.arange(0, 2 * BLOCK_M)
+        tl.debug_barrier()  # the scan's events are stored
+        old = tl.load(events + slot, mask=slot < n_old, other=NO_EVENT)
+        key = first_limit + slot - BLOCK_M  # slots from BLOCK_M on: the new keys
+        is_new = (slot >= BLOCK_M) & (key < seqlen_k)
+        rank = tl.load(RANK + n * sorder_n + key, mask=is_new, other=big)
+        new_event = is_new & (rank <= last)
+        merged = tl.where(new_event, (rank.to(tl.int64) << EVENT_TAG_BITS) | (slot - BLOCK_M), old)
+        merged = tl.sort(merged)
+        tl.debug_barrier()  # every old event is loaded before the merged ones overwrite them
+        tl.store(events + slot, merged)
+        tl.debug_barrier()
+        # 2-D scan of the events: rows x events, a row's threshold where its count reaches w.
+        counts = tl.zeros([BLOCK_M], tl.int32) + target_lo
+        for x in range(0, 2 * BLOCK_M, ECHUNK):
+            event = tl.load(events + x + tl.arange(0, ECHUNK))
+            ev_rank = (event >> EVENT_TAG_BITS).to(tl.int32)
+            tag = (event & EVENT_TAG_MASK).to(tl.int32)
+            applies = (event != NO_EVENT)[None, :] & (
+                (tag[None, :] == BLOCK_M) | (first_limit + tag[None, :] < limits[:, None]))
+            running = tl.cumsum(applies.to(tl.int32), 1) + counts[:, None]
+            hit = tl.min(tl.where(applies & (running == window), ev_rank[None, :], big), 1)
             tau = tl.minimum(tau, hit)
-            counts += tl.sum(active.to(tl.int32), 1)
-            x += WCHUNK
+            counts += tl.sum(applies.to(tl.int32), 1)
     tl.store(TAU + n * stau_n + rows, tau, mask=rows < seqlen_q)
 
 
+FULL_FLAG = tl.constexpr(-2147483648)  # bit 31 of a listed key: every row of the block keeps it
+KEY_BITS = tl.constexpr(0x7FFFFFFF)
+
+
 @triton.jit
-def _candidate_bounds(FIRST, END, sfirst_n, n, x0, key_hi, row_lo, row_hi, CHUNK: tl.constexpr):
-    """Keys x0.. of a block's scan: (ids, listed: kept by a row of the block, full: kept by
-    all of them)."""
-    keys = x0 + tl.arange(0, CHUNK)
-    ok = keys < key_hi
-    first = tl.load(FIRST + n * sfirst_n + keys, mask=ok, other=0)
-    end = tl.load(END + n * sfirst_n + keys, mask=ok, other=0)
+def _listed_and_full(END, send_n, n, keys, ok, row_lo, row_hi, causal_offset,
+                     CAUSAL: tl.constexpr):
+    """For some keys of plan head n: (listed: kept by a row of the block [row_lo, row_hi),
+    full: kept by all of them). A key's first row is its causal start (0 without causal),
+    as `_key_intervals_kernel` writes it, so only its end row is read."""
+    end = tl.load(END + n * send_n + keys, mask=ok, other=0)
+    first = tl.zeros(keys.shape, tl.int32)
+    if CAUSAL:
+        first = tl.maximum(keys - causal_offset, 0)
     listed = ok & (end > first) & (first < row_hi) & (end > row_lo)
     full = listed & (first <= row_lo) & (end >= row_hi)
-    return keys, listed, full
+    return listed, full
+
+
+@triton.jit
+def _append_listed(keys, ok, listed_keys, n_listed, n_full, END, send_n, n, row_lo, row_hi,
+                   causal_offset, CAUSAL: tl.constexpr):
+    """Append the listed ones of some ascending keys to `listed_keys` (with FULL_FLAG set on
+    the fully kept ones, which saves the write pass a second look at their end rows); the
+    updated counts of listed and fully kept keys."""
+    listed, full = _listed_and_full(END, send_n, n, keys, ok, row_lo, row_hi, causal_offset,
+                                    CAUSAL)
+    slot = tl.cumsum(listed.to(tl.int32), 0) - 1 + n_listed
+    tl.store(listed_keys + slot, tl.where(full, keys | FULL_FLAG, keys), mask=listed)
+    return (n_listed + tl.sum(listed.to(tl.int32), 0),
+            n_full + tl.sum(full.to(tl.int32), 0))
 
 
 @triton.jit
 def _candidates_kernel(
-    FIRST, END, CAND, COUNT, FULL,
-    sfirst_n, scand_n, scand_blk, scount_n, seqlen_q, seqlen_k, causal_offset, width,
+    END, CAND, COUNT, FULL, ASCENDING,
+    send_n, scand_n, scand_blk, scount_n, sasc_n, sasc_program, n_blocks, blocks_per_program,
+    seqlen_q, seqlen_k, causal_offset, width,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FULL_FIRST: tl.constexpr,
 ):
-    block = tl.program_id(0)
+    """The candidate lists of `blocks_per_program` consecutive blocks of one plan head.
+
+    The first block's listed keys come from a scan of every key up to its causal limit. A
+    later block's listed keys are among the previous block's and the keys that the causal
+    limit adds (a key that no row of a block keeps is kept by no later row either), so each
+    later block filters at most width + BLOCK_M keys. ASCENDING holds, per program, two
+    buffers of `width` slots that pass the ascending list from block to block."""
+    program = tl.program_id(0)
     n = tl.program_id(1)
-    row_lo = block * BLOCK_M
-    row_hi = tl.minimum(row_lo + BLOCK_M, seqlen_q)
-    key_hi = seqlen_k
-    if CAUSAL:
-        key_hi = tl.minimum(tl.maximum(row_hi + causal_offset, 0), seqlen_k)
-    out = CAND + n * scand_n + block * scand_blk
-    n_full = 0  # with FULL_FIRST, a first scan counts the keys that go first
-    if FULL_FIRST:
-        for x0 in range(0, key_hi, CHUNK):
-            _, _, full = _candidate_bounds(FIRST, END, sfirst_n, n, x0, key_hi, row_lo, row_hi,
-                                           CHUNK)
-            n_full += tl.sum(full.to(tl.int32), 0)
-    full_slot = 0
-    other_slot = n_full
-    for x0 in range(0, key_hi, CHUNK):
-        keys, listed, full = _candidate_bounds(FIRST, END, sfirst_n, n, x0, key_hi, row_lo,
-                                               row_hi, CHUNK)
-        if FULL_FIRST:
-            other = listed & (full == 0)
-            slot = tl.where(full, tl.cumsum(full.to(tl.int32), 0) - 1 + full_slot,
-                            tl.cumsum(other.to(tl.int32), 0) - 1 + other_slot)
-            full_slot += tl.sum(full.to(tl.int32), 0)
-            other_slot += tl.sum(other.to(tl.int32), 0)
-        else:
-            slot = tl.cumsum(listed.to(tl.int32), 0) - 1 + other_slot
-            other_slot += tl.sum(listed.to(tl.int32), 0)
-        tl.store(out + slot, keys, mask=listed)
-    count = other_slot
-    tl.store(COUNT + n * scount_n + block, count)
-    tl.store(FULL + n * scount_n + block, n_full)
-    for x0 in range(0, width, CHUNK):  # slots past the count read -1
-        slots = x0 + tl.arange(0, CHUNK)
-        pad = (slots >= count) & (slots < width)
-        tl.store(out + slots, tl.full([CHUNK], -1, tl.int32), mask=pad)
+    buffers = ASCENDING + n * sasc_n + program * sasc_program
+    first_block = program * blocks_per_program
+    n_listed = 0  # the previous block's listed keys (in the other buffer)
+    key_lo = 0  # keys from key_lo on are new to this program
+    for i in range(0, tl.minimum(blocks_per_program, n_blocks - first_block)):
+        block = first_block + i
+        row_lo = block * BLOCK_M
+        row_hi = tl.minimum(row_lo + BLOCK_M, seqlen_q)
+        key_hi = seqlen_k
+        if CAUSAL:
+            key_hi = tl.minimum(tl.maximum(row_hi + causal_offset, 0), seqlen_k)
+        previous = buffers + ((i + 1) % 2) * width
+        listed_keys = buffers + (i % 2) * width
+        # The block's listed keys, ascending: the previous block's that it keeps, then the
+        # new ones (consecutive, so their end rows load as whole vectors); and how many of
+        # them every row keeps.
+        n_listed_here = 0
+        n_full = 0
+        for x0 in range(0, n_listed, CHUNK):
+            x = x0 + tl.arange(0, CHUNK)
+            ok = x < n_listed
+            keys = tl.load(previous + x, mask=ok, other=0) & KEY_BITS
+            n_listed_here, n_full = _append_listed(
+                keys, ok, listed_keys, n_listed_here, n_full, END, send_n, n, row_lo, row_hi,
+                causal_offset, CAUSAL)
+        for x0 in range(key_lo // CHUNK * CHUNK, key_hi, CHUNK):  # aligned: whole vectors
+            keys = x0 + tl.arange(0, CHUNK)
+            n_listed_here, n_full = _append_listed(
+                keys, (keys >= key_lo) & (keys < key_hi), listed_keys, n_listed_here, n_full,
+                END, send_n, n, row_lo, row_hi, causal_offset, CAUSAL)
+        tl.debug_barrier()  # the list is stored; the previous one is read
+        # The candidate list: with FULL_FIRST, the keys that every row keeps go first.
+        out = CAND + n * scand_n + block * scand_blk
+        full_slot = 0
+        other_slot = n_full
+        for x0 in range(0, n_listed_here, CHUNK):
+            x = x0 + tl.arange(0, CHUNK)
+            ok = x < n_listed_here
+            entry = tl.load(listed_keys + x, mask=ok, other=0)
+            keys = entry & KEY_BITS
+            slot = x
+            if FULL_FIRST:
+                full = ok & ((entry & FULL_FLAG) != 0)
+                other = ok & (full == 0)
+                slot = tl.where(full, tl.cumsum(full.to(tl.int32), 0) - 1 + full_slot,
+                                tl.cumsum(other.to(tl.int32), 0) - 1 + other_slot)
+                full_slot += tl.sum(full.to(tl.int32), 0)
+                other_slot += tl.sum(other.to(tl.int32), 0)
+            tl.store(out + slot, keys, mask=ok)
+        tl.store(COUNT + n * scount_n + block, n_listed_here)
+        tl.store(FULL + n * scount_n + block, tl.where(FULL_FIRST, n_full, 0))
+        for x0 in range(0, width, CHUNK):  # slots past the count read -1
+            slots = x0 + tl.arange(0, CHUNK)
+            pad = (slots >= n_listed_here) & (slots < width)
+            tl.store(out + slots, tl.full([CHUNK], -1, tl.int32), mask=pad)
+        n_listed = n_listed_here
+        key_lo = tl.maximum(key_lo, key_hi)
 
 
 @triton.jit
@@ -164,26 +263,31 @@ def _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.cons
 
 
 @triton.jit
-def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, PACKED, N_ALLOWED,
-                      sscore_n, seqlen_k, CHUNK: tl.constexpr):
-    """One chunk of keys of one plan head; N_ALLOWED (zeroed) gathers the allowed count."""
+def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, SORT_KEYS,
+                      N_ALLOWED, sscore_n, seqlen_k, CHUNK: tl.constexpr):
+    """One chunk of keys of one plan head: the int32 sort key of key j (its score's
+    order-preserving bits; the smallest int32, which no score takes, if disallowed) at
+    position Sk - 1 - j, so that a stable descending sort puts later keys first among ties.
+    N_ALLOWED (zeroed) gathers the allowed count."""
     keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     n = tl.program_id(1)
     sortable, allowed = _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
                                          keys, seqlen_k)
-    packed = (sortable.to(tl.int64) << 32) | keys.to(tl.int64)
-    packed = tl.where(allowed, packed, -9223372036854775808)
-    tl.store(PACKED + n * seqlen_k + keys, packed, mask=keys < seqlen_k)
+    sort_key = tl.where(allowed, sortable, -2147483648)
+    tl.store(SORT_KEYS + n * seqlen_k + seqlen_k - 1 - keys, sort_key, mask=keys < seqlen_k)
     tl.atomic_add(N_ALLOWED + n, tl.sum(allowed.to(tl.int32), 0))
 
 
 @triton.jit
-def _ranks_kernel(ORDER, ORDER32, RANK, seqlen_k, CHUNK: tl.constexpr):
+def _ranks_kernel(SORTED_POSITIONS, ORDER, RANK, seqlen_k, CHUNK: tl.constexpr):
+    """`order` (keys best first) from the sort's positions (Sk - 1 - key, see
+    `_sort_keys_kernel`), and its inverse `rank`."""
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     n = tl.program_id(1)
     ok = offs < seqlen_k
-    key = tl.load(ORDER + n * seqlen_k + offs, mask=ok, other=0).to(tl.int32)
-    tl.store(ORDER32 + n * seqlen_k + offs, key, mask=ok)
+    position = tl.load(SORTED_POSITIONS + n * seqlen_k + offs, mask=ok, other=0).to(tl.int32)
+    key = seqlen_k - 1 - position
+    tl.store(ORDER + n * seqlen_k + offs, key, mask=ok)
     tl.store(RANK + n * seqlen_k + key, offs, mask=ok)
 
 

@@ -140,3 +140,46 @@ def test_single_row_plan_over_many_key_chunks(window, scores):
     plans = [build_interval_plan(problem, inputs, 64, engine=e) for e in ("torch", "triton")]
     for name in ("key_first_row", "key_end_row", "candidates", "candidate_count", "full_count"):
         assert torch.equal(getattr(plans[0], name).cpu(), getattr(plans[1], name).cpu()), name
+
+
+@pytest.mark.parametrize("case", [
+    dict(sq=2500, sk=2500, window=300, block_m=64, causal=True, per_program=3),
+    dict(sq=2500, sk=2500, window=300, block_m=128, causal=True, per_program=16, pad=True),
+    dict(sq=700, sk=2500, window=900, block_m=64, causal=True, per_program=4, ties=True),
+    dict(sq=1300, sk=2100, window=100, block_m=16, causal=True, per_program=7, pad=True),
+    dict(sq=600, sk=2500, window=400, block_m=64, causal=False, per_program=5, pad=True),
+    dict(sq=1100, sk=1100, window=1000, block_m=128, causal=True, per_program=2, ties=True),
+    dict(sq=9000, sk=9000, window=500, block_m=128, causal=True, per_program=8),
+])
+def test_multi_row_plan_over_many_key_chunks(case, monkeypatch):
+    """The plan kernels at sizes the brute-force test cannot reach: thresholds whose rank
+    windows and candidate scans span several 1024-key chunks (at 9000 keys the early blocks'
+    coarse count passes whole 4096-entry chunks first), and candidate programs that serve
+    several consecutive blocks (each derived from the one before). The triton engine
+    must give the torch engine's plan, full-first order included."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
+    import dma.selection as selection
+
+    monkeypatch.setattr(selection, "candidate_blocks_per_program",
+                        lambda *args: case["per_program"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sq, sk = case["sq"], case["sk"]
+    g = torch.Generator().manual_seed(sq + sk + case["window"])
+    if case.get("ties"):
+        kb = torch.randint(0, 30, (1, 1, sk), generator=g).float()
+    else:
+        kb = torch.randn(1, 1, sk, generator=g)
+    pad = None
+    if case.get("pad"):
+        pad = (torch.rand(1, sk, generator=g) > 0.15).to(device)
+    q = torch.randn(1, sq, 2, 8, device=device)
+    k = torch.randn(1, sk, 1, 8, device=device)
+    problem, inputs = validate(q, k, k, key_bias=kb.to(device), window=case["window"],
+                               causal=case["causal"], key_padding_mask=pad)
+    plans = [build_interval_plan(problem, inputs, case["block_m"], engine=e, full_first=True)
+             for e in ("torch", "triton")]
+    assert int(plans[0].candidate_count.max()) > 0
+    for name in ("key_first_row", "key_end_row", "candidates", "candidate_count", "full_count"):
+        assert torch.equal(getattr(plans[0], name).cpu(), getattr(plans[1], name).cpu()), name
