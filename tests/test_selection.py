@@ -117,7 +117,7 @@ def test_window_selection_is_causal():
 
 @pytest.mark.parametrize("window,scores", [(700, "ties"), (2600, "ties"), (1500, "normal"),
                                            (1500, "half")])
-def test_single_row_plan_over_many_key_chunks(window, scores):
+def test_single_row_triton_plan_over_many_key_chunks(window, scores):
     """The decoding plan's radix select and compaction span several 1024-key chunks: the
     triton engine must give the torch engine's plan (checked above against brute force),
     padding and ties (which straddle chunks) included; "normal" scores need all three digit
@@ -151,7 +151,7 @@ def test_single_row_plan_over_many_key_chunks(window, scores):
     dict(sq=1100, sk=1100, window=1000, block_m=128, causal=True, per_program=2, ties=True),
     dict(sq=9000, sk=9000, window=500, block_m=128, causal=True, per_program=8),
 ])
-def test_multi_row_plan_over_many_key_chunks(case, monkeypatch):
+def test_multi_row_triton_plan_over_many_key_chunks(case, monkeypatch):
     """The plan kernels at sizes the brute-force test cannot reach: thresholds whose rank
     windows and candidate scans span several 1024-key chunks (at 9000 keys the early blocks'
     coarse count passes whole 4096-entry chunks first), and candidate programs that serve
