@@ -407,6 +407,8 @@ def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
                             full_first: bool):
     from .selection_kernels import _candidates_kernel
 
+    # first_row is every key's causal start (as all engines write it): the kernel derives it
+    # and reads end rows only.
     n, sk = first_row.shape
     device = first_row.device
     n_blocks = max(1, -(-problem.seqlen_q // block_m))
@@ -424,8 +426,7 @@ def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
         end_row, candidates, counts[:, 0], counts[:, 1], ascending, end_row.stride(0),
         candidates.stride(0), candidates.stride(1), counts.stride(0), ascending.stride(0),
         ascending.stride(1), n_blocks, per_program, problem.seqlen_q, sk, problem.causal_offset,
-        width,
-        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=PLAN_CHUNK, FULL_FIRST=full_first,
+        width, CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=PLAN_CHUNK, FULL_FIRST=full_first,
     )
     return candidates, counts[:, 0], counts[:, 1]
 
@@ -439,9 +440,9 @@ def candidate_blocks_per_program(n_blocks: int, block_m: int, window: int,
     small blocks: there the full scans are short and a program per block fills the GPU.
     Otherwise about 2 x window / block_m (up to CANDIDATE_PROGRAM_BLOCKS): the full scan of
     every earlier key (blocks x keys in all) gives way to derived lists. Measured on an H200
-    (B1, 8 plan heads, window 2048): 128-row blocks at 16k tokens 1 (4: 19% slower), at 128k
-    16 (3.4x faster than 1, 1.5x than 4); 1024-row blocks at 16k and 128k 4 (1.4x and 1.6x
-    faster than 1, 1.2x to 1.6x than 16)."""
+    (B1, 8 plan heads, window 2048): 128-row blocks at 16k tokens 1 (4: 12% slower), at 128k
+    16 (3.0x faster than 1, 1.4x than 4); 1024-row blocks at 16k and 128k 4 (1.3x and 1.7x
+    faster than 1, 1.3x than 16)."""
     if seqlen_q < 32 * window and block_m < window // 4:
         return 1
     per_program = max(1, min(CANDIDATE_PROGRAM_BLOCKS, 2 * window // block_m))
