@@ -16,12 +16,13 @@ ops, whose launch overhead dominated the plan's time on GPUs):
 * `_row_threshold_kernel` finds tau for the block's rows. The block's first row keeps the w
   best of its prefix; each later row adds one new key, so the rows' thresholds lie between
   the (w - BLOCK_M)-th and the w-th best of the first row's prefix. A 1-D scan of `order`
-  finds those two ranks and the BLOCK_M ranks of the first row's keys between them; with
-  the ranks of the block's new keys they are the only places where a row's count of better
-  keys grows, so a sort of those 2 x BLOCK_M events and a (rows x events) scan give each
-  row's threshold. Work per block: the 1-D scan (about w x Sk / prefix length entries) and
-  BLOCK_M x 2 BLOCK_M, not rows x keys (nor rows x the rank window, which grows as
-  Sk / prefix length for the early blocks of long sequences).
+  (a coarse count over wide chunks, then a detailed scan) finds those two ranks and the
+  BLOCK_M ranks of the first row's keys between them; with the ranks of the block's new
+  keys they are the only places where a row's count of better keys grows, so a sort of
+  those 2 x BLOCK_M events and a (rows x events) scan give each row's threshold. Work per
+  block: the 1-D scan (about w x Sk / prefix length entries) and BLOCK_M x 2 BLOCK_M, not
+  rows x keys (nor rows x the rank window, which grows as Sk / prefix length for the early
+  blocks of long sequences).
 * `_candidates_kernel` lists, in ascending order, the keys kept by any row of the block:
   those with first_row < block end and end_row > block start (with FULL_FIRST, the keys kept
   by every row of the block first). One program serves several consecutive blocks: it scans
@@ -69,10 +70,10 @@ def _row_threshold_kernel(
     # SCAN_CHUNK of `order` in which the first row's count of old keys (< first_limit)
     # reaches target_lo. Blocks whose last row sees at most `window` keys keep all of them.
     keeps_all = tl.max(limits, 0) <= window
-    x_lo = 0
+    x_lo = tl.where(keeps_all, n_allowed, 0)  # keeping all: both scans start past the end
     count_lo = 0
     count = 0
-    x0 = tl.where(keeps_all, n_allowed, 0)
+    x0 = x_lo
     while (count < window) & (x0 < n_allowed):
         offs = x0 + tl.arange(0, SCAN_CHUNK)
         idx = tl.load(order + offs, mask=offs < n_allowed, other=seqlen_k)
@@ -89,7 +90,7 @@ def _row_threshold_kernel(
     r_lo = tl.where((target_lo == 0) & ~keeps_all, -1, big)
     t0 = big
     count = count_lo
-    x0 = tl.where(keeps_all, n_allowed, x_lo)
+    x0 = x_lo
     while (t0 == big) & (x0 < n_allowed):
         offs = x0 + tl.arange(0, CHUNK)
         idx = tl.load(order + offs, mask=offs < n_allowed, other=seqlen_k)
