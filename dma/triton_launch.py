@@ -17,6 +17,8 @@ path.
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 
 import torch
@@ -25,18 +27,44 @@ _compiled: dict = {}  # specialisation key -> compiled kernel
 _direct = {"ok": True}
 
 
-def _scalar_spec(value):
-    """What Triton may specialise a scalar argument on."""
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, int):
-        return ("int", value == 1, value % 16 == 0, -(2**31) <= value < 2**31, value < 2**63)
-    if isinstance(value, float):
-        return ("float",)
-    return ("value", value)
+_INT32_END, _INT64_END = 2**31, 2**63  # where Triton widens an integer argument
+
+
+class _ArgLayout:
+    """Where each kind of argument sits in one kernel's argument list, for one pattern of
+    argument types (worked out once, so that a launch's key is a few C-level gathers rather
+    than a Python step per argument): tensors (specialised by dtype and 16-byte alignment),
+    integers (by whether they are 1, divisible by 16 and fit in 32 bits), constexprs and
+    bools (by value); floats only by type."""
+
+    def __init__(self, names, constexpr, types):
+        tensors, ints, by_value = [], [], []
+        for i, kind in enumerate(types):
+            if i in constexpr or kind is bool:
+                by_value.append(i)
+            elif issubclass(kind, torch.Tensor):
+                tensors.append(i)
+            elif kind is int:
+                ints.append(i)
+            elif kind is not float:
+                by_value.append(i)
+        self.tensors = tuple(tensors)
+        self.ints = _getter(ints)
+        self.by_value = _getter(by_value)
+
+
+def _getter(positions):
+    """A function from a list to the tuple of its items at `positions`."""
+    if not positions:
+        return lambda values: ()
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda values: (values[only],)
+    return operator.itemgetter(*positions)
 
 
 _signatures: dict = {}  # kernel -> (argument names, their set, constexpr positions)
+_layouts: dict = {}  # (kernel, argument types) -> _ArgLayout
 
 
 def _signature(kernel):
@@ -45,6 +73,50 @@ def _signature(kernel):
         names = tuple(kernel.arg_names)
         sig = _signatures[kernel] = (names, frozenset(names), frozenset(kernel.constexprs))
     return sig
+
+
+_int_specs: dict = {}  # integer arguments' values -> number of their specialisation
+_int_spec_numbers: dict = {}  # specialisation -> its number
+_INT_SPECS_KEPT = 4096  # distinct value tuples remembered (decoding's lengths grow per step)
+
+
+def _int_spec(ints: tuple) -> int:
+    """What Triton specialises integers on (whether each is 1, divisible by 16 and fits in
+    32 or 64 bits), as a number. Remembered per tuple of values: hashing the values is far
+    cheaper than testing each of them again on every launch."""
+    number = _int_specs.get(ints)
+    if number is None:
+        if len(_int_specs) >= _INT_SPECS_KEPT:
+            _int_specs.clear()
+        spec = tuple((v == 1, v % 16 == 0, -_INT32_END <= v < _INT32_END, v < _INT64_END)
+                     for v in ints)
+        number = _int_specs[ints] = _int_spec_numbers.setdefault(spec, len(_int_spec_numbers))
+    return number
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_names(names: tuple, n_args: int) -> frozenset:
+    """The parameters a launch with `n_args` positional arguments must name."""
+    return frozenset(names[n_args:])
+
+
+def _current_device() -> int:
+    return _driver().get_current_device()
+
+
+def _current_stream(device: int) -> int:
+    return _driver().get_current_stream(device)
+
+
+_triton = {}  # Triton's modules, imported on first use
+
+
+def _driver():
+    if "driver" not in _triton:
+        from triton.runtime import driver
+
+        _triton["driver"] = driver
+    return _triton["driver"].active
 
 
 def direct_launch_enabled() -> bool:
@@ -78,38 +150,40 @@ def _launch_direct(kernel, grid, args, kwargs) -> bool:
     whether the address is a device one (the first launch of every specialisation, through
     Triton, still does)."""
     names, name_set, constexpr = _signature(kernel)
-    if any(name not in kwargs for name in names[len(args):]):
+    n_args = len(args)
+    if not kwargs.keys() >= _keyword_names(names, n_args):
         return False  # a parameter left to its default: let Triton bind it
     values = list(args)
-    values += [kwargs[name] for name in names[len(args):]]
-    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in name_set))
-    spec = []
-    for i, v in enumerate(values):
-        if i in constexpr:
-            spec.append(v)
-        elif isinstance(v, torch.Tensor):
-            address = v.data_ptr()
-            spec.append((v.dtype, address % 16 == 0))
-            values[i] = address
-        else:
-            spec.append(_scalar_spec(v))
-    key = (kernel, torch.cuda.current_device(), options, tuple(spec))
+    values += [kwargs[name] for name in names[n_args:]]
+    types = tuple(map(type, values))
+    layout = _layouts.get((kernel, types))
+    if layout is None:
+        layout = _layouts[kernel, types] = _ArgLayout(names, constexpr, types)
+    tensor_spec = []
+    for i in layout.tensors:
+        tensor = values[i]
+        address = values[i] = tensor.data_ptr()
+        tensor_spec.append((tensor.dtype, address % 16 == 0))
+    options = tuple(sorted((k, kwargs[k]) for k in kwargs.keys() - name_set))
+    device = _current_device()
+    key = (layout, device, options, tuple(tensor_spec),
+           _int_spec(layout.ints(values)), layout.by_value(values))
     compiled = _compiled.get(key)
     if compiled is None:
         _compiled[key] = kernel[grid](*args, **kwargs)
         return True
-    _launch_compiled(compiled, tuple(grid) + (1,) * (3 - len(grid)), values)
+    _launch_compiled(compiled, tuple(grid) + (1,) * (3 - len(grid)), values, device)
     return True
 
 
-def _launch_compiled(compiled, grid3: tuple, values: list) -> None:
+def _launch_compiled(compiled, grid3: tuple, values: list, device: int) -> None:
     """`compiled[grid3](*values)`, without the launch hooks' metadata when no hook is set
     (Triton builds it, and calls both hooks, on every launch otherwise)."""
     enter, leave = _launch_hooks()
     if getattr(enter, "calls", True) or getattr(leave, "calls", True):
         compiled[grid3](*values)  # someone listens (a profiler): Triton's own path
         return
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = _current_stream(device)
     compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata, None, None, None,
                  *values)
 
@@ -117,6 +191,9 @@ def _launch_compiled(compiled, grid3: tuple, values: list) -> None:
 def _launch_hooks():
     """Triton's launch hooks (enter, exit): chains of callables, empty unless a profiler or
     a user registered one."""
-    from triton import knobs
+    if "knobs" not in _triton:
+        from triton import knobs
 
-    return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        _triton["knobs"] = knobs
+    runtime = _triton["knobs"].runtime
+    return runtime.launch_enter_hook, runtime.launch_exit_hook

@@ -59,8 +59,8 @@ class FakeHooks:
 def direct(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("DMA_TRITON_DIRECT_LAUNCH", raising=False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"cuda_stream": 0}))
+    monkeypatch.setattr(triton_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(triton_launch, "_current_stream", lambda device: 0)
     hooks = (FakeHooks(), FakeHooks())  # Triton's are chains like these (no triton needed)
     monkeypatch.setattr(triton_launch, "_launch_hooks", lambda: hooks)
     triton_launch._compiled.clear()
@@ -87,7 +87,7 @@ def test_a_launch_hook_gets_tritons_path(direct):
 
 
 @pytest.mark.parametrize("change", ["unaligned", "odd_int", "one", "wide_int", "dtype",
-                                    "constexpr", "option"])
+                                    "constexpr", "option", "int_for_float", "huge_int"])
 def test_a_new_specialisation_goes_through_triton(direct, change):
     kernel, x = FakeKernel(), torch.zeros(64)
     triton_launch.run_kernel(kernel, (1,), x, 32, 0.5, BLOCK=16, num_warps=4)
@@ -104,6 +104,10 @@ def test_a_new_specialisation_goes_through_triton(direct, change):
         args[0] = x.double()
     elif change == "constexpr":
         block = 32
+    elif change == "int_for_float":
+        args[2] = 2  # same position, another type
+    elif change == "huge_int":
+        args[1] = 2**64 - 16  # past int64: Triton takes it as unsigned
     else:
         warps = 8
     triton_launch.run_kernel(kernel, (1,), *args, BLOCK=block, num_warps=warps)
