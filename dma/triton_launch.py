@@ -37,7 +37,7 @@ class _ArgLayout:
     integers (by whether they are 1, divisible by 16 and fit in 32 bits), constexprs and
     bools (by value); floats only by type."""
 
-    def __init__(self, names, constexpr, types):
+    def __init__(self, constexpr, types):
         tensors, ints, by_value = [], [], []
         for i, kind in enumerate(types):
             if i in constexpr or kind is bool:
@@ -158,7 +158,7 @@ def _launch_direct(kernel, grid, args, kwargs) -> bool:
     types = tuple(map(type, values))
     layout = _layouts.get((kernel, types))
     if layout is None:
-        layout = _layouts[kernel, types] = _ArgLayout(names, constexpr, types)
+        layout = _layouts[kernel, types] = _ArgLayout(constexpr, types)
     tensor_spec = []
     for i in layout.tensors:
         tensor = values[i]
