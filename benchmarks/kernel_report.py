@@ -48,7 +48,7 @@ def kernel_setup(kernel: str, config: dict, head_dim: int, dtype: str):
                   HAS_KB=True, HAS_AB=False, HAS_AM=False, HAS_PAD=False, SOFTCAP=False,
                   INTERVAL=kernel not in ("fwd_dense", "dkdv_keys"), TILE_LIST=False,
                   BLOCK_M=config.get("BLOCK_M", triton_backend.BLOCK_M),
-                  BLOCK_N=config["BLOCK_N"])
+                  BLOCK_N=config["BLOCK_N"], WIDE_OFFSETS=False)
     pointers = {"DK": "fp32", "DV": "fp32"} if kernel == "dkdv_candidates" else {}
     # the backend passes key_bias as float32 where keys are gathered
     pointers["KB"] = "fp32" if common["INTERVAL"] else dtype
@@ -70,7 +70,7 @@ def kernel_setup(kernel: str, config: dict, head_dim: int, dtype: str):
 
 
 def compile_kernel(fn, constexprs: dict, pointers: dict, dtype: str, arch: int,
-                   num_warps: int, num_stages: int):
+                   num_warps: int, num_stages: int, maxnreg=None):
     signature, attrs = {}, {}
     for index, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
@@ -89,9 +89,10 @@ def compile_kernel(fn, constexprs: dict, pointers: dict, dtype: str, arch: int,
                 continue
         attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    # fp fusion on, as run_kernel launches them; maxnreg: a register cap (None: ptxas's)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages,
-                                       enable_fp_fusion=True))  # as run_kernel launches them
+                                       maxnreg=maxnreg, enable_fp_fusion=True))
 
 
 def ptxas_candidates() -> list:
@@ -150,7 +151,8 @@ def main(argv=None):
         config = dict(triton_backend.kernel_config(kernel, d_pad), **args.override)
         fn, constexprs, pointers = kernel_setup(kernel, config, args.head_dim, args.dtype)
         compiled = compile_kernel(fn, constexprs, pointers, args.dtype, args.arch,
-                                  config["num_warps"], config["num_stages"])
+                                  config["num_warps"], config["num_stages"],
+                                  config.get("maxnreg"))
         if args.dump:
             folder = Path(args.dump)
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,17 @@
 """GPU-backend modes that the shared suite does not switch: deterministic backward, the
-triton forward's key splits (which it picks on its own only for decoding on a GPU), and
-run-time tuning."""
+triton forward's key splits (which it picks on its own only for decoding on a GPU),
+run-time tuning, the forward's rescale modes and 64-bit gather offsets."""
 
 import pytest
 from conformance.cases import CASES
 
-from dma.backends import triton_backend, triton_tuning
+from dma.backends import gpu_launch, triton_backend, triton_tuning
 from harness import available_devices, check_case
 
 WINDOW_CASES = [c for c in CASES if c.window is not None and c.attn_bias is None][:8]
+WIDE_CASES = [c for c in CASES if c.name in ("gqa", "window4", "window_sq1_sk33",
+                                             "attn_bias_2x2x24x24", "float16_window",
+                                             "float32_window")]
 DECODE_CASES = [c for c in CASES if c.seqlen_q == 1]
 TUNED_CASES = [c for c in CASES if c.name in ("window4", "key_bias_b1_h1", "attn_bias_2x1x1x1")]
 RESCALE_CASES = [c for c in CASES if c.name in ("window4", "long_window", "empty_rows_mask",
@@ -52,4 +55,13 @@ def test_triton_forward_rescale_modes(case, device, monkeypatch):
     for kernel in ("fwd", "fwd_dense", "fwd_decode"):
         lazy = not triton_backend.CONFIGS[kernel]["LAZY_RESCALE"]
         monkeypatch.setitem(triton_backend.OVERRIDES, kernel, {"LAZY_RESCALE": lazy})
+    check_case(case, "triton", device)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("case", WIDE_CASES, ids=[c.name for c in WIDE_CASES])
+def test_triton_wide_gather_offsets(case, device, monkeypatch):
+    """K/V rows gathered with 64-bit offsets, as tensors past 2^31 elements need them: the
+    threshold is lowered to 0 so that these small cases take that path."""
+    monkeypatch.setattr(gpu_launch, "INT32_OFFSETS", 0)
     check_case(case, "triton", device)

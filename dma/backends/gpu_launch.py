@@ -20,6 +20,8 @@ from ..selection import rowwise_keep_all
 from ..validation import Inputs, Problem
 from .base import deterministic_mode, new_output
 
+INT32_OFFSETS = 2**31  # offsets within a tensor at or past this need 64-bit arithmetic
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -121,6 +123,9 @@ class LaunchArgs:
         head_dim = problem.head_dim
         self.dims = dict(HEAD_DIM=head_dim, D_PAD=self.padded_head_dim(head_dim))
         self.sizes = (problem.seqlen_q, problem.seqlen_k, problem.causal_offset)
+        # Whether a gathered K/V row's offset (key x row stride) may pass int32 (see
+        # triton_kernels._gathered_rows).
+        self.wide_offsets = problem.seqlen_k * max(k.stride(1), v.stride(1)) >= INT32_OFFSETS
         self.scale = problem.scale
         self.softcap = problem.softcap if problem.softcap is not None else 1.0
 

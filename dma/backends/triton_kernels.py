@@ -143,6 +143,18 @@ def _tile_scores(
 
 
 @triton.jit
+def _gathered_rows(keys, WIDE_OFFSETS: tl.constexpr):
+    """Key ids as the forward and dq gather K/V rows with them: int32 offsets (key x row
+    stride; fewer address instructions per gathered row) unless the host found that an
+    offset may pass 2^31 (WIDE_OFFSETS: int64)."""
+    if WIDE_OFFSETS:
+        rows = keys.to(tl.int64)
+    else:
+        rows = keys
+    return rows
+
+
+@triton.jit
 def _load_rows(base, rows64, row_stride, dims, row_ok, dim_ok):
     """A (rows, D_PAD) tile of one head's (seq, dim) slice; masked rows and padded dims read 0.
     `rows64` may be any key or row ids (gathered candidates included)."""
@@ -212,16 +224,17 @@ def _row_tile_scores(
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
     HAS_AM: tl.constexpr, HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
     INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ALL_KEPT: tl.constexpr = False,
+    WIDE_OFFSETS: tl.constexpr, ALL_KEPT: tl.constexpr = False,
 ):
     """The first half of the forward's and dq's step: a query block's scores against one
-    key tile (slots start..start + BLOCK_N). Returns the key ids (int64), which are real,
-    the tile's K rows, and `_tile_scores`' s and tanh."""
+    key tile (slots start..start + BLOCK_N). Returns the key ids, the same as
+    `_gathered_rows` gives them (for the V rows), which are real, the tile's K rows, and
+    `_tile_scores`' s and tanh."""
     keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
                              scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
                              INTERVAL, TILE_LIST, ALL_KEPT)
-    keys64 = keys.to(tl.int64)
-    k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok, dim_ok)
+    key_rows = _gathered_rows(keys, WIDE_OFFSETS)
+    k = _load_rows(K + b * sk_b + hk * sk_h, key_rows, sk_s, dims, key_ok, dim_ok)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     kb, first, end, usable = _key_terms(
         keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
@@ -231,7 +244,7 @@ def _row_tile_scores(
         AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
         seqlen_q, causal_offset, scale, softcap,
         CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
-    return keys64, key_ok, k, s, th
+    return keys, key_rows, key_ok, k, s, th
 
 
 @triton.jit
@@ -247,11 +260,16 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
     HAS_AM: tl.constexpr, HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
     INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, ALL_KEPT: tl.constexpr = False,
+    LAZY_RESCALE: tl.constexpr, WIDE_OFFSETS: tl.constexpr, ALL_KEPT: tl.constexpr = False,
 ):
     """One key tile (slots start..start + BLOCK_N) into the forward's online softmax: the
-    updated (row max reference m_i, row sum l_i, accumulator acc)."""
-    keys64, key_ok, k, s, th = _row_tile_scores(
+    updated (row max reference m_i, row sums l_i, accumulator acc).
+
+    l_i is (rows, 16): for 16-bit inputs every column holds the row's sum, accumulated by
+    the matrix unit (p times a tile of ones, beside p times V: no shuffles across threads
+    per tile); float32 inputs add the row sums to column 0 (a float32 product would not run
+    on the matrix unit)."""
+    keys, key_rows, key_ok, k, s, th = _row_tile_scores(
         q, start, block, b, h, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
         KB, skb_b, skb_h, kb_hdiv, AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
         AM, sam_b, sam_h, sam_r, sam_c, am_hdiv, PAD, spad_b,
@@ -259,7 +277,7 @@ def _fwd_tile(
         CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
         seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
         BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
-        DOT_PRECISION, ALL_KEPT)
+        DOT_PRECISION, WIDE_OFFSETS, ALL_KEPT)
     m_tile = tl.max(s, 1)
     if LAZY_RESCALE:
         # A row's reference max m_i moves only when the row's max exceeds it by more than
@@ -274,17 +292,20 @@ def _fwd_tile(
     # One fused multiply-add per score: s * log2(e) - m * log2(e).
     p = tl.exp2(s * LOG2E - (m_safe * LOG2E)[:, None])
     alpha = tl.exp2((m_i - m_safe) * LOG2E)  # 1 where m_i stays
-    v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
-                   dim_ok)
+    v = _load_rows(V + b * sv_b + hk * sv_h, key_rows, sv_s, dims, key_ok, dim_ok)
     if LAZY_RESCALE:
         if tl.max(moved.to(tl.int32), 0) > 0:
-            l_i = l_i * alpha
+            l_i = l_i * alpha[:, None]
             acc = acc * alpha[:, None]
-        l_i += tl.sum(p, 1)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     else:  # the rescale fused into the accumulation, as the compiler schedules it best
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        l_i = l_i * alpha[:, None]
+        acc = acc * alpha[:, None]
+    p_in = p.to(v.dtype)
+    if v.dtype == tl.float32:
+        l_i += tl.where(tl.arange(0, 16) == 0, 1.0, 0.0)[None, :] * tl.sum(p, 1)[:, None]
+    else:
+        l_i = tl.dot(p_in, tl.full([BLOCK_N, 16], 1.0, v.dtype), l_i)
+    acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
     m_i = m_ref
     return m_i, l_i, acc
 
@@ -305,7 +326,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
     TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_PER_PROG: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     """One query block of HEADS_PER_PROG query heads of one kv group, stacked into one tile
     so that each gathered K/V tile serves all of them (the host stacks heads only when every
@@ -332,7 +353,7 @@ def _fwd_kernel(
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
     m_i = tl.full([HEADS_PER_PROG * BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([HEADS_PER_PROG * BLOCK_M], tl.float32)
+    l_i = tl.zeros([HEADS_PER_PROG * BLOCK_M, 16], tl.float32)  # see _fwd_tile
     acc = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
     n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
                           scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
@@ -354,7 +375,7 @@ def _fwd_kernel(
                 CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
                 seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
                 BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
-                DOT_PRECISION, LAZY_RESCALE, ALL_KEPT=True)
+                DOT_PRECISION, LAZY_RESCALE, WIDE_OFFSETS, ALL_KEPT=True)
         slot_lo = full_hi
     for start in range(slot_lo, slot_hi, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(
@@ -365,8 +386,9 @@ def _fwd_kernel(
             CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
             seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
             BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
-            DOT_PRECISION, LAZY_RESCALE)
+            DOT_PRECISION, LAZY_RESCALE, WIDE_OFFSETS)
 
+    l_i = tl.max(l_i, 1)  # the row sums (float32 inputs: column 0, the rest 0)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out_ptr = (Out + split * so_split + b * so_b + row_head[:, None] * so_h
@@ -466,11 +488,11 @@ def _dq_tile(
     HAS_AM: tl.constexpr, HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
     INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NEED_DAB: tl.constexpr, DAB_REDUCED: tl.constexpr, DAB_ROWS: tl.constexpr,
-    DAB_KEYS: tl.constexpr, ALL_KEPT: tl.constexpr = False,
+    DAB_KEYS: tl.constexpr, WIDE_OFFSETS: tl.constexpr, ALL_KEPT: tl.constexpr = False,
 ):
     """One key tile (slots start..start + BLOCK_N) into dq (float32, unscaled), and its ds
     into d attn_bias."""
-    keys64, key_ok, k, s, th = _row_tile_scores(
+    keys, key_rows, key_ok, k, s, th = _row_tile_scores(
         q, start, block, b, h, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
         KB, skb_b, skb_h, kb_hdiv, AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
         AM, sam_b, sam_h, sam_r, sam_c, am_hdiv, PAD, spad_b,
@@ -478,13 +500,13 @@ def _dq_tile(
         CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
         seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
         BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
-        DOT_PRECISION, ALL_KEPT)
-    v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok, dim_ok)
+        DOT_PRECISION, WIDE_OFFSETS, ALL_KEPT)
+    v = _load_rows(V + b * sv_b + hk * sv_h, key_rows, sv_s, dims, key_ok, dim_ok)
     p = tl.exp2(s * LOG2E - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if NEED_DAB:
-        _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
+        _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys.to(tl.int64), row_ok, key_ok,
                          sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
                          DAB_REDUCED, DAB_ROWS, DAB_KEYS)
     dt = ds
@@ -511,7 +533,7 @@ def _bwd_dq_kernel(
     HAS_PAD: tl.constexpr, SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
     TILE_LIST: tl.constexpr, DOT_PRECISION: tl.constexpr, NEED_DAB: tl.constexpr,
     DAB_REDUCED: tl.constexpr, DAB_ROWS: tl.constexpr, DAB_KEYS: tl.constexpr,
-    HEADS_PER_PROG: tl.constexpr,
+    HEADS_PER_PROG: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     """dq (and ds for d attn_bias, see `_write_bias_grad`) of one query block: the
     forward's walk, with the same head stacking."""
@@ -555,7 +577,8 @@ def _bwd_dq_kernel(
                 CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
                 seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
                 BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
-                DOT_PRECISION, NEED_DAB, DAB_REDUCED, DAB_ROWS, DAB_KEYS, ALL_KEPT=True)
+                DOT_PRECISION, NEED_DAB, DAB_REDUCED, DAB_ROWS, DAB_KEYS, WIDE_OFFSETS,
+                ALL_KEPT=True)
     for start in range(slot_lo, n_slots, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, lse2, delta, start, block, b, h, hk, row_head, rows, rows64, row_ok,
@@ -566,7 +589,7 @@ def _bwd_dq_kernel(
             CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
             seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
             BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
-            DOT_PRECISION, NEED_DAB, DAB_REDUCED, DAB_ROWS, DAB_KEYS)
+            DOT_PRECISION, NEED_DAB, DAB_REDUCED, DAB_ROWS, DAB_KEYS, WIDE_OFFSETS)
     tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 

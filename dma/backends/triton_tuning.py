@@ -20,7 +20,8 @@ from typing import Callable
 SEARCH = {
     "fwd": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 5], STACK=[1, 2, 4],
                 LAZY_RESCALE=[True, False]),
-    "dq": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 5], STACK=[1, 2]),
+    "dq": dict(BLOCK_N=[16, 32, 64], num_warps=[4, 8], num_stages=[3, 5], STACK=[1, 2],
+               maxnreg=[None]),
     "dkdv_candidates": dict(BLOCK_M=[16, 32, 64], BLOCK_N=[64, 128], num_warps=[4, 8],
                             num_stages=[2, 3, 4], ROWS=[256, 512, 1024]),
     # dense tiles (no window, or explicit masks; dkdv_keys also in deterministic mode)
