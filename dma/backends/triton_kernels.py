@@ -227,9 +227,9 @@ def _row_tile_scores(
     WIDE_OFFSETS: tl.constexpr, ALL_KEPT: tl.constexpr = False,
 ):
     """The first half of the forward's and dq's step: a query block's scores against one
-    key tile (slots start..start + BLOCK_N). Returns the key ids, the same as
-    `_gathered_rows` gives them (for the V rows), which are real, the tile's K rows, and
-    `_tile_scores`' s and tanh."""
+    key tile (slots start..start + BLOCK_N). Returns the key ids (int32), the same ids as
+    `_gathered_rows` gives them (for gathering the V rows), which are real, the tile's K
+    rows, and `_tile_scores`' s and tanh."""
     keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
                              scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
                              INTERVAL, TILE_LIST, ALL_KEPT)
@@ -297,7 +297,7 @@ def _fwd_tile(
         if tl.max(moved.to(tl.int32), 0) > 0:
             l_i = l_i * alpha[:, None]
             acc = acc * alpha[:, None]
-    else:  # the rescale fused into the accumulation, as the compiler schedules it best
+    else:  # every tile rescales (alpha is 1 for rows whose max stayed)
         l_i = l_i * alpha[:, None]
         acc = acc * alpha[:, None]
     p_in = p.to(v.dtype)
