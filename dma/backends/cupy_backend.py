@@ -122,8 +122,8 @@ class CupyBackend(Backend):
         fields.update(out=out.data_ptr(), lse=lse.data_ptr(), so_b=out.stride(0),
                       so_s=out.stride(1), so_h=out.stride(2), slse_b=lse.stride(0),
                       slse_h=lse.stride(1))
-        self._launch("dma_forward", problem, launch, (self._query_blocks(problem, launch), b * h),
-                     fields)
+        self._launch("dma_forward", problem, launch,
+                     (self._query_blocks("dma_forward", problem, launch), b * h), fields)
         return out, lse
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
@@ -146,7 +146,7 @@ class CupyBackend(Backend):
             fields.update(sdab_b=bufs.dab.stride(0), sdab_h=bufs.dab.stride(1),
                           sdab_r=bufs.dab.stride(2))
         self._launch("dma_backward_dq", problem, launch,
-                     (self._query_blocks(problem, launch), b * h), fields)
+                     (self._query_blocks("dma_backward_dq", problem, launch), b * h), fields)
 
         if bufs.atomics:
             shared = plan.heads < h or problem.group_size == 1
@@ -170,8 +170,10 @@ class CupyBackend(Backend):
         return finish_backward(problem, inputs, bufs)
 
     @staticmethod
-    def _query_blocks(problem: Problem, launch: LaunchArgs) -> int:
-        rows, _ = cupy_kernels.tiles("dma_forward", problem.dtype, launch.dims["D_PAD"])
+    def _query_blocks(kernel: str, problem: Problem, launch: LaunchArgs) -> int:
+        """Programs along the query rows: the kernel's own rows per block (the forward's
+        16-bit blocks hold 128 rows, dq's 64)."""
+        rows, _ = cupy_kernels.tiles(kernel, problem.dtype, launch.dims["D_PAD"])
         return cdiv(problem.seqlen_q, rows)
 
     @staticmethod
