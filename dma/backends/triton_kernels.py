@@ -339,7 +339,7 @@ def _fwd_kernel(
     bh = tl.program_id(1)
     split = tl.program_id(2)
     programs_per_batch = heads // HEADS_PER_PROG
-    b = bh // programs_per_batch
+    b = (bh // programs_per_batch).to(tl.int64)  # b x batch stride may pass 2^31
     h = (bh % programs_per_batch) * HEADS_PER_PROG
     hk = h // group
     tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
@@ -407,7 +407,7 @@ def _combine_splits_kernel(
     """One (batch, row, head) of a split forward: lse = log sum_s exp(lse_s) and
     o = sum_s exp(lse_s - lse) o_s; a row with no kept key in any split stays 0 / -inf."""
     pid = tl.program_id(0)
-    b = pid // (seqlen_q * heads)
+    b = (pid // (seqlen_q * heads)).to(tl.int64)
     row = (pid // heads) % seqlen_q
     h = pid % heads
     parts = tl.arange(0, SPLITS_PAD)
@@ -435,7 +435,7 @@ def _row_delta_kernel(OUT, DOUT, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, s
     """The backward's first step: delta[b, h, i] = sum_d do[b, i, h, d] * o[b, i, h, d] in
     float32, reading each input once (in torch it takes a cast, a product and a sum)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    b = tl.program_id(1) // heads
+    b = (tl.program_id(1) // heads).to(tl.int64)
     h = tl.program_id(1) % heads
     dims = tl.arange(0, D_PAD)
     rows64 = rows.to(tl.int64)
@@ -540,7 +540,7 @@ def _bwd_dq_kernel(
     block = tl.program_id(0)
     bh = tl.program_id(1)
     programs_per_batch = heads // HEADS_PER_PROG
-    b = bh // programs_per_batch
+    b = (bh // programs_per_batch).to(tl.int64)
     h = (bh % programs_per_batch) * HEADS_PER_PROG
     hk = h // group
     tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
@@ -656,7 +656,7 @@ def _bwd_dkdv_keys_kernel(
     this key tile). Deterministic: every output element has one writer."""
     kblock = tl.program_id(0)
     bhk = tl.program_id(1)
-    b = bhk // kv_heads
+    b = (bhk // kv_heads).to(tl.int64)
     hk = bhk % kv_heads
     keys = kblock * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
@@ -733,7 +733,7 @@ def _bwd_dkdv_candidates_kernel(
     block = tl.program_id(0)
     bp = tl.program_id(1)
     split = tl.program_id(2)
-    b = bp // programs_per_batch
+    b = (bp // programs_per_batch).to(tl.int64)
     h0 = (bp % programs_per_batch) * heads_per_program
     hk = h0 // group
     dims = tl.arange(0, D_PAD)
