@@ -14,6 +14,8 @@ def main():
     parser.add_argument("--baseline", default="sdpa-cudnn")
     parser.add_argument("--out", default="benchmark.png")
     parser.add_argument("--title", default="")
+    parser.add_argument("--contenders", nargs="+", default=None,
+                        help="plot only these (default: every contender in the CSVs)")
     args = parser.parse_args()
     import matplotlib
 
@@ -25,7 +27,8 @@ def main():
             if r["contender"] == args.baseline}
     groups = sorted({(r["shape"], r["mode"]) for r in rows if (r["shape"], r["mode"]) in base},
                     key=lambda g: (g[1], g[0]))
-    contenders = [c for c in dict.fromkeys(r["contender"] for r in rows)]
+    contenders = [c for c in dict.fromkeys(r["contender"] for r in rows)
+                  if args.contenders is None or c in args.contenders]
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(groups)), 4.5))
     width = 0.8 / len(contenders)
     for i, name in enumerate(contenders):

@@ -1,0 +1,74 @@
+"""Triton launch configurations side by side on one DMA shape: back-to-back ms per call,
+the configurations interleaved over rounds (so a slow spell of the machine hits them alike).
+
+    python benchmarks/ab_configs.py --mode fwd --seqlen 16384 \\
+        '{}' '{"fwd": {"num_warps": 8, "maxnreg": 128}}'
+    python benchmarks/ab_configs.py --mode fwd+bwd '{}' '{"dq": {"num_warps": 4}}'
+
+Each configuration is a JSON object {kernel: settings} laid over the defaults of
+dma/backends/triton_backend.py (CONFIGS). To compare two versions of the code, run the same
+command in both checkouts, one after the other, on the same machine.
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import dma
+from dma.backends import triton_backend
+from dma.benchmarking import Shape, back_to_back_ms, make_inputs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", type=json.loads)
+    parser.add_argument("--mode", choices=["fwd", "fwd+bwd"], default="fwd")
+    parser.add_argument("--seqlen", type=int, default=16384)
+    parser.add_argument("--seqlen-q", type=int, default=None)
+    parser.add_argument("--window", type=int, default=2048, help="0 = no window")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    window = args.window or None
+    shape = Shape(1, args.seqlen, 32, 8, 128, window, torch.bfloat16, seqlen_q=args.seqlen_q)
+    q, k, v, kb = make_inputs(shape, "cuda")
+    train = args.mode == "fwd+bwd"
+    for t in (q, k, v, kb):
+        t.requires_grad_(train)
+    do = torch.randn_like(q)
+
+    def step():
+        with torch.set_grad_enabled(train):
+            o = dma.attention(q, k, v, key_bias=kb, window=window, causal=True,
+                              backend="triton")
+            if train:
+                o.backward(do)
+        return o
+
+    def use(config):
+        triton_backend.OVERRIDES.clear()
+        triton_backend.OVERRIDES.update(config)
+
+    device = torch.device("cuda")
+    calls = 3 if args.seqlen >= 65536 else 10
+    reference = None
+    for config in args.configs:  # compiles each, and checks that they agree
+        use(config)
+        o = step().detach().float()
+        reference = o if reference is None else reference
+        print(f"{json.dumps(config):70} max |o - first| {float((o - reference).abs().max()):.2e}")
+    times = [[] for _ in args.configs]
+    for _ in range(args.rounds):
+        for i, config in enumerate(args.configs):
+            use(config)
+            step()
+            times[i].append(back_to_back_ms(step, device, calls))
+    use({})
+    print(f"device: {torch.cuda.get_device_name()}  shape: {shape.label}  mode: {args.mode}")
+    for config, ms in zip(args.configs, times):
+        print(f"{json.dumps(config):70} median {statistics.median(ms):7.3f}  min {min(ms):7.3f}")
+
+
+if __name__ == "__main__":
+    main()
