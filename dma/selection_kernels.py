@@ -52,7 +52,7 @@ def _row_threshold_kernel(
     ECHUNK: tl.constexpr,
 ):
     block = tl.program_id(0)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # plan head; n x its stride may pass 2^31
     big = seqlen_k  # "keeps every allowed key"
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     if CAUSAL:
@@ -188,7 +188,7 @@ def _candidates_kernel(
     later block filters at most width + BLOCK_M keys. ASCENDING holds, per program, two
     buffers of `width` slots that pass the ascending list from block to block."""
     program = tl.program_id(0)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
     buffers = ASCENDING + n * sasc_n + program * sasc_program
     first_block = program * blocks_per_program
     n_listed = 0  # the previous block's listed keys (in the other buffer)
@@ -271,7 +271,7 @@ def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, SO
     position Sk - 1 - j, so that a stable descending sort puts later keys first among ties.
     N_ALLOWED (zeroed) gathers the allowed count."""
     keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
     sortable, allowed = _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
                                          keys, seqlen_k)
     sort_key = tl.where(allowed, sortable, -2147483648)
@@ -284,7 +284,7 @@ def _ranks_kernel(SORTED_POSITIONS, ORDER, RANK, seqlen_k, CHUNK: tl.constexpr):
     """`order` (keys best first) from the sort's positions (Sk - 1 - key, see
     `_sort_keys_kernel`), and its inverse `rank`."""
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
     ok = offs < seqlen_k
     position = tl.load(SORTED_POSITIONS + n * seqlen_k + offs, mask=ok, other=0).to(tl.int32)
     key = seqlen_k - 1 - position
@@ -300,7 +300,7 @@ def _key_intervals_kernel(RANK, TAU, ALLOWED, sallowed_n, HAS_ALLOWED: tl.conste
     the rows with rank_j <= tau_i are a prefix [0, end) (a binary search); the causal limit
     gives the start, and an empty interval reads as first == end."""
     keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
     ok = keys < seqlen_k
     rank = tl.load(RANK + n * seqlen_k + keys, mask=ok, other=0)
     lo = tl.zeros([CHUNK], tl.int32)
@@ -380,7 +380,7 @@ def _decode_histogram_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED:
     (zeroed) holds per plan head three 2048-bin histograms and, after them, the allowed count
     (level 0 adds it). Heads with at most `window` allowed keys keep them all and skip."""
     keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
     hist = HIST + n * shist_n
     value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
                                    seqlen_k)
@@ -420,7 +420,7 @@ def _decode_chunk_counts_kernel(SCORES, sscore_n, ALLOWED, sallowed_n,
     """Per chunk of keys: how many are kept above the threshold, and how many tie at it."""
     chunk = tl.program_id(0)
     keys = chunk * CHUNK + tl.arange(0, CHUNK)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
     hist = HIST + n * shist_n
     value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
                                    seqlen_k)
@@ -441,7 +441,7 @@ def _decode_plan_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.c
     program whose chunk range holds it."""
     chunk = tl.program_id(0)
     keys = chunk * CHUNK + tl.arange(0, CHUNK)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)
     hist = HIST + n * shist_n
     n_allowed = tl.load(hist + 3 * BINS)
     value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
