@@ -1,8 +1,10 @@
-"""Tensors past 2^31 elements (GPU only): offsets such as batch x batch stride need 64 bits.
+"""Tensors past 2^31 elements (GPU only): offsets such as batch x batch stride or head x head
+stride need 64 bits.
 
-q has 3 x 2^30 elements here, so the last batch entry starts at element 2^31: the result for
-that entry must equal the same entry computed alone (a batch of one): the forward bit for
-bit, dq up to the order of float32 additions (a wrong offset reads other rows entirely).
+q holds more than 2^31 elements, and the entry checked (the last batch entry of a (B, S, H, D)
+tensor, or the last head of a (B, H, S, D) tensor passed transposed) starts past element 2^31.
+Its result must equal the same entry computed alone: the forward bit for bit, dq up to the
+order of float32 additions (a wrong offset reads other rows entirely).
 """
 
 import pytest
@@ -10,8 +12,12 @@ import torch
 
 import dma
 
-BATCH, TOKENS, HEADS, HEAD_DIM, WINDOW = 3, 131072, 64, 128, 64
-NEEDED_BYTES = 60 * 2**30  # inputs, outputs, gradients and the batch-of-one rerun
+TOKENS, HEAD_DIM, WINDOW = 131072, 128, 64
+LAYOUTS = {  # (batch, heads, q stored as (B, H, S, D) and passed transposed)
+    "batch": (3, 64, False),
+    "heads": (1, 160, True),
+}
+NEEDED_BYTES = 60 * 2**30  # inputs, outputs, gradients and the rerun of the entry alone
 
 
 def _device_with_room():
@@ -23,32 +29,42 @@ def _device_with_room():
     return torch.device("cuda")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["triton", "cupy"])
-def test_last_batch_entry_past_int32_offsets(backend):
+def test_last_entry_past_int32_offsets(backend, layout):
     device = _device_with_room()
+    batch, heads, heads_outer = LAYOUTS[layout]
     generator = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=generator)
 
-    q = randn(BATCH, TOKENS, HEADS, HEAD_DIM)
-    k, v = randn(BATCH, TOKENS, 1, HEAD_DIM), randn(BATCH, TOKENS, 1, HEAD_DIM)
-    key_bias = randn(BATCH, 1, TOKENS)
-    assert q[-1].data_ptr() - q.data_ptr() >= 2**31 * q.element_size()
+    def queries():  # (B, S, H, D), possibly a transposed view of (B, H, S, D)
+        if heads_outer:
+            return randn(batch, heads, TOKENS, HEAD_DIM).transpose(1, 2)
+        return randn(batch, TOKENS, heads, HEAD_DIM)
 
-    do = randn(BATCH, TOKENS, HEADS, HEAD_DIM)
+    q, do = queries(), queries()
+    k, v = randn(batch, TOKENS, 1, HEAD_DIM), randn(batch, TOKENS, 1, HEAD_DIM)
+    key_bias = randn(batch, 1, TOKENS)
+    # the entry checked: the last batch entry, or the last head of every entry
+    last = (slice(batch - 1, batch),) if layout == "batch" else (slice(None), slice(None),
+                                                                  slice(heads - 1, heads))
+    kv_last = last[:1]
+    assert q[last].data_ptr() - q.data_ptr() >= 2**31 * q.element_size()
 
-    def run(entries):
-        q_in = q[entries].detach().requires_grad_(True)
-        o, lse = dma.attention(q_in, k[entries], v[entries], key_bias=key_bias[entries],
-                               window=WINDOW, causal=True, return_lse=True, backend=backend)
-        o.backward(do[entries])
-        return o.detach(), lse, q_in.grad
+    def run(q, k, v, key_bias, do):
+        q = q.detach().requires_grad_(True)
+        o, lse = dma.attention(q, k, v, key_bias=key_bias, window=WINDOW, causal=True,
+                               return_lse=True, backend=backend)
+        o.backward(do)
+        return o.detach(), lse, q.grad
 
-    o, lse, dq = run(slice(None))
-    last = slice(BATCH - 1, BATCH)
-    o_alone, lse_alone, dq_alone = run(last)
+    o, lse, dq = run(q, k, v, key_bias, do)
+    o_alone, lse_alone, dq_alone = run(q[last], k[kv_last], v[kv_last], key_bias[kv_last],
+                                       do[last])
+    lse_last = lse[last[:1] + (last[2],) if layout == "heads" else last]
     assert torch.isfinite(o[last]).all()
     assert torch.equal(o[last], o_alone)
-    assert torch.equal(lse[last], lse_alone)
+    assert torch.equal(lse_last, lse_alone)
     torch.testing.assert_close(dq[last], dq_alone, rtol=1e-2, atol=1e-2)

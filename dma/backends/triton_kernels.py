@@ -340,7 +340,7 @@ def _fwd_kernel(
     split = tl.program_id(2)
     programs_per_batch = heads // HEADS_PER_PROG
     b = (bh // programs_per_batch).to(tl.int64)  # b x batch stride may pass 2^31
-    h = (bh % programs_per_batch) * HEADS_PER_PROG
+    h = (bh % programs_per_batch).to(tl.int64) * HEADS_PER_PROG  # head strides may be big
     hk = h // group
     tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
     row_head = h + tile // BLOCK_M
@@ -409,7 +409,7 @@ def _combine_splits_kernel(
     pid = tl.program_id(0)
     b = (pid // (seqlen_q * heads)).to(tl.int64)
     row = (pid // heads) % seqlen_q
-    h = pid % heads
+    h = (pid % heads).to(tl.int64)
     parts = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, D_PAD)
     part_ok = parts < splits
@@ -436,7 +436,7 @@ def _row_delta_kernel(OUT, DOUT, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, s
     float32, reading each input once (in torch it takes a cast, a product and a sum)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     b = (tl.program_id(1) // heads).to(tl.int64)
-    h = tl.program_id(1) % heads
+    h = (tl.program_id(1) % heads).to(tl.int64)
     dims = tl.arange(0, D_PAD)
     rows64 = rows.to(tl.int64)
     row_ok = rows < seqlen_q
@@ -541,7 +541,7 @@ def _bwd_dq_kernel(
     bh = tl.program_id(1)
     programs_per_batch = heads // HEADS_PER_PROG
     b = (bh // programs_per_batch).to(tl.int64)
-    h = (bh % programs_per_batch) * HEADS_PER_PROG
+    h = (bh % programs_per_batch).to(tl.int64) * HEADS_PER_PROG
     hk = h // group
     tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
     row_head = h + tile // BLOCK_M
@@ -657,7 +657,7 @@ def _bwd_dkdv_keys_kernel(
     kblock = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // kv_heads).to(tl.int64)
-    hk = bhk % kv_heads
+    hk = (bhk % kv_heads).to(tl.int64)
     keys = kblock * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
     key_ok = keys < seqlen_k
@@ -734,7 +734,7 @@ def _bwd_dkdv_candidates_kernel(
     bp = tl.program_id(1)
     split = tl.program_id(2)
     b = (bp // programs_per_batch).to(tl.int64)
-    h0 = (bp % programs_per_batch) * heads_per_program
+    h0 = (bp % programs_per_batch).to(tl.int64) * heads_per_program
     hk = h0 // group
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < HEAD_DIM
