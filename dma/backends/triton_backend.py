@@ -71,7 +71,7 @@ CONFIGS = {
                    "SPLITS": 0, "LAZY_RESCALE": False},
     # dq: 8 warps held to 128 registers (maxnreg), so that two programs of 8 warps share a
     # multiprocessor: 7.93 against 8.19 ms forward+backward for the former 4 warps at 255
-    # registers (16k, window 2048, H200, one run), though it spills about 220 bytes.
+    # registers (16k, window 2048, H200, one run), though it spills about 240 bytes.
     "dq": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "STACK": 2, "maxnreg": 128},
     # dk/dv tiles are key-major: the key tile is every product's M dimension, which Hopper's
     # warpgroup MMA needs (at least 64 per warpgroup: 128 keys over 8 warps); the row tiles
