@@ -20,6 +20,19 @@ def brute_force_keep(kb, allowed, sq, sk, w, causal):
     return keep
 
 
+def _plan_kernel_device() -> str:
+    """Where the triton plan kernels run: a GPU, or the CPU under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _assert_same_plans(expected, plan):
+    for name in ("key_first_row", "key_end_row", "candidates", "candidate_count", "full_count"):
+        assert torch.equal(getattr(expected, name).cpu(), getattr(plan, name).cpu()), name
+
+
 @pytest.mark.parametrize("engine", ["torch", "triton", "numba"])
 @pytest.mark.parametrize("seed", range(60))
 def test_interval_plan_matches_brute_force(seed, engine):
@@ -122,10 +135,7 @@ def test_single_row_triton_plan_over_many_key_chunks(window, scores):
     triton engine must give the torch engine's plan (checked above against brute force),
     padding and ties (which straddle chunks) included; "normal" scores need all three digit
     levels, "half" ones go without a padding mask."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _plan_kernel_device()
     g = torch.Generator().manual_seed(window)
     sk = 3000
     kb = torch.randint(0, 50, (2, 1, sk), generator=g).float()
@@ -138,8 +148,7 @@ def test_single_row_triton_plan_over_many_key_chunks(window, scores):
     problem, inputs = validate(q, k, k, key_bias=kb.to(device), window=window, causal=True,
                                key_padding_mask=None if scores == "half" else pad)
     plans = [build_interval_plan(problem, inputs, 64, engine=e) for e in ("torch", "triton")]
-    for name in ("key_first_row", "key_end_row", "candidates", "candidate_count", "full_count"):
-        assert torch.equal(getattr(plans[0], name).cpu(), getattr(plans[1], name).cpu()), name
+    _assert_same_plans(*plans)
 
 
 @pytest.mark.parametrize("case", [
@@ -157,14 +166,11 @@ def test_multi_row_triton_plan_over_many_key_chunks(case, monkeypatch):
     coarse count passes whole 4096-entry chunks first), and candidate programs that serve
     several consecutive blocks (each derived from the one before). The triton engine
     must give the torch engine's plan, full-first order included."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("plan kernels need CUDA or TRITON_INTERPRET=1 (the triton nox session)")
+    device = _plan_kernel_device()
     import dma.selection as selection
 
     monkeypatch.setattr(selection, "candidate_blocks_per_program",
                         lambda *args: case["per_program"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     sq, sk = case["sq"], case["sk"]
     g = torch.Generator().manual_seed(sq + sk + case["window"])
     if case.get("ties"):
@@ -181,5 +187,4 @@ def test_multi_row_triton_plan_over_many_key_chunks(case, monkeypatch):
     plans = [build_interval_plan(problem, inputs, case["block_m"], engine=e, full_first=True)
              for e in ("torch", "triton")]
     assert int(plans[0].candidate_count.max()) > 0
-    for name in ("key_first_row", "key_end_row", "candidates", "candidate_count", "full_count"):
-        assert torch.equal(getattr(plans[0], name).cpu(), getattr(plans[1], name).cpu()), name
+    _assert_same_plans(*plans)
