@@ -47,11 +47,16 @@ def test_last_entry_past_int32_offsets(backend, layout):
     q, do = queries(), queries()
     k, v = randn(batch, TOKENS, 1, HEAD_DIM), randn(batch, TOKENS, 1, HEAD_DIM)
     key_bias = randn(batch, 1, TOKENS)
-    # the entry checked: the last batch entry, or the last head of every entry
-    last = (slice(batch - 1, batch),) if layout == "batch" else (slice(None), slice(None),
-                                                                  slice(heads - 1, heads))
-    kv_last = last[:1]
-    assert q[last].data_ptr() - q.data_ptr() >= 2**31 * q.element_size()
+    # The entry checked, as indices of q (B, S, H, D), of k, v and key_bias, and of lse
+    # (B, H, S): the last batch entry, or the last head of every entry.
+    if layout == "batch":
+        last_q = last_kv = last_lse = (slice(batch - 1, batch),)
+    else:
+        last_head = slice(heads - 1, heads)
+        last_q = (slice(None), slice(None), last_head)
+        last_kv = ()  # every entry: k, v and key_bias serve all heads
+        last_lse = (slice(None), last_head)
+    assert q[last_q].data_ptr() - q.data_ptr() >= 2**31 * q.element_size()
 
     def run(q, k, v, key_bias, do):
         q = q.detach().requires_grad_(True)
@@ -61,10 +66,9 @@ def test_last_entry_past_int32_offsets(backend, layout):
         return o.detach(), lse, q.grad
 
     o, lse, dq = run(q, k, v, key_bias, do)
-    o_alone, lse_alone, dq_alone = run(q[last], k[kv_last], v[kv_last], key_bias[kv_last],
-                                       do[last])
-    lse_last = lse[last[:1] + (last[2],) if layout == "heads" else last]
-    assert torch.isfinite(o[last]).all()
-    assert torch.equal(o[last], o_alone)
-    assert torch.equal(lse_last, lse_alone)
-    torch.testing.assert_close(dq[last], dq_alone, rtol=1e-2, atol=1e-2)
+    o_alone, lse_alone, dq_alone = run(q[last_q], k[last_kv], v[last_kv], key_bias[last_kv],
+                                       do[last_q])
+    assert torch.isfinite(o[last_q]).all()
+    assert torch.equal(o[last_q], o_alone)
+    assert torch.equal(lse[last_lse], lse_alone)
+    torch.testing.assert_close(dq[last_q], dq_alone, rtol=1e-2, atol=1e-2)
