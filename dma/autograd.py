@@ -78,7 +78,11 @@ class AttentionFunction(torch.autograd.Function):
 
 
 def run(problem: Problem, inputs: Inputs, backend: Backend):
-    """Forward through the shared autograd function; returns (o, lse)."""
+    """Forward through the shared autograd function; returns (o, lse). Calls that need no
+    gradient (inference, `torch.no_grad()`) skip the autograd function and keep no plan."""
+    if not (problem.any_grad and torch.is_grad_enabled()):
+        o, lse, _ = forward_impl(problem, inputs, backend)
+        return o, lse
     return AttentionFunction.apply(
         problem, backend, inputs.attn_mask, inputs.key_padding_mask,
         inputs.q, inputs.k, inputs.v, inputs.key_bias, inputs.attn_bias,

@@ -64,15 +64,18 @@ def _getter(positions):
     return operator.itemgetter(*positions)
 
 
-_signatures: dict = {}  # kernel -> (argument names, their set, constexpr positions)
-_layouts: dict = {}  # (kernel, argument types) -> _ArgLayout
+# Both keyed by id(kernel): a JITFunction hashes its source's cache key in Python, twice per
+# launch otherwise. `_signatures` keeps each kernel alive, so that its id is never reused.
+_signatures: dict = {}  # id(kernel) -> (argument names, their set, constexpr positions, kernel)
+_layouts: dict = {}  # (id(kernel), argument types) -> _ArgLayout
 
 
 def _signature(kernel):
-    sig = _signatures.get(kernel)
+    sig = _signatures.get(id(kernel))
     if sig is None:
         names = tuple(kernel.arg_names)
-        sig = _signatures[kernel] = (names, frozenset(names), frozenset(kernel.constexprs))
+        sig = _signatures[id(kernel)] = (names, frozenset(names), frozenset(kernel.constexprs),
+                                         kernel)
     return sig
 
 
@@ -150,16 +153,16 @@ def _launch_direct(kernel, grid, args, kwargs) -> bool:
     as the pointer itself, where for a tensor it calls `data_ptr()` and asks the driver
     whether the address is a device one (the first launch of every specialisation, through
     Triton, still does)."""
-    names, name_set, constexpr = _signature(kernel)
+    names, name_set, constexpr, _ = _signature(kernel)
     n_args = len(args)
     if not kwargs.keys() >= _keyword_names(names, n_args):
         return False  # a parameter left to its default: let Triton bind it
     values = list(args)
     values += [kwargs[name] for name in names[n_args:]]
     types = tuple(map(type, values))
-    layout = _layouts.get((kernel, types))
+    layout = _layouts.get((id(kernel), types))
     if layout is None:
-        layout = _layouts[kernel, types] = _ArgLayout(constexpr, types)
+        layout = _layouts[id(kernel), types] = _ArgLayout(constexpr, types)
     tensor_spec = []
     for i in layout.tensors:
         tensor = values[i]
