@@ -12,9 +12,10 @@ The key is at least as fine as Triton's own: the arguments' types, tensors by dt
 bits, constexprs and launch options by value. Building it is a few C-level gathers per
 launch (`_ArgLayout`; about 17 us for a 76-argument kernel on a CPU host, 42 us for the
 former Python step per argument). The first call of a key goes through Triton's normal
-path (which compiles, or loads from its disk cache). Under TRITON_INTERPRET=1, with
-DMA_TRITON_DIRECT_LAUNCH=0, or if the installed Triton lacks the compiled kernel's launch
-interface, every call takes the normal path.
+path (which compiles, or loads from its disk cache). Kernels that Triton decorated for its
+interpreter (TRITON_INTERPRET=1 at import), every kernel with DMA_TRITON_DIRECT_LAUNCH=0, and
+every kernel if the installed Triton lacks the compiled kernel's launch interface take the
+normal path on every call.
 """
 
 from __future__ import annotations
@@ -123,9 +124,22 @@ def _driver():
     return _triton["driver"].active
 
 
-def direct_launch_enabled() -> bool:
-    return (_direct["ok"] and os.environ.get("TRITON_INTERPRET") != "1"
-            and os.environ.get("DMA_TRITON_DIRECT_LAUNCH", "1") != "0")
+def _interpreted(kernel) -> bool:
+    """Whether `kernel` runs under Triton's interpreter: Triton decides when it decorates a
+    function (TRITON_INTERPRET=1 then), so the kernel's type says it (no environment read
+    per launch)."""
+    if "interpreted" not in _triton:
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:  # no Triton (the launch tests' stand-in kernels)
+            InterpretedFunction = ()
+        _triton["interpreted"] = InterpretedFunction
+    return isinstance(kernel, _triton["interpreted"])
+
+
+def direct_launch_enabled(kernel) -> bool:
+    return (_direct["ok"] and os.environ.get("DMA_TRITON_DIRECT_LAUNCH", "1") != "0"
+            and not _interpreted(kernel))
 
 
 def run_kernel(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -136,7 +150,7 @@ def run_kernel(kernel, grid: tuple, *args, **kwargs) -> None:
     are written for it (the softmax's exp2 argument is one multiply-add per score), and
     Triton announces that its default turns it off from 3.10 on."""
     kwargs.setdefault("enable_fp_fusion", True)
-    if direct_launch_enabled():
+    if direct_launch_enabled(kernel):
         try:
             if _launch_direct(kernel, grid, args, kwargs):
                 return

@@ -120,3 +120,13 @@ def test_switched_off(direct, monkeypatch):
     for _ in range(2):
         triton_launch.run_kernel(kernel, (1,), x, 32, 0.5, BLOCK=16)
     assert len(kernel.bound) == 2 and not kernel.direct
+
+
+def test_an_interpreted_kernel_takes_tritons_path(direct, monkeypatch):
+    """A kernel that Triton decorated for its interpreter is launched through Triton on every
+    call, whatever the environment says at launch time (the fixture unset TRITON_INTERPRET)."""
+    monkeypatch.setitem(triton_launch._triton, "interpreted", FakeKernel)
+    kernel, x = FakeKernel(), torch.zeros(64)
+    for _ in range(2):
+        triton_launch.run_kernel(kernel, (1,), x, 32, 0.5, BLOCK=16)
+    assert len(kernel.bound) == 2 and not kernel.direct
