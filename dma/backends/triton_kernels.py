@@ -311,6 +311,28 @@ def _fwd_tile(
 
 
 @triton.jit
+def _query_block_tile(heads, group, seqlen_q, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, HEADS_PER_PROG: tl.constexpr):
+    """The forward's and dq's program: query block program_id(0) of HEADS_PER_PROG query
+    heads of one kv group (program_id(1) over batch x head groups), stacked into one tile.
+    Returns (block, b, first head h, kv head hk, each tile row's head and query row, the
+    rows as int64, which rows are real, the head dims, which dims are real); b and h are
+    int64, since b x batch stride and h x head stride may pass 2^31."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    programs_per_batch = heads // HEADS_PER_PROG
+    b = (bh // programs_per_batch).to(tl.int64)
+    h = (bh % programs_per_batch).to(tl.int64) * HEADS_PER_PROG
+    hk = h // group
+    tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
+    row_head = h + tile // BLOCK_M
+    rows = block * BLOCK_M + tile % BLOCK_M
+    dims = tl.arange(0, D_PAD)
+    return (block, b, h, hk, row_head, rows, rows.to(tl.int64), rows < seqlen_q, dims,
+            dims < HEAD_DIM)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE,
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h, slse_b, slse_h,
@@ -335,20 +357,9 @@ def _fwd_kernel(
     Split keys (decoding): program_id(2) walks only slots [split * split_slots, + split_slots)
     (a multiple of BLOCK_N) and writes its partial output and lse at split * so_split and
     split * slse_split; `_combine_splits_kernel` merges them. Unsplit: one split, all slots."""
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
+    block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok = _query_block_tile(
+        heads, group, seqlen_q, HEAD_DIM, D_PAD, BLOCK_M, HEADS_PER_PROG)
     split = tl.program_id(2)
-    programs_per_batch = heads // HEADS_PER_PROG
-    b = (bh // programs_per_batch).to(tl.int64)  # b x batch stride may pass 2^31
-    h = (bh % programs_per_batch).to(tl.int64) * HEADS_PER_PROG  # head strides may be big
-    hk = h // group
-    tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
-    row_head = h + tile // BLOCK_M
-    rows = block * BLOCK_M + tile % BLOCK_M
-    dims = tl.arange(0, D_PAD)
-    row_ok = rows < seqlen_q
-    dim_ok = dims < HEAD_DIM
-    rows64 = rows.to(tl.int64)
     q = tl.load(Q + b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
@@ -537,19 +548,8 @@ def _bwd_dq_kernel(
 ):
     """dq (and ds for d attn_bias, see `_write_bias_grad`) of one query block: the
     forward's walk, with the same head stacking."""
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
-    programs_per_batch = heads // HEADS_PER_PROG
-    b = (bh // programs_per_batch).to(tl.int64)
-    h = (bh % programs_per_batch).to(tl.int64) * HEADS_PER_PROG
-    hk = h // group
-    tile = tl.arange(0, HEADS_PER_PROG * BLOCK_M)
-    row_head = h + tile // BLOCK_M
-    rows = block * BLOCK_M + tile % BLOCK_M
-    dims = tl.arange(0, D_PAD)
-    row_ok = rows < seqlen_q
-    dim_ok = dims < HEAD_DIM
-    rows64 = rows.to(tl.int64)
+    block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok = _query_block_tile(
+        heads, group, seqlen_q, HEAD_DIM, D_PAD, BLOCK_M, HEADS_PER_PROG)
     qmask = row_ok[:, None] & dim_ok[None, :]
     q_off = b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :]
     q = tl.load(Q + q_off, mask=qmask, other=0.0)
