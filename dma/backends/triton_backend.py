@@ -278,7 +278,10 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
-        launch = LaunchArgs(problem, inputs, plan, float32_key_bias=True)
+        # Decoding gathers a few thousand keys once: a float32 copy of key_bias (a kernel
+        # and most of its bytes unread) would cost more than the prefetch it enables.
+        launch = LaunchArgs(problem, inputs, plan,
+                            float32_key_bias=problem.seqlen_q > DECODE_ROWS)
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
