@@ -29,6 +29,10 @@ from .triton_launch import run_kernel
 from .validation import SELECT_ROWWISE, Inputs, Problem
 
 PLAN_CHUNK = 1024  # keys per step of every plan kernel
+# Up to this many keys the triton plan sorts each row in one program (_sort_row_kernel):
+# one launch instead of torch's sort and its helper ops, which cost short rows more host
+# time than GPU time.
+SORT_IN_ONE_PROGRAM = 4096
 
 
 def plan_layout(problem: Problem) -> tuple[int, int]:
@@ -321,11 +325,18 @@ def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
     n, sk = scores.shape
     device = scores.device
     chunk = PLAN_CHUNK
-    positions, n_allowed = _sorted_keys_triton(scores, allowed)
     order32 = torch.empty(n, sk, dtype=torch.int32, device=device)
     ranks = torch.empty(n, sk, dtype=torch.int32, device=device)
-    run_kernel(kern._ranks_kernel, (-(-sk // chunk), n), positions, order32, ranks, sk,
-               CHUNK=chunk)
+    if sk <= SORT_IN_ONE_PROGRAM:
+        row = max(16, 1 << (sk - 1).bit_length())
+        n_allowed = torch.empty(n, dtype=torch.int32, device=device)
+        run_kernel(kern._sort_row_kernel, (n,), scores, *_allowed_args(allowed, scores),
+                   order32, ranks, n_allowed, scores.stride(0), sk, ROW=row,
+                   num_warps=8 if row <= 4096 else 16)  # 16 to 64 packed keys per thread
+    else:
+        positions, n_allowed = _sorted_keys_triton(scores, allowed)
+        run_kernel(kern._ranks_kernel, (-(-sk // chunk), n), positions, order32, ranks, sk,
+                   CHUNK=chunk)
     n_blocks = -(-problem.seqlen_q // block_m)
     tau = torch.empty(n, problem.seqlen_q, dtype=torch.int32, device=device)
     # Per block, room for 2 x block_m (rank, tag) events (int64): O(Sq) per plan head.

@@ -42,6 +42,7 @@ import triton.language as tl
 EVENT_TAG_BITS = tl.constexpr(16)  # an event packs (rank << 16) | tag; tag BLOCK_M: an old key
 EVENT_TAG_MASK = tl.constexpr(0xFFFF)
 NO_EVENT = tl.constexpr(9223372036854775807)  # sorts after every event
+INT64_MIN = tl.constexpr(-(2**63))  # sorts before every packed key (_sort_row_kernel)
 
 
 @triton.jit
@@ -277,6 +278,29 @@ def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, SO
     sort_key = tl.where(allowed, sortable, -2147483648)
     tl.store(SORT_KEYS + n * seqlen_k + seqlen_k - 1 - keys, sort_key, mask=keys < seqlen_k)
     tl.atomic_add(N_ALLOWED + n, tl.sum(allowed.to(tl.int32), 0))
+
+
+@triton.jit
+def _sort_row_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, ORDER, RANK,
+                     N_ALLOWED, sscore_n, seqlen_k, ROW: tl.constexpr):
+    """`_sort_keys_kernel`, the stable sort and `_ranks_kernel` in one program per plan head,
+    for rows of at most ROW keys (a power of two): each key's sort key and its index packed
+    into one int64, so that one descending sort orders keys best first and later keys first
+    among ties, as the stable sort does. Saves the host the sort's own launches."""
+    keys = tl.arange(0, ROW)
+    n = tl.program_id(0).to(tl.int64)
+    sortable, allowed = _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
+                                         keys, seqlen_k)
+    sort_key = tl.where(allowed, sortable, -2147483648).to(tl.int64)
+    # Slots past Sk pack as the smallest value (sort_key * 2^32 + key is never below it), so
+    # they end up last; the one real key that may equal it decodes the same.
+    packed = tl.where(keys < seqlen_k, (sort_key << 32) | keys.to(tl.int64), INT64_MIN)
+    ordered = tl.sort(packed, descending=True)
+    best_first = (ordered & 0xFFFFFFFF).to(tl.int32)
+    ok = keys < seqlen_k
+    tl.store(ORDER + n * seqlen_k + keys, best_first, mask=ok)
+    tl.store(RANK + n * seqlen_k + best_first, keys, mask=ok)
+    tl.store(N_ALLOWED + n, tl.sum(allowed.to(tl.int32), 0))
 
 
 @triton.jit
