@@ -442,21 +442,22 @@ def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
     return candidates, counts[:, 0], counts[:, 1]
 
 
-CANDIDATE_PROGRAM_BLOCKS = 16  # most blocks one candidate-list program serves
+CANDIDATE_PROGRAM_BLOCKS = 32  # most blocks one candidate-list program serves
 
 
 def candidate_blocks_per_program(n_blocks: int, block_m: int, window: int,
                                  seqlen_q: int) -> int:
     """Consecutive blocks per program of `_candidates_kernel`. One for short sequences in
     small blocks: there the full scans are short and a program per block fills the GPU.
-    Otherwise about 2 x window / block_m (up to CANDIDATE_PROGRAM_BLOCKS): the full scan of
-    every earlier key (blocks x keys in all) gives way to derived lists. Measured on an H200
-    (B1, 8 plan heads, window 2048): 128-row blocks at 16k tokens 1 (4: 12% slower), at 128k
-    16 (3.0x faster than 1, 1.4x than 4); 1024-row blocks at 16k and 128k 4 (1.3x and 1.7x
-    faster than 1, 1.3x than 16)."""
+    Otherwise about window / block_m (4 to CANDIDATE_PROGRAM_BLOCKS): the full scan of every
+    earlier key (blocks x keys in all) gives way to derived lists. Measured on an H200 (B1,
+    8 plan heads, window 2048, one run, us per call for 4 / 8 / 16 / 32 / 64 blocks per
+    program): 64-row blocks at 128k tokens 1244 / 924 / 823 / 734 / 942; 128-row blocks at
+    128k 669 / 529 / 450 / 538 / 765; 1024-row blocks at 128k 221 / 233 / 300 / 424 / 670, at
+    16k 85 / 84; at 16k tokens one block per program (128-row blocks: 4 was 12% slower)."""
     if seqlen_q < 32 * window and block_m < window // 4:
         return 1
-    per_program = max(1, min(CANDIDATE_PROGRAM_BLOCKS, 2 * window // block_m))
+    per_program = max(4, min(CANDIDATE_PROGRAM_BLOCKS, window // block_m))
     return min(per_program, max(1, n_blocks // 2))
 
 
