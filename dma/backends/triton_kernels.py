@@ -54,21 +54,31 @@ def _per_key(x, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _key_bias(keys64, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, HAS_KB: tl.constexpr):
+def _shared_head(h, hdiv):
+    """Head h's index in a tensor shared by groups of `hdiv` heads (key_bias, the plan,
+    masks, biases), as int64 for the products with strides. Each kernel takes it once, before
+    its key loops, and hands it to the tile helpers: a division inside them is not hoisted
+    out of the loops (the compiler may not speculate it), so the dense forward divided
+    again in every tile."""
+    return (h.to(tl.int32) // hdiv).to(tl.int64)
+
+
+@triton.jit
+def _key_bias(keys64, key_ok, b, KB, skb_b, skb_h, kb_head, HAS_KB: tl.constexpr):
     """key_bias of some keys of head h in float32 (0 without key_bias or for absent keys)."""
     kb = tl.zeros(keys64.shape, tl.float32)
     if HAS_KB:
-        kb = tl.load(KB + b * skb_b + (h // kb_hdiv) * skb_h + keys64, mask=key_ok,
+        kb = tl.load(KB + b * skb_b + kb_head * skb_h + keys64, mask=key_ok,
                      other=0.0).to(tl.float32)
     return kb
 
 
 @triton.jit
 def _key_terms(
-    keys, key_ok, b, h,
-    KB, skb_b, skb_h, kb_hdiv,
+    keys, key_ok, b,
+    KB, skb_b, skb_h, kb_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    FIRST, END, splan_b, splan_h, plan_head,
     HAS_KB: tl.constexpr, HAS_PAD: tl.constexpr, INTERVAL: tl.constexpr,
     ALL_KEPT: tl.constexpr = False,
 ):
@@ -77,13 +87,13 @@ def _key_terms(
     end) that keep each key (INTERVAL; absent keys read first = end = 0, kept by none), and
     which keys are usable (real and not padding; the dense case)."""
     keys64 = keys.to(tl.int64)
-    kb = _key_bias(keys64, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, HAS_KB)
+    kb = _key_bias(keys64, key_ok, b, KB, skb_b, skb_h, kb_head, HAS_KB)
     first = tl.zeros(keys.shape, tl.int32)
     end = tl.zeros(keys.shape, tl.int32)
     usable = key_ok
     if INTERVAL:
         if not ALL_KEPT:
-            plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
+            plan = b * splan_b + plan_head * splan_h + keys64
             first = tl.load(FIRST + plan, mask=key_ok, other=0)
             end = tl.load(END + plan, mask=key_ok, other=0)
     elif HAS_PAD:
@@ -93,9 +103,9 @@ def _key_terms(
 
 @triton.jit
 def _tile_scores(
-    qk, rows, keys, kb, first, end, usable, b, h,
-    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    qk, rows, keys, kb, first, end, usable, b,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_head,
+    AM, sam_b, sam_h, sam_r, sam_c, am_head,
     seqlen_q, causal_offset, scale, softcap,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
@@ -126,13 +136,13 @@ def _tile_scores(
         if CAUSAL:
             keep = keep & (_per_key(keys, KEY_MAJOR) <= row_ids + causal_offset)
         if HAS_AM:
-            am_ptr = (AM + b * sam_b + (h // am_hdiv) * sam_h
+            am_ptr = (AM + b * sam_b + am_head * sam_h
                       + _per_row(rows64, KEY_MAJOR) * sam_r + _per_key(keys64, KEY_MAJOR) * sam_c)
             keep = keep & (tl.load(am_ptr, mask=keep, other=0) != 0)
     if HAS_KB:
         t += _per_key(kb, KEY_MAJOR)
     if HAS_AB:
-        ab_ptr = (AB + b * sab_b + (h // ab_hdiv) * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
+        ab_ptr = (AB + b * sab_b + ab_head * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
                   + _per_key(keys64, KEY_MAJOR) * sab_c)
         t += tl.load(ab_ptr, mask=keep, other=0.0).to(tl.float32)
     if ALL_KEPT:
@@ -164,8 +174,8 @@ def _load_rows(base, rows64, row_stride, dims, row_ok, dim_ok):
 
 @triton.jit
 def _key_tile(
-    start, block, b, h, seqlen_k, key_limit,
-    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv,
+    start, block, b, seqlen_k, key_limit,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, plan_head,
     BLOCK_N: tl.constexpr, INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr = False,
     ALL_KEPT: tl.constexpr = False,
 ):
@@ -174,15 +184,15 @@ def _key_tile(
     ALL_KEPT: a tile of the block's fully kept candidates, all of them real."""
     offs = start + tl.arange(0, BLOCK_N)
     if INTERVAL and ALL_KEPT:
-        keys = tl.load(CAND + b * scand_b + (h // plan_hdiv) * scand_h + block * scand_blk + offs)
+        keys = tl.load(CAND + b * scand_b + plan_head * scand_h + block * scand_blk + offs)
         key_ok = tl.full([BLOCK_N], 1, tl.int1)
     elif INTERVAL:
-        base = b * scand_b + (h // plan_hdiv) * scand_h
-        count = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block)
+        base = b * scand_b + plan_head * scand_h
+        count = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + block)
         key_ok = offs < count
         keys = tl.load(CAND + base + block * scand_blk + offs, mask=key_ok, other=0)
     elif TILE_LIST:
-        base = b * scand_b + (h // plan_hdiv) * scand_h
+        base = b * scand_b + plan_head * scand_h
         tile = tl.load(CAND + base + block * scand_blk + start // BLOCK_N)
         keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < seqlen_k
@@ -193,16 +203,16 @@ def _key_tile(
 
 
 @triton.jit
-def _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset,
-                COUNT, scnt_b, scnt_h, plan_hdiv,
+def _tile_count(block, b, seqlen_q, seqlen_k, causal_offset,
+                COUNT, scnt_b, scnt_h, plan_head,
                 BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, INTERVAL: tl.constexpr,
                 TILE_LIST: tl.constexpr = False, BLOCK_N: tl.constexpr = 1):
     """How many key slots a query block walks: its candidate count, its live tiles times
     BLOCK_N, or its causal limit."""
     if INTERVAL:
-        n = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block)
+        n = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + block)
     elif TILE_LIST:
-        n = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + block) * BLOCK_N
+        n = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + block) * BLOCK_N
     else:
         n = seqlen_k
         if CAUSAL:
@@ -213,12 +223,12 @@ def _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset,
 
 @triton.jit
 def _row_tile_scores(
-    q, start, block, b, h, hk, rows, dims, dim_ok,
-    K, sk_b, sk_s, sk_h, KB, skb_b, skb_h, kb_hdiv,
-    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    q, start, block, b, hk, rows, dims, dim_ok,
+    K, sk_b, sk_s, sk_h, KB, skb_b, skb_h, kb_head,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_head,
+    AM, sam_b, sam_h, sam_r, sam_c, am_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    FIRST, END, splan_b, splan_h, plan_head,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
@@ -230,18 +240,18 @@ def _row_tile_scores(
     key tile (slots start..start + BLOCK_N). Returns the key ids (int32), the same ids as
     `_gathered_rows` gives them (for gathering the V rows), which are real, the tile's K
     rows, and `_tile_scores`' s and tanh."""
-    keys, key_ok = _key_tile(start, block, b, h, seqlen_k, n_slots, CAND, COUNT, scand_b,
-                             scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N,
+    keys, key_ok = _key_tile(start, block, b, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                             scand_h, scand_blk, scnt_b, scnt_h, plan_head, BLOCK_N,
                              INTERVAL, TILE_LIST, ALL_KEPT)
     key_rows = _gathered_rows(keys, WIDE_OFFSETS)
     k = _load_rows(K + b * sk_b + hk * sk_h, key_rows, sk_s, dims, key_ok, dim_ok)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     kb, first, end, usable = _key_terms(
-        keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
+        keys, key_ok, b, KB, skb_b, skb_h, kb_head, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_head, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
     s, th = _tile_scores(
-        qk, rows, keys, kb, first, end, usable, b, h,
-        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+        qk, rows, keys, kb, first, end, usable, b,
+        AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
         seqlen_q, causal_offset, scale, softcap,
         CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
     return keys, key_rows, key_ok, k, s, th
@@ -249,12 +259,12 @@ def _row_tile_scores(
 
 @triton.jit
 def _fwd_tile(
-    m_i, l_i, acc, q, start, block, b, h, hk, rows, dims, dim_ok,
-    K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_hdiv,
-    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    m_i, l_i, acc, q, start, block, b, hk, rows, dims, dim_ok,
+    K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_head,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_head,
+    AM, sam_b, sam_h, sam_r, sam_c, am_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    FIRST, END, splan_b, splan_h, plan_head,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
@@ -270,10 +280,10 @@ def _fwd_tile(
     per tile); float32 inputs add the row sums to column 0 (a float32 product would not run
     on the matrix unit)."""
     keys, key_rows, key_ok, k, s, th = _row_tile_scores(
-        q, start, block, b, h, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
-        KB, skb_b, skb_h, kb_hdiv, AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-        AM, sam_b, sam_h, sam_r, sam_c, am_hdiv, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_hdiv,
+        q, start, block, b, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
+        KB, skb_b, skb_h, kb_head, AB, sab_b, sab_h, sab_r, sab_c, ab_head,
+        AM, sam_b, sam_h, sam_r, sam_c, am_head, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_head,
         CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
         seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
         BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -359,6 +369,8 @@ def _fwd_kernel(
     split * slse_split; `_combine_splits_kernel` merges them. Unsplit: one split, all slots."""
     block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok = _query_block_tile(
         heads, group, seqlen_q, HEAD_DIM, D_PAD, BLOCK_M, HEADS_PER_PROG)
+    kb_head, ab_head = _shared_head(h, kb_hdiv), _shared_head(h, ab_hdiv)
+    am_head, plan_head = _shared_head(h, am_hdiv), _shared_head(h, plan_hdiv)
     split = tl.program_id(2)
     q = tl.load(Q + b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -366,23 +378,23 @@ def _fwd_kernel(
     m_i = tl.full([HEADS_PER_PROG * BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([HEADS_PER_PROG * BLOCK_M, 16], tl.float32)  # see _fwd_tile
     acc = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
-    n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
-                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
+    n_slots = _tile_count(block, b, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
+                          scnt_h, plan_head, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
     slot_lo = split * split_slots
     slot_hi = tl.minimum(n_slots, slot_lo + split_slots)
     if INTERVAL:
         # The plan lists first the candidates that every row of the block keeps: whole tiles
         # of them skip the per-pair test (most tiles; the block's few entering and leaving
         # keys come last).
-        cnt = b * scnt_b + (h // plan_hdiv) * scnt_h + block
+        cnt = b * scnt_b + plan_head * scnt_h + block
         full_hi = tl.load(FULL + cnt) // BLOCK_N * BLOCK_N
         full_hi = tl.maximum(tl.minimum(full_hi, slot_hi), slot_lo)
         for start in range(slot_lo, full_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(
-                m_i, l_i, acc, q, start, block, b, h, hk, rows, dims, dim_ok,
-                K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_hdiv,
-                AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+                m_i, l_i, acc, q, start, block, b, hk, rows, dims, dim_ok,
+                K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_head,
+                AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
+                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
                 CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
                 seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
                 BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -390,10 +402,10 @@ def _fwd_kernel(
         slot_lo = full_hi
     for start in range(slot_lo, slot_hi, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, q, start, block, b, h, hk, rows, dims, dim_ok,
-            K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_hdiv,
-            AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+            m_i, l_i, acc, q, start, block, b, hk, rows, dims, dim_ok,
+            K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_head,
+            AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
+            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
             CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
             seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
             BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -461,15 +473,15 @@ def _row_delta_kernel(OUT, DOUT, DELTA, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, s
 
 
 @triton.jit
-def _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
-                     sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
+def _write_bias_grad(ds, DAB, b, row_head, rows64, keys64, row_ok, key_ok,
+                     sdab_b, sdab_h, sdab_r, sdab_c, dab_head,
                      REDUCED: tl.constexpr, ROWS: tl.constexpr, KEYS: tl.constexpr):
     """A tile's ds into d attn_bias: stored at full size (B, H, Sq, Sk) per query head, or
     (REDUCED) added atomically into attn_bias's own shape (broadcast dims at stride 0),
     summed in registers first over the rows or keys the bias broadcasts (ROWS, KEYS: the
     bias has a row, key dim). Stacked heads share one bias head."""
     if REDUCED:
-        base = DAB + b * sdab_b + (h // dab_hdiv) * sdab_h
+        base = DAB + b * sdab_b + dab_head * sdab_h
         if ROWS and KEYS:
             tl.atomic_add(base + rows64[:, None] * sdab_r + keys64[None, :] * sdab_c, ds,
                           mask=row_ok[:, None] & key_ok[None, :])
@@ -486,13 +498,13 @@ def _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys64, row_ok, key_ok,
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, delta, start, block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok,
-    K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB, sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
-    KB, skb_b, skb_h, kb_hdiv,
-    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    dq, q, do, lse2, delta, start, block, b, hk, row_head, rows, rows64, row_ok, dims, dim_ok,
+    K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB, sdab_b, sdab_h, sdab_r, sdab_c, dab_head,
+    KB, skb_b, skb_h, kb_head,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_head,
+    AM, sam_b, sam_h, sam_r, sam_c, am_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    FIRST, END, splan_b, splan_h, plan_head,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
@@ -504,10 +516,10 @@ def _dq_tile(
     """One key tile (slots start..start + BLOCK_N) into dq (float32, unscaled), and its ds
     into d attn_bias."""
     keys, key_rows, key_ok, k, s, th = _row_tile_scores(
-        q, start, block, b, h, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
-        KB, skb_b, skb_h, kb_hdiv, AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-        AM, sam_b, sam_h, sam_r, sam_c, am_hdiv, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_hdiv,
+        q, start, block, b, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
+        KB, skb_b, skb_h, kb_head, AB, sab_b, sab_h, sab_r, sab_c, ab_head,
+        AM, sam_b, sam_h, sam_r, sam_c, am_head, PAD, spad_b,
+        FIRST, END, splan_b, splan_h, plan_head,
         CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
         seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
         BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -517,8 +529,8 @@ def _dq_tile(
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if NEED_DAB:
-        _write_bias_grad(ds, DAB, b, h, row_head, rows64, keys.to(tl.int64), row_ok, key_ok,
-                         sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv,
+        _write_bias_grad(ds, DAB, b, row_head, rows64, keys.to(tl.int64), row_ok, key_ok,
+                         sdab_b, sdab_h, sdab_r, sdab_c, dab_head,
                          DAB_REDUCED, DAB_ROWS, DAB_KEYS)
     dt = ds
     if SOFTCAP:
@@ -550,6 +562,9 @@ def _bwd_dq_kernel(
     forward's walk, with the same head stacking."""
     block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok = _query_block_tile(
         heads, group, seqlen_q, HEAD_DIM, D_PAD, BLOCK_M, HEADS_PER_PROG)
+    kb_head, ab_head = _shared_head(h, kb_hdiv), _shared_head(h, ab_hdiv)
+    am_head, plan_head = _shared_head(h, am_hdiv), _shared_head(h, plan_hdiv)
+    dab_head = _shared_head(h, dab_hdiv)
     qmask = row_ok[:, None] & dim_ok[None, :]
     q_off = b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :]
     q = tl.load(Q + q_off, mask=qmask, other=0.0)
@@ -561,19 +576,19 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + stat_off, mask=row_ok, other=0.0)
 
     dq = tl.zeros([HEADS_PER_PROG * BLOCK_M, D_PAD], tl.float32)
-    n_slots = _tile_count(block, b, h, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
-                          scnt_h, plan_hdiv, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
+    n_slots = _tile_count(block, b, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
+                          scnt_h, plan_head, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
     slot_lo = 0
     if INTERVAL:  # tiles of fully kept candidates first, untested (see _fwd_kernel)
-        cnt = b * scnt_b + (h // plan_hdiv) * scnt_h + block
+        cnt = b * scnt_b + plan_head * scnt_h + block
         slot_lo = tl.minimum(tl.load(FULL + cnt) // BLOCK_N * BLOCK_N, n_slots)
         for start in range(0, slot_lo, BLOCK_N):
             dq = _dq_tile(
-                dq, q, do, lse2, delta, start, block, b, h, hk, row_head, rows, rows64, row_ok,
+                dq, q, do, lse2, delta, start, block, b, hk, row_head, rows, rows64, row_ok,
                 dims, dim_ok, K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB,
-                sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv, KB, skb_b, skb_h, kb_hdiv,
-                AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+                sdab_b, sdab_h, sdab_r, sdab_c, dab_head, KB, skb_b, skb_h, kb_head,
+                AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
+                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
                 CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
                 seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
                 BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -581,11 +596,11 @@ def _bwd_dq_kernel(
                 ALL_KEPT=True)
     for start in range(slot_lo, n_slots, BLOCK_N):
         dq = _dq_tile(
-            dq, q, do, lse2, delta, start, block, b, h, hk, row_head, rows, rows64, row_ok,
+            dq, q, do, lse2, delta, start, block, b, hk, row_head, rows, rows64, row_ok,
             dims, dim_ok, K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB,
-            sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv, KB, skb_b, skb_h, kb_hdiv,
-            AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
-            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_hdiv,
+            sdab_b, sdab_h, sdab_r, sdab_c, dab_head, KB, skb_b, skb_h, kb_head,
+            AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
+            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
             CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
             seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
             BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -597,8 +612,8 @@ def _bwd_dq_kernel(
 def _accumulate_key_grads(
     dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
     rows, keys, kb, first, end, usable, dims, dim_ok, b, h,
-    AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
-    AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+    AB, sab_b, sab_h, sab_r, sab_c, ab_head,
+    AM, sam_b, sam_h, sam_r, sam_c, am_head,
     seqlen_q, causal_offset, scale, softcap,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -618,8 +633,8 @@ def _accumulate_key_grads(
     delta = tl.load(DELTA + b * slse_b + h * slse_h + rows, mask=row_ok, other=0.0)
     kq = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (keys, rows)
     s, th = _tile_scores(
-        kq, rows, keys, kb, first, end, usable, b, h,
-        AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
+        kq, rows, keys, kb, first, end, usable, b,
+        AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
         seqlen_q, causal_offset, scale, softcap,
         CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, KEY_MAJOR=True)
     p = tl.exp2(s * LOG2E - (lse * LOG2E)[None, :])
@@ -672,9 +687,11 @@ def _bwd_dkdv_keys_kernel(
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for g in range(0, group):
         h = hk * group + g
+        kb_head, ab_head = _shared_head(h, kb_hdiv), _shared_head(h, ab_hdiv)
+        am_head, plan_head = _shared_head(h, am_hdiv), _shared_head(h, plan_hdiv)
         # Rows that may keep a key of this tile.
         if INTERVAL:
-            plan = b * splan_b + (h // plan_hdiv) * splan_h + keys64
+            plan = b * splan_b + plan_head * splan_h + keys64
             first = tl.load(FIRST + plan, mask=key_ok, other=seqlen_q)
             end = tl.load(END + plan, mask=key_ok, other=0)
             row_lo = tl.min(tl.where(end > first, first, seqlen_q), 0)
@@ -687,22 +704,22 @@ def _bwd_dkdv_keys_kernel(
         row_lo = (row_lo // BLOCK_M) * BLOCK_M
         n_row_tiles = tl.cdiv(row_hi - row_lo, BLOCK_M)
         if TILE_LIST:
-            n_row_tiles = tl.load(COUNT + b * scnt_b + (h // plan_hdiv) * scnt_h + kblock)
+            n_row_tiles = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + kblock)
         kb, first, end, usable = _key_terms(
-            keys, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, PAD, spad_b,
-            FIRST, END, splan_b, splan_h, plan_hdiv, HAS_KB, HAS_PAD, INTERVAL)
+            keys, key_ok, b, KB, skb_b, skb_h, kb_head, PAD, spad_b,
+            FIRST, END, splan_b, splan_h, plan_head, HAS_KB, HAS_PAD, INTERVAL)
         dkb = tl.zeros([BLOCK_N], tl.float32)
         for t in range(0, n_row_tiles):
             row_start = row_lo + t * BLOCK_M
             if TILE_LIST:
-                row_start = tl.load(CAND + b * scand_b + (h // plan_hdiv) * scand_h
+                row_start = tl.load(CAND + b * scand_b + plan_head * scand_h
                                     + kblock * scand_blk + t) * BLOCK_M
             rows = row_start + tl.arange(0, BLOCK_M)
             dk, dv, dkb = _accumulate_key_grads(
                 dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
                 rows, keys, kb, first, end, usable, dims, dim_ok, b, h,
-                AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv, AM, sam_b, sam_h, sam_r, sam_c,
-                am_hdiv, seqlen_q, causal_offset, scale, softcap, CAUSAL, HAS_KB, HAS_AB,
+                AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c,
+                am_head, seqlen_q, causal_offset, scale, softcap, CAUSAL, HAS_KB, HAS_AB,
                 HAS_AM, SOFTCAP, INTERVAL, DOT_PRECISION)
         if NEED_DKB:
             tl.store(DKB + b * sdkb_b + h * sdkb_h + keys64, dkb, mask=key_ok)
@@ -736,14 +753,15 @@ def _bwd_dkdv_candidates_kernel(
     b = (bp // programs_per_batch).to(tl.int64)
     h0 = (bp % programs_per_batch).to(tl.int64) * heads_per_program
     hk = h0 // group
+    plan_head = _shared_head(h0, plan_hdiv)  # one plan for the program's heads
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < HEAD_DIM
     row_base = block * ROWS_PER_PROGRAM
     row_end = tl.minimum(row_base + ROWS_PER_PROGRAM, seqlen_q)
-    n_slots = tl.load(COUNT + b * scnt_b + (h0 // plan_hdiv) * scnt_h + block)
+    n_slots = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + block)
     for start in range(split * BLOCK_N, n_slots, key_split * BLOCK_N):
-        keys, key_ok = _key_tile(start, block, b, h0, seqlen_k, n_slots, CAND, COUNT, scand_b,
-                                 scand_h, scand_blk, scnt_b, scnt_h, plan_hdiv, BLOCK_N, True)
+        keys, key_ok = _key_tile(start, block, b, seqlen_k, n_slots, CAND, COUNT, scand_b,
+                                 scand_h, scand_blk, scnt_b, scnt_h, plan_head, BLOCK_N, True)
         keys64 = keys.to(tl.int64)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k = _load_rows(K + b * sk_b + hk * sk_h, keys64, sk_s, dims, key_ok,
@@ -751,7 +769,7 @@ def _bwd_dkdv_candidates_kernel(
         v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
                        dim_ok)
         # The rows of this block that the tile's key intervals reach.
-        plan = b * splan_b + (h0 // plan_hdiv) * splan_h + keys64
+        plan = b * splan_b + plan_head * splan_h + keys64
         first = tl.load(FIRST + plan, mask=key_ok, other=0)
         end = tl.load(END + plan, mask=key_ok, other=0)
         live = key_ok & (end > first)
@@ -762,15 +780,16 @@ def _bwd_dkdv_candidates_kernel(
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         for g in range(0, heads_per_program):
             h = h0 + g
+            kb_head = _shared_head(h, kb_hdiv)
             # key_bias per head; the row intervals loaded above serve every head (one plan)
-            kb = _key_bias(keys64, key_ok, b, h, KB, skb_b, skb_h, kb_hdiv, HAS_KB)
+            kb = _key_bias(keys64, key_ok, b, KB, skb_b, skb_h, kb_head, HAS_KB)
             dkb = tl.zeros([BLOCK_N], tl.float32)
             for row_start in range(row_lo, row_hi, BLOCK_M):
                 rows = row_start + tl.arange(0, BLOCK_M)
                 dk, dv, dkb = _accumulate_key_grads(
                     dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
                     rows, keys, kb, first, end, key_ok, dims, dim_ok, b, h,
-                    KB, 0, 0, 0, 0, 1, KB, 0, 0, 0, 0, 1,
+                    KB, 0, 0, 0, 0, 0, KB, 0, 0, 0, 0, 0,
                     seqlen_q, causal_offset, scale, softcap,
                     False, HAS_KB, False, False, SOFTCAP, True, DOT_PRECISION)
             if NEED_DKB:
