@@ -1,18 +1,66 @@
 """Time the selection plan (tau, key intervals, candidate lists) on its own.
 
     python benchmarks/bench_plan.py --seqlens 16384 131072 --window 2048
+    python benchmarks/bench_plan.py --seqlens 2048 4096 8192 --sorts   # GPU
 
 Prints the plan time next to cuDNN dense causal forward on the same shape (GPU) so the
-"plan under 10% of the attention forward" budget can be read off directly.
+"plan under 10% of the attention forward" budget can be read off directly. With --sorts,
+instead: the triton plan's key intervals with each row sorted in one program and with
+torch's sort, GPU time (profiler) and host time per call (a loop, no synchronisation).
 """
 
 import argparse
+import time
 
 import torch
 
+import dma.selection as selection
 from dma.benchmarking import Shape, make_inputs, median_ms, sdpa_contender
 from dma.selection import build_interval_plan
 from dma.validation import validate
+
+
+def _gpu_us(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / reps
+
+
+def _host_us(fn, reps: int = 200) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - start) / reps * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def compare_sorts(problem, inputs, seqlen: int, plan_heads: int):
+    """The key intervals (sort, ranks, thresholds, intervals) with both sort paths."""
+    scores = selection.key_selection_scores(problem, inputs, 1, plan_heads)
+    scores = scores.reshape(plan_heads, seqlen).contiguous()
+    limit = selection.SORT_IN_ONE_PROGRAM
+    results, line = {}, f"{seqlen:8d}"
+    try:
+        for name, forced in (("torch sort", 0), ("one program", seqlen)):
+            selection.SORT_IN_ONE_PROGRAM = forced
+
+            def intervals():
+                return selection._key_intervals_triton(problem, scores, None, 64)
+
+            results[name] = intervals()
+            line += f" {_gpu_us(intervals):21.1f} {_host_us(intervals):8.1f}"
+    finally:
+        selection.SORT_IN_ONE_PROGRAM = limit
+    same = all(torch.equal(a, b) for a, b in zip(*results.values()))
+    print(line + ("  same" if same else "  DIFFERENT"))
 
 
 def main():
@@ -24,10 +72,22 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-m", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sorts", action="store_true",
+                        help="compare the triton plan's two sort paths (GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    if args.sorts:
+        print(f"{'seqlen':>8} {'torch sort: GPU us':>21} {'host us':>8} "
+              f"{'one program: GPU us':>21} {'host us':>8}")
+        for seqlen in args.seqlens:
+            shape = Shape(1, seqlen, args.heads, args.kv_heads, args.head_dim, args.window,
+                          dtype)
+            q, k, v, kb = make_inputs(shape, device)
+            problem, inputs = validate(q, k, v, key_bias=kb, window=args.window, causal=True)
+            compare_sorts(problem, inputs, seqlen, args.kv_heads)
+        return
     print(f"{'seqlen':>8} {'block_m':>8} {'plan ms':>9} {'dense fwd ms':>13} {'plan/dense':>11}"
           f" {'max cand':>9} {'plan MiB':>9}")
     for seqlen in args.seqlens:
