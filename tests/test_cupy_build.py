@@ -84,6 +84,20 @@ def test_host_fields_fill_every_params_field():
     assert np.isclose(packed["scale"][0], 64 ** -0.5)
 
 
+def test_pack_params_matches_a_field_by_field_struct():
+    # The one-call struct packing against numpy setting each field of the structured dtype.
+    problem, inputs = _problem(causal=True, softcap=30.0, scale=0.1)
+    fields = cupy_backend._fields(problem, LaunchArgs(problem, inputs, None))
+    fields = dict(fields, dq=2**63 + 16, seqlen_k=-3)  # the top pointer bit and a negative
+    reference = np.zeros(1, dtype=np.dtype(list(cupy_kernels.params_fields())))
+    for name, _ in cupy_kernels.params_fields():
+        reference[name] = fields[name]
+    packed = cupy_kernels.pack_params(fields)
+    assert packed.dtype == reference.dtype and packed.shape == (1,)
+    assert packed.tobytes() == reference.tobytes()
+    assert packed.flags.writeable
+
+
 def test_pack_params_rejects_missing_and_unknown_fields():
     fields = {name: 0 for name, _ in cupy_kernels.params_fields()}
     cupy_kernels.pack_params(fields)

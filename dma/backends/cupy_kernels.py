@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 import warnings
 from contextlib import ExitStack
 from functools import lru_cache
@@ -48,20 +49,31 @@ def params_fields() -> tuple:
     return tuple((name, kinds.get(kind, "uint64")) for kind, name in _FIELD.findall(body))
 
 
-def pack_params(fields: dict):
-    """One Params struct as a size-one numpy array (cupy passes those by value). Every field
-    must be given, and nothing else."""
+@lru_cache(maxsize=1)
+def _params_packing():
+    """(field names, their set, a struct format of them in order, the numpy dtype) for
+    `pack_params`. Every field is 8 bytes, so the struct has no padding."""
     import numpy as np
 
     layout = params_fields()
-    missing = [name for name, _ in layout if name not in fields]
-    extra = sorted(set(fields) - {name for name, _ in layout})
-    if missing or extra:
+    codes = {"uint64": "Q", "int64": "q", "float64": "d"}
+    names = tuple(name for name, _ in layout)
+    fmt = struct.Struct("<" + "".join(codes[kind] for _, kind in layout))
+    return names, frozenset(names), fmt, np.dtype(list(layout))
+
+
+def pack_params(fields: dict):
+    """One Params struct as a size-one numpy array (cupy passes those by value). Every field
+    must be given, and nothing else. Packed in one struct.pack call: setting a structured
+    array's fields one by one took about 64 us per launch for its 90 fields."""
+    import numpy as np
+
+    names, name_set, fmt, dtype = _params_packing()
+    if fields.keys() != name_set:
+        missing = [name for name in names if name not in fields]
+        extra = sorted(set(fields) - name_set)
         raise ValueError(f"Params fields: missing {missing}, unknown {extra}")
-    packed = np.zeros(1, dtype=np.dtype(list(layout)))
-    for name, _ in layout:
-        packed[name] = fields[name]
-    return packed
+    return np.frombuffer(bytearray(fmt.pack(*[fields[name] for name in names])), dtype=dtype)
 
 
 def _element_size(dtype: torch.dtype) -> int:
