@@ -35,7 +35,7 @@ def _pointer(t) -> int:
 def _vector_loads(problem: Problem, tensors) -> bool:
     """Whether every (seq, dim) row of q, k, v (and dout) is 16-byte aligned and whole
     vectors, so the kernels may load 16 bytes per thread."""
-    vec = 16 // torch.empty(0, dtype=problem.dtype).element_size()
+    vec = 16 // problem.dtype.itemsize
     if problem.head_dim % vec:
         return False
     return all(t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in t.stride()[:-1])

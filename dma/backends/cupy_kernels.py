@@ -77,7 +77,7 @@ def pack_params(fields: dict):
 
 
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def tile_size(dtype: torch.dtype, d_pad: int) -> int:
@@ -106,6 +106,7 @@ def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
     return tile, tile
 
 
+@lru_cache(maxsize=None)  # read on every launch
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv)."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
@@ -120,6 +121,7 @@ def dkdv_row_buffers(dtype: torch.dtype, d_pad: int) -> int:
     return 1 if d_pad * _element_size(dtype) >= 1024 else 2
 
 
+@lru_cache(maxsize=None)  # read on every launch
 def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """Dynamic shared memory of one program: the tiles its kernel declares."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
