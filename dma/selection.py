@@ -332,7 +332,7 @@ def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
         n_allowed = torch.empty(n, dtype=torch.int32, device=device)
         run_kernel(kern._sort_row_kernel, (n,), scores, *_allowed_args(allowed, scores),
                    order32, ranks, n_allowed, scores.stride(0), sk, ROW=row,
-                   num_warps=8 if row <= 4096 else 16)  # 16 to 64 packed keys per thread
+                   num_warps=8 if row <= 4096 else 16)  # at most 32 keys per thread
     else:
         positions, n_allowed = _sorted_keys_triton(scores, allowed)
         run_kernel(kern._ranks_kernel, (-(-sk // chunk), n), positions, order32, ranks, sk,
