@@ -64,6 +64,13 @@ def _shared_head(h, hdiv):
 
 
 @triton.jit
+def _shared_heads(h, kb_hdiv, ab_hdiv, am_hdiv, plan_hdiv):
+    """`_shared_head` of head h for key_bias, attn_bias, attn_mask and the plan."""
+    return (_shared_head(h, kb_hdiv), _shared_head(h, ab_hdiv), _shared_head(h, am_hdiv),
+            _shared_head(h, plan_hdiv))
+
+
+@triton.jit
 def _key_bias(keys64, key_ok, b, KB, skb_b, skb_h, kb_head, HAS_KB: tl.constexpr):
     """key_bias of some keys of head h in float32 (0 without key_bias or for absent keys)."""
     kb = tl.zeros(keys64.shape, tl.float32)
@@ -369,8 +376,8 @@ def _fwd_kernel(
     split * slse_split; `_combine_splits_kernel` merges them. Unsplit: one split, all slots."""
     block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok = _query_block_tile(
         heads, group, seqlen_q, HEAD_DIM, D_PAD, BLOCK_M, HEADS_PER_PROG)
-    kb_head, ab_head = _shared_head(h, kb_hdiv), _shared_head(h, ab_hdiv)
-    am_head, plan_head = _shared_head(h, am_hdiv), _shared_head(h, plan_hdiv)
+    kb_head, ab_head, am_head, plan_head = _shared_heads(h, kb_hdiv, ab_hdiv, am_hdiv,
+                                                        plan_hdiv)
     split = tl.program_id(2)
     q = tl.load(Q + b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -562,8 +569,8 @@ def _bwd_dq_kernel(
     forward's walk, with the same head stacking."""
     block, b, h, hk, row_head, rows, rows64, row_ok, dims, dim_ok = _query_block_tile(
         heads, group, seqlen_q, HEAD_DIM, D_PAD, BLOCK_M, HEADS_PER_PROG)
-    kb_head, ab_head = _shared_head(h, kb_hdiv), _shared_head(h, ab_hdiv)
-    am_head, plan_head = _shared_head(h, am_hdiv), _shared_head(h, plan_hdiv)
+    kb_head, ab_head, am_head, plan_head = _shared_heads(h, kb_hdiv, ab_hdiv, am_hdiv,
+                                                        plan_hdiv)
     dab_head = _shared_head(h, dab_hdiv)
     qmask = row_ok[:, None] & dim_ok[None, :]
     q_off = b * sq_b + row_head[:, None] * sq_h + rows64[:, None] * sq_s + dims[None, :]
@@ -687,8 +694,8 @@ def _bwd_dkdv_keys_kernel(
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for g in range(0, group):
         h = hk * group + g
-        kb_head, ab_head = _shared_head(h, kb_hdiv), _shared_head(h, ab_hdiv)
-        am_head, plan_head = _shared_head(h, am_hdiv), _shared_head(h, plan_hdiv)
+        kb_head, ab_head, am_head, plan_head = _shared_heads(h, kb_hdiv, ab_hdiv, am_hdiv,
+                                                            plan_hdiv)
         # Rows that may keep a key of this tile.
         if INTERVAL:
             plan = b * splan_b + plan_head * splan_h + keys64
