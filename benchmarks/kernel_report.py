@@ -9,8 +9,9 @@ Compiles each kernel of the triton backend, with its launch configuration from
 at the benchmark shape (bf16, head dim 128, causal, key_bias; the DMA case for the candidate
 kernels, consecutive keys for the dense ones) and prints, per kernel: shared memory, registers
 and spilled bytes (ptxas), warpgroup MMA and older MMA instructions, asynchronous copies
-(loads the pipeliner prefetches) and synchronous loads, and the waits on asynchronous copies
-inside the loops (a wait for 0 outstanding groups means nothing is in flight across tiles).
+(loads the pipeliner prefetches) and synchronous loads, integer divisions inside the
+innermost (per-tile) loops, and the waits on asynchronous copies inside the loops (a wait
+for 0 outstanding groups means nothing is in flight across tiles).
 Integer arguments are specialised as the benchmark's are: strides and lengths divisible by 16.
 """
 
@@ -122,6 +123,35 @@ def ptxas_report(ptx: str, arch: int) -> str:
     return f"{'?':>4} {'?':>6}"
 
 
+_INTEGER_DIVISION = re.compile(r"arith\.(divsi|divui|remsi|remui|floordivsi|ceildivsi) ")
+
+
+def innermost_loop_divisions(ttgir: str) -> int:
+    """Integer divisions and remainders inside innermost loops (the per-tile loops) of a
+    TTGIR module. The compiler may not hoist a division out of a loop, so one there runs
+    every tile: the dense forward's per-tile head division showed up as one here."""
+    stack = []  # per open region: None (not a loop) or [divisions, has an inner loop]
+    count = 0
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}") and stack:
+            closed = stack.pop()
+            if closed is not None and not closed[1]:
+                count += closed[0]
+        if re.search(r"\bscf\.(for|while)\b", text) and text.endswith("{"):
+            for region in stack:
+                if region is not None:
+                    region[1] = True
+            stack.append([0, False])
+        elif text.endswith("{"):
+            stack.append(None)
+        elif _INTEGER_DIVISION.search(text):
+            loops = [region for region in stack if region is not None]
+            if loops:
+                loops[-1][0] += 1
+    return count
+
+
 def report_line(kernel: str, compiled, arch: int) -> str:
     ttgir = compiled.asm["ttgir"]
     waits = re.findall(r"ttg\.async_wait .*?num = (\d+)", ttgir)
@@ -129,7 +159,8 @@ def report_line(kernel: str, compiled, arch: int) -> str:
             f"{ptxas_report(compiled.asm['ptx'], arch)} "
             f"{ttgir.count('ttng.warp_group_dot '):6} {ttgir.count('tt.dot '):5} "
             f"{ttgir.count('async_copy_global_to_local'):6} "
-            f"{len(re.findall(r'= tt.load ', ttgir)):5}   {','.join(waits) or '-'}")
+            f"{len(re.findall(r'= tt.load ', ttgir)):5} {innermost_loop_divisions(ttgir):4}   "
+            f"{','.join(waits) or '-'}")
 
 
 def main(argv=None):
@@ -144,7 +175,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"target sm_{args.arch}, {args.dtype}, head dim {args.head_dim}")
     print(f"{'kernel':16} {'shared':>10} {'regs':>4} {'spill':>6} {'wgmma':>6} {'mma':>5} "
-          f"{'async':>6} {'sync':>5}   async waits (outstanding groups)")
+          f"{'async':>6} {'sync':>5} {'div':>4}   async waits (outstanding groups)")
     lines = []
     for kernel in args.kernels:
         d_pad = LaunchArgs.padded_head_dim(args.head_dim)
