@@ -48,7 +48,9 @@ def triton(session):
     """On a GPU: the conformance suite for triton. Without one: the interpreter subset."""
     install(session, "test,triton")
     env = {} if HAS_GPU else {"TRITON_INTERPRET": "1"}
-    session.run("pytest", "-q", "tests/conformance", "tests/test_gpu_modes.py",
+    # The interpreter runs on the CPU: one test process per core (most of CI's time).
+    workers = [] if HAS_GPU else ["-n", "auto"]
+    session.run("pytest", "-q", *workers, "tests/conformance", "tests/test_gpu_modes.py",
                 "tests/test_selection.py", "tests/test_nn.py", "tests/test_triton_fitting.py",
                 "tests/test_triton_kernel_report.py", "-k", "triton", *session.posargs,
                 env=env)
