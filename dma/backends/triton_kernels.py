@@ -72,7 +72,8 @@ def _shared_heads(h, kb_hdiv, ab_hdiv, am_hdiv, plan_hdiv):
 
 @triton.jit
 def _key_bias(keys64, key_ok, b, KB, skb_b, skb_h, kb_head, HAS_KB: tl.constexpr):
-    """key_bias of some keys of head h in float32 (0 without key_bias or for absent keys)."""
+    """key_bias of some keys, from its head kb_head, in float32 (0 without key_bias or for
+    absent keys)."""
     kb = tl.zeros(keys64.shape, tl.float32)
     if HAS_KB:
         kb = tl.load(KB + b * skb_b + kb_head * skb_h + keys64, mask=key_ok,
