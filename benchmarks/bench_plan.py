@@ -10,12 +10,11 @@ torch's sort, GPU time (profiler) and host time per call (a loop, no synchronisa
 """
 
 import argparse
-import time
 
 import torch
 
 import dma.selection as selection
-from dma.benchmarking import Shape, make_inputs, median_ms, sdpa_contender
+from dma.benchmarking import Shape, host_and_wall_ms, make_inputs, median_ms, sdpa_contender
 from dma.selection import build_interval_plan
 from dma.validation import validate
 
@@ -28,18 +27,6 @@ def _gpu_us(fn, reps: int = 20) -> float:
             fn()
         torch.cuda.synchronize()
     return sum(e.self_device_time_total for e in prof.key_averages()) / reps
-
-
-def _host_us(fn, reps: int = 200) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - start) / reps * 1e6
-    torch.cuda.synchronize()
-    return host
 
 
 def compare_sorts(problem, inputs, seqlen: int, plan_heads: int):
@@ -59,7 +46,7 @@ def compare_sorts(problem, inputs, seqlen: int, plan_heads: int):
                 return selection._key_intervals_triton(problem, scores, None, 64)
 
             results[name] = intervals()
-            line += f" {_gpu_us(intervals):21.1f} {_host_us(intervals):8.1f}"
+            line += f" {_gpu_us(intervals):21.1f} {1e3 * host_and_wall_ms(intervals, 200)[0]:8.1f}"
     finally:
         selection.SORT_IN_ONE_PROGRAM = limit
     same = all(torch.equal(a, b) for a, b in zip(*results.values()))

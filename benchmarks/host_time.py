@@ -12,12 +12,11 @@ benchmark are). Then the same calls under cProfile, functions by own time.
 import argparse
 import cProfile
 import pstats
-import time
 
 import torch
 
 import dma
-from dma.benchmarking import Shape, make_inputs
+from dma.benchmarking import Shape, host_and_wall_ms, make_inputs
 
 
 def main():
@@ -41,17 +40,8 @@ def main():
                 dma.attention(q, k, v, key_bias=kb, window=args.window, causal=True,
                               backend=args.backend)
 
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.calls):
-            step()
-        issued = time.perf_counter()
-        torch.cuda.synchronize()
-        done = time.perf_counter()
-        print(f"{shape.label}: host {1e3 * (issued - start) / args.calls:.3f} ms per call, "
-              f"wall {1e3 * (done - start) / args.calls:.3f} ms per call")
+        host, wall = host_and_wall_ms(step, args.calls)
+        print(f"{shape.label}: host {host:.3f} ms per call, wall {wall:.3f} ms per call")
         if args.top:
             profiler = cProfile.Profile()
             profiler.enable()

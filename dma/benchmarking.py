@@ -87,6 +87,22 @@ def back_to_back_ms(fn: Callable, device: torch.device, calls: int) -> float:
     return 1e3 * (time.perf_counter() - t0) / calls
 
 
+def host_and_wall_ms(fn: Callable, calls: int, warmup: int = 5) -> tuple[float, float]:
+    """(host, wall) ms per call of `calls` CUDA calls issued without synchronising: host is
+    how long issuing them took, wall includes the GPU finishing. A call whose host time
+    exceeds its GPU time is host-bound."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return 1e3 * (issued - start) / calls, 1e3 * (done - start) / calls
+
+
 def median_ms(fn: Callable, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
     for _ in range(warmup):
         fn()
