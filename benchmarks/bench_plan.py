@@ -43,7 +43,7 @@ def compare_sorts(problem, inputs, seqlen: int, plan_heads: int):
             selection.SORT_IN_ONE_PROGRAM = forced
 
             def intervals():
-                return selection._key_intervals_triton(problem, scores, None, 64)
+                return selection._key_intervals_triton(problem, scores, None)
 
             results[name] = intervals()
             line += f" {_gpu_us(intervals):21.1f} {1e3 * host_and_wall_ms(intervals, 200)[0]:8.1f}"

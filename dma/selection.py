@@ -28,7 +28,13 @@ from .packages import installed
 from .triton_launch import run_kernel
 from .validation import SELECT_ROWWISE, Inputs, Problem
 
-PLAN_CHUNK = 1024  # keys per step of every plan kernel
+PLAN_CHUNK = 1024  # keys per step of every plan kernel except the thresholds
+# The row-threshold kernel's rows per program and keys per scan step (its coarse count takes
+# 4 x that). On an H200 (B1, 8 plan heads, window 2048, us per call): 32 rows and 512 keys
+# took 52.6 at 16k tokens and 436 at 128k, against 65.5 and 485 for the plan's 64-row blocks
+# and 1024 keys; 128 rows took 93 and 701; 1, 2 or 8 warps were slower.
+THRESHOLD_ROWS = 32
+THRESHOLD_CHUNK = 512
 # Up to this many keys the triton plan sorts each row in one program (_sort_row_kernel):
 # one launch instead of torch's sort and its helper ops, which cost short rows more host
 # time than GPU time.
@@ -197,7 +203,7 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
         full = counts  # one row: every candidate is kept by all the block's rows
     else:
         if engine == "triton":
-            first_row, end_row = _key_intervals_triton(problem, scores, allowed, block_m)
+            first_row, end_row = _key_intervals_triton(problem, scores, allowed)
         else:
             first_row, end_row = _key_intervals(problem, scores, allowed, engine)
         candidates, counts, full = _candidate_lists_by(engine, problem, first_row, end_row,
@@ -306,19 +312,23 @@ def _allowed_args(allowed, stand_in) -> tuple:
 def _sorted_keys_triton(scores, allowed):
     """The sort positions of `best_first_order` (Sk - 1 - key, best first) and the allowed
     count per row: one kernel and one sort of int32 keys (half the passes of the int64
-    score-and-index keys that `best_first_order` sorts)."""
+    score-and-index keys that `best_first_order` sorts), of int16 keys for bfloat16 scores
+    (half again)."""
     from . import selection_kernels as kern
 
     n, sk = scores.shape
-    sort_keys = torch.empty(n, sk, dtype=torch.int32, device=scores.device)
+    short_keys = scores.dtype == torch.bfloat16
+    sort_keys = torch.empty(n, sk, dtype=torch.int16 if short_keys else torch.int32,
+                            device=scores.device)
     n_allowed = torch.zeros(n, dtype=torch.int32, device=scores.device)
     run_kernel(kern._sort_keys_kernel, (-(-sk // PLAN_CHUNK), n), scores, *_allowed_args(allowed,
-               scores), sort_keys, n_allowed, scores.stride(0), sk, CHUNK=PLAN_CHUNK)
+               scores), sort_keys, n_allowed, scores.stride(0), sk, CHUNK=PLAN_CHUNK,
+               SHORT_KEYS=short_keys)
     positions = torch.sort(sort_keys, dim=-1, descending=True, stable=True).indices
     return positions, n_allowed
 
 
-def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
+def _key_intervals_triton(problem: Problem, scores, allowed):
     """The same intervals in five launches (selection_kernels.py)."""
     from . import selection_kernels as kern
 
@@ -337,15 +347,18 @@ def _key_intervals_triton(problem: Problem, scores, allowed, block_m: int):
         positions, n_allowed = _sorted_keys_triton(scores, allowed)
         run_kernel(kern._ranks_kernel, (-(-sk // chunk), n), positions, order32, ranks, sk,
                    CHUNK=chunk)
-    n_blocks = -(-problem.seqlen_q // block_m)
+    # Thresholds are per row: their blocks need not be the plan's. THRESHOLD_ROWS rows and
+    # THRESHOLD_CHUNK keys per scan step are the fastest measured (see the constants).
+    rows = THRESHOLD_ROWS
+    n_blocks = -(-problem.seqlen_q // rows)
     tau = torch.empty(n, problem.seqlen_q, dtype=torch.int32, device=device)
-    # Per block, room for 2 x block_m (rank, tag) events (int64): O(Sq) per plan head.
-    events = torch.empty(n, n_blocks * 2 * block_m, dtype=torch.int64, device=device)
+    # Per block, room for 2 x rows (rank, tag) events (int64): O(Sq) per plan head.
+    events = torch.empty(n, n_blocks * 2 * rows, dtype=torch.int64, device=device)
     run_kernel(kern._row_threshold_kernel, (n_blocks, n),
         order32, ranks, n_allowed, tau, events, order32.stride(0), tau.stride(0),
         events.stride(0), problem.seqlen_q, sk, problem.causal_offset, problem.window,
-        CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=chunk, SCAN_CHUNK=4 * chunk,
-        ECHUNK=min(32, 2 * block_m),
+        CAUSAL=problem.causal, BLOCK_M=rows, CHUNK=THRESHOLD_CHUNK,
+        SCAN_CHUNK=4 * THRESHOLD_CHUNK, ECHUNK=min(32, 2 * rows),
     )
     first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
     end_row = torch.empty(n, sk, dtype=torch.int32, device=device)

@@ -5,8 +5,9 @@ The whole plan takes five launches (the torch path in selection.py takes about f
 ops, whose launch overhead dominated the plan's time on GPUs):
 
 * `_sort_keys_kernel`: per chunk of keys of a plan head, the int32 sort key of every key (the
-  score's order-preserving bits; disallowed keys get the smallest value), stored in reverse
-  key order, and the number of allowed keys; then one stable torch.sort (descending) gives
+  score's order-preserving bits, int16 for bfloat16 scores; disallowed keys get the smallest
+  value), stored in reverse key order, and the number of allowed keys; then one stable
+  torch.sort (descending) gives
   `order` (keys best first, later keys first among ties);
 * `_ranks_kernel`: `order` as int32 and its inverse `rank`;
 * `_row_threshold_kernel` and `_candidates_kernel` below, one program per (query block,
@@ -266,16 +267,21 @@ def _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.cons
 
 @triton.jit
 def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, SORT_KEYS,
-                      N_ALLOWED, sscore_n, seqlen_k, CHUNK: tl.constexpr):
+                      N_ALLOWED, sscore_n, seqlen_k, CHUNK: tl.constexpr,
+                      SHORT_KEYS: tl.constexpr):
     """One chunk of keys of one plan head: the int32 sort key of key j (its score's
     order-preserving bits; the smallest int32, which no score takes, if disallowed) at
     position Sk - 1 - j, so that a stable descending sort puts later keys first among ties.
-    N_ALLOWED (zeroed) gathers the allowed count."""
+    With SHORT_KEYS (bfloat16 scores, whose float32 bits below the top 16 are zero) the
+    top 16 bits as int16 keep the same order in half the sort's passes. N_ALLOWED (zeroed)
+    gathers the allowed count."""
     keys = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     n = tl.program_id(1).to(tl.int64)
     sortable, allowed = _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
                                          keys, seqlen_k)
     sort_key = tl.where(allowed, sortable, -2147483648)
+    if SHORT_KEYS:
+        sort_key = (sort_key >> 16).to(tl.int16)  # the smallest int32 becomes the smallest int16
     tl.store(SORT_KEYS + n * seqlen_k + seqlen_k - 1 - keys, sort_key, mask=keys < seqlen_k)
     tl.atomic_add(N_ALLOWED + n, tl.sum(allowed.to(tl.int32), 0))
 
