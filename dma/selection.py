@@ -248,7 +248,8 @@ def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: st
 
 def _single_row_plan_triton(scores, allowed, window: int, width: int):
     """The decoding plan without a sort: a radix select of the window-th best score in three
-    histogram launches, then per chunk the kept counts and the plan (selection_kernels.py)."""
+    histogram launches (two for 16-bit scores), then per chunk the kept counts and the plan
+    (selection_kernels.py)."""
     from . import selection_kernels as kern
 
     n, sk = scores.shape
@@ -262,14 +263,17 @@ def _single_row_plan_triton(scores, allowed, window: int, width: int):
     counts = torch.empty(n, 1, dtype=torch.int32, device=device)
     grid = (n_chunks, n)
     keys = (scores, scores.stride(0), *_allowed_args(allowed, scores), hist, hist.stride(0))
-    for level in range(3):
+    # 16-bit scores are told apart by their first two digits (selection_kernels.py)
+    levels = 2 if scores.element_size() == 2 else 3
+    for level in range(levels):
         run_kernel(kern._decode_histogram_kernel, grid, *keys, sk, window, LEVEL=level,
                    CHUNK=PLAN_CHUNK)
     run_kernel(kern._decode_chunk_counts_kernel, grid, *keys, chunk_counts, n_chunks, sk,
-               window, CHUNK=PLAN_CHUNK)
+               window, CHUNK=PLAN_CHUNK, LEVELS=levels)
     run_kernel(kern._decode_plan_kernel, grid, *keys, chunk_counts, first_row, end_row,
                candidates, counts, candidates.stride(0), n_chunks, sk, window, width,
-               CHUNK=PLAN_CHUNK, CHUNKS_PAD=1 << max(0, (n_chunks - 1).bit_length()))
+               CHUNK=PLAN_CHUNK, CHUNKS_PAD=1 << max(0, (n_chunks - 1).bit_length()),
+               LEVELS=levels)
     return first_row, end_row, candidates, counts
 
 

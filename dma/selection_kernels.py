@@ -360,7 +360,10 @@ def _key_intervals_kernel(RANK, TAU, ALLOWED, sallowed_n, HAS_ALLOWED: tl.conste
 # higher digits equal the chosen ones, and the next launch picks, from that histogram, the
 # bin holding the window-th best. Every program re-derives the chosen bins from the small
 # histograms (2048 counts), so no launch waits for a reduction. Ties at the threshold go to
-# the later keys, as in the general plan.
+# the later keys, as in the general plan. 16-bit scores need two levels only: their float32
+# bits below the top 19 are zero, so keys that share the first two digits share all 32 bits
+# (the last digit is the same for all of them), and the second histogram's bin counts the
+# ties.
 
 BINS = tl.constexpr(2048)  # per histogram: 2^11, the widest digit
 
@@ -429,12 +432,17 @@ def _decode_histogram_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED:
 
 
 @triton.jit
-def _decode_keep(value, allowed, hist, window, n_allowed):
+def _decode_keep(value, allowed, hist, window, n_allowed, LEVELS: tl.constexpr):
     """(kept above the threshold, tied at it) for some keys, and how many of all the tied
     keys (the first ones by index) are dropped. A head with at most `window` allowed keys
-    keeps all."""
-    threshold, need = _chosen_prefix(hist, window, 3)
-    dropped = tl.load(hist + 2 * BINS + (threshold & 1023)) - need
+    keeps all. With LEVELS == 2 the first two digits stand for the whole value."""
+    threshold, need = _chosen_prefix(hist, window, LEVELS)
+    if LEVELS == 3:
+        dropped = tl.load(hist + 2 * BINS + (threshold & 1023)) - need
+    else:
+        threshold = threshold >> 10
+        value = value >> 10
+        dropped = tl.load(hist + BINS + (threshold & 2047)) - need
     # Keeping everything (the histograms past level 0 are then empty): a threshold below
     # every value (values are >= 0)
     everything = n_allowed <= window
@@ -446,7 +454,8 @@ def _decode_keep(value, allowed, hist, window, n_allowed):
 @triton.jit
 def _decode_chunk_counts_kernel(SCORES, sscore_n, ALLOWED, sallowed_n,
                                 HAS_ALLOWED: tl.constexpr, HIST, shist_n, CHUNK_COUNTS,
-                                n_chunks, seqlen_k, window, CHUNK: tl.constexpr):
+                                n_chunks, seqlen_k, window, CHUNK: tl.constexpr,
+                                LEVELS: tl.constexpr):
     """Per chunk of keys: how many are kept above the threshold, and how many tie at it."""
     chunk = tl.program_id(0)
     keys = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -454,7 +463,7 @@ def _decode_chunk_counts_kernel(SCORES, sscore_n, ALLOWED, sallowed_n,
     hist = HIST + n * shist_n
     value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
                                    seqlen_k)
-    above, tied, _ = _decode_keep(value, allowed, hist, window, tl.load(hist + 3 * BINS))
+    above, tied, _ = _decode_keep(value, allowed, hist, window, tl.load(hist + 3 * BINS), LEVELS)
     out = CHUNK_COUNTS + (n * n_chunks + chunk) * 2
     tl.store(out, tl.sum(above.to(tl.int32), 0))
     tl.store(out + 1, tl.sum(tied.to(tl.int32), 0))
@@ -463,7 +472,8 @@ def _decode_chunk_counts_kernel(SCORES, sscore_n, ALLOWED, sallowed_n,
 @triton.jit
 def _decode_plan_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, HIST,
                         shist_n, CHUNK_COUNTS, FIRST, END, CAND, COUNT, scand_n, n_chunks,
-                        seqlen_k, window, width, CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr):
+                        seqlen_k, window, width, CHUNK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
+                        LEVELS: tl.constexpr):
     """The plan of one chunk of keys: kept keys get the row interval [0, 1), the others
     [0, 0), and kept keys take their ascending slot in the candidate list (kept keys in
     earlier chunks, plus a scan of this one). Of the keys tied at the threshold the first
@@ -476,7 +486,7 @@ def _decode_plan_kernel(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.c
     n_allowed = tl.load(hist + 3 * BINS)
     value, allowed = _sortable_u32(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n, keys,
                                    seqlen_k)
-    above, tied, dropped = _decode_keep(value, allowed, hist, window, n_allowed)
+    above, tied, dropped = _decode_keep(value, allowed, hist, window, n_allowed, LEVELS)
     others = tl.arange(0, CHUNKS_PAD)
     counts = CHUNK_COUNTS + (n * n_chunks + others) * 2
     earlier = others < chunk
