@@ -7,8 +7,7 @@ ops, whose launch overhead dominated the plan's time on GPUs):
 * `_sort_keys_kernel`: per chunk of keys of a plan head, the int32 sort key of every key (the
   score's order-preserving bits, int16 for bfloat16 scores; disallowed keys get the smallest
   value), stored in reverse key order, and the number of allowed keys; then one stable
-  torch.sort (descending) gives
-  `order` (keys best first, later keys first among ties);
+  torch.sort (descending) gives `order` (keys best first, later keys first among ties);
 * `_ranks_kernel`: `order` as int32 and its inverse `rank`;
 * `_row_threshold_kernel` and `_candidates_kernel` below, one program per (query block,
   plan head), between which `_key_intervals_kernel` turns the thresholds into each key's row
