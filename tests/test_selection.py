@@ -203,3 +203,27 @@ def test_multi_row_triton_plan_over_many_key_chunks(case, monkeypatch):
              for e in ("torch", "triton")]
     assert int(plans[0].candidate_count.max()) > 0
     _assert_same_plans(*plans)
+
+
+@pytest.mark.parametrize("rows,chunk", [(16, 256), (64, 1024), (128, 512)])
+def test_triton_thresholds_do_not_depend_on_their_launch_shape(rows, chunk, monkeypatch):
+    """The row-threshold kernel's rows per program and scan step are tuning only: any of
+    them must give the torch engine's plan (ties and padding included), with the window
+    smaller and larger than a program's rows."""
+    device = _plan_kernel_device()
+    import dma.selection as selection
+
+    monkeypatch.setattr(selection, "THRESHOLD_ROWS", rows)
+    monkeypatch.setattr(selection, "THRESHOLD_CHUNK", chunk)
+    g = torch.Generator().manual_seed(rows)
+    sk = 1500
+    kb = torch.randint(0, 40, (1, 1, sk), generator=g).float()
+    pad = (torch.rand(1, sk, generator=g) > 0.1).to(device)
+    q = torch.randn(1, 400, 2, 8, device=device)
+    k = torch.randn(1, sk, 1, 8, device=device)
+    for window in (100, 600):
+        problem, inputs = validate(q, k, k, key_bias=kb.to(device), window=window,
+                                   causal=True, key_padding_mask=pad)
+        plans = [build_interval_plan(problem, inputs, 64, engine=e, full_first=True)
+                 for e in ("torch", "triton")]
+        _assert_same_plans(*plans)
