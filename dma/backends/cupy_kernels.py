@@ -76,14 +76,10 @@ def pack_params(fields: dict):
     return np.frombuffer(bytearray(fmt.pack(*[fields[name] for name in names])), dtype=dtype)
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
-
 def tile_size(dtype: torch.dtype, d_pad: int) -> int:
     """Query rows (forward, dq) and keys (dk/dv) per tile: 64, or 32 when a row of the tile
     is over 256 bytes."""
-    return 64 if d_pad * _element_size(dtype) <= 256 else 32
+    return 64 if d_pad * dtype.itemsize <= 256 else 32
 
 
 def warp_rows(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
@@ -118,7 +114,7 @@ def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
 def dkdv_row_buffers(dtype: torch.dtype, d_pad: int) -> int:
     """Buffers of (Q, dO) row tiles in dk/dv: two (the next tile's copies overlap this one's
     products) unless a row is 1 KiB or more (ROW_BUFFERS in dma_attention.cuh)."""
-    return 1 if d_pad * _element_size(dtype) >= 1024 else 2
+    return 1 if d_pad * dtype.itemsize >= 1024 else 2
 
 
 @lru_cache(maxsize=None)  # read on every launch
@@ -138,7 +134,7 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     else:  # k, v; q, do (one or two buffers)
         elements = (2 * block_n * rows + 2 * dkdv_row_buffers(dtype, d_pad) * block_m * rows
                     + staging * block_n * (block_m + SMEM_PAD))
-    return elements * _element_size(dtype)
+    return elements * dtype.itemsize
 
 
 def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
