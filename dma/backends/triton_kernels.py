@@ -335,8 +335,11 @@ def _query_block_tile(heads, group, seqlen_q, HEAD_DIM: tl.constexpr, D_PAD: tl.
     heads of one kv group (program_id(1) over batch x head groups), stacked into one tile.
     Returns (block, b, first head h, kv head hk, each tile row's head and query row, the
     rows as int64, which rows are real, the head dims, which dims are real); b and h are
-    int64, since b x batch stride and h x head stride may pass 2^31."""
-    block = tl.program_id(0)
+    int64, since b x batch stride and h x head stride may pass 2^31.
+
+    Blocks run last to first: under causal masking the later blocks hold the most keys, and
+    starting the longest programs first leaves the short ones to fill the last wave."""
+    block = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     programs_per_batch = heads // HEADS_PER_PROG
     b = (bh // programs_per_batch).to(tl.int64)

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
     __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32;
-    const long long row0 = (long long)blockIdx.x * BLOCK_M;
+    const long long row0 = last_first_block() * BLOCK_M;
     const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
     const ScoreInputs<E> in(p, b, h);
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
     __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32;
-    const long long row0 = (long long)blockIdx.x * BLOCK_M;
+    const long long row0 = last_first_block() * BLOCK_M;
     const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
     const ScoreInputs<E> in(p, b, h);
     const long long q_off = b * p.sq_b + h * p.sq_h;

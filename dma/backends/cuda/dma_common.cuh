@@ -19,6 +19,11 @@ DMA_DEVICE float fast_exp2(float x) {
 DMA_DEVICE long long lmin(long long a, long long b) { return a < b ? a : b; }
 DMA_DEVICE long long lmax(long long a, long long b) { return a > b ? a : b; }
 
+// The query block of a forward or dq program: last to first, since under causal masking the
+// later blocks hold the most keys, and starting the longest programs first leaves the short
+// ones to fill the last wave.
+DMA_DEVICE long long last_first_block() { return (long long)(gridDim.x - 1 - blockIdx.x); }
+
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 // tanh(x) = 1 - 2 / (e^2x + 1) through the special-function unit (absolute error about
