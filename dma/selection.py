@@ -91,8 +91,9 @@ class IntervalPlan:
     key_first_row: torch.Tensor  # (batch, heads, Sk) int32: first row that keeps key j
     key_end_row: torch.Tensor  # (batch, heads, Sk) int32: rows [first, end) keep key j
     # (batch, heads, n_blocks, max_candidates) int32, -1 pad: the keys any row of the block
-    # keeps, ascending; with `full_first`, the keys every row of the block keeps come first
-    # (ascending), then the others (ascending).
+    # keeps, ascending; with `full_first`, the keys every row of the block keeps come first,
+    # then the others, each part in no set order (the triton engine may list a block's
+    # kept keys best first; the gathering kernels need no order).
     candidates: torch.Tensor
     candidate_count: torch.Tensor  # (batch, heads, n_blocks) int32
     # (batch, heads, n_blocks) int32: the block's first full_count candidates are kept by all
@@ -202,12 +203,13 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
                                                                   block_m, engine)
         full = counts  # one row: every candidate is kept by all the block's rows
     else:
+        ranking = None
         if engine == "triton":
-            first_row, end_row = _key_intervals_triton(problem, scores, allowed)
+            first_row, end_row, *ranking = _key_intervals_triton(problem, scores, allowed)
         else:
             first_row, end_row = _key_intervals(problem, scores, allowed, engine)
         candidates, counts, full = _candidate_lists_by(engine, problem, first_row, end_row,
-                                                       block_m, full_first)
+                                                       block_m, full_first, ranking)
     n_blocks = candidates.shape[1]
     return IntervalPlan(
         block_m=block_m,
@@ -333,7 +335,10 @@ def _sorted_keys_triton(scores, allowed):
 
 
 def _key_intervals_triton(problem: Problem, scores, allowed):
-    """The same intervals in five launches (selection_kernels.py)."""
+    """The same intervals in five launches (selection_kernels.py), and what the candidate
+    lists can scan instead of every earlier key: (first_row, end_row, order, tau, n_allowed),
+    int32: the keys best first (allowed ones first), each row's threshold as a position in
+    that order (Sk: the row keeps every allowed key it sees), the allowed count."""
     from . import selection_kernels as kern
 
     n, sk = scores.shape
@@ -371,7 +376,7 @@ def _key_intervals_triton(problem: Problem, scores, allowed):
         problem.seqlen_q, sk, problem.causal_offset, problem.seqlen_q.bit_length() + 1,
         CAUSAL=problem.causal, CHUNK=chunk,
     )
-    return first_row, end_row
+    return first_row, end_row, order32, tau, n_allowed
 
 
 def coarse_candidate_lists(problem: Problem, plan: IntervalPlan, block_m: int):
@@ -398,11 +403,13 @@ def _row_thresholds_torch(problem: Problem, ranks, allowed):
 
 
 def _candidate_lists_by(engine: str, problem: Problem, first_row, end_row, block_m: int,
-                        full_first: bool = False):
+                        full_first: bool = False, ranking=None):
     """(candidates, counts, full counts) of blocks of `block_m` rows from int32 (n, Sk)
-    intervals (see IntervalPlan.candidates)."""
+    intervals (see IntervalPlan.candidates); `ranking`: the (order, tau, n_allowed) of
+    `_key_intervals_triton`, if at hand."""
     if engine == "triton":
-        return _candidate_lists_triton(problem, first_row, end_row, block_m, full_first)
+        return _candidate_lists_triton(problem, first_row, end_row, block_m, full_first,
+                                       ranking)
     if engine == "numba":
         from .selection_numba import candidate_lists
 
@@ -432,38 +439,44 @@ def _row_thresholds_numba(problem: Problem, ranks, allowed):
 
 
 def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
-                            full_first: bool):
+                            full_first: bool, ranking=None):
     from .selection_kernels import _candidates_kernel
 
     # first_row is every key's causal start (as all engines write it): the kernel derives it
-    # and reads end rows only.
+    # and reads end rows only. With a ranking, a program's first block may find its first
+    # row's kept keys best first (fewer keys to scan for late blocks), which gives up the
+    # ascending order: only for full-first lists, whose order within each part is free.
+    rank_scan = full_first and ranking is not None
+    order, tau, n_allowed = ranking if rank_scan else (end_row, end_row, end_row)
     n, sk = first_row.shape
     device = first_row.device
     n_blocks = max(1, -(-problem.seqlen_q // block_m))
     width = min(sk, problem.window + block_m)
     per_program = candidate_blocks_per_program(n_blocks, block_m, problem.window,
-                                               problem.seqlen_q)
+                                               problem.seqlen_q, rank_scan)
     n_programs = -(-n_blocks // per_program)
     candidates = torch.empty(n, n_blocks, width, dtype=torch.int32, device=device)
     counts = torch.empty(n, 2, n_blocks, dtype=torch.int32, device=device)
-    # Each program's two ascending lists (one when it serves one block): at most the size
-    # of the candidate lists themselves.
-    ascending = torch.empty(n, n_programs, min(per_program, 2), width, dtype=torch.int32,
-                            device=device)
+    # Each program's two lists of listed keys (one when it serves one block): at most the
+    # size of the candidate lists themselves.
+    listed = torch.empty(n, n_programs, min(per_program, 2), width, dtype=torch.int32,
+                         device=device)
     run_kernel(_candidates_kernel, (n_programs, n),
-        end_row, candidates, counts[:, 0], counts[:, 1], ascending, end_row.stride(0),
-        candidates.stride(0), candidates.stride(1), counts.stride(0), ascending.stride(0),
-        ascending.stride(1), n_blocks, per_program, problem.seqlen_q, sk, problem.causal_offset,
-        width, CAUSAL=problem.causal, BLOCK_M=block_m, CHUNK=PLAN_CHUNK, FULL_FIRST=full_first,
+        end_row, order, tau, n_allowed, candidates, counts[:, 0], counts[:, 1], listed,
+        end_row.stride(0), order.stride(0), tau.stride(0), candidates.stride(0),
+        candidates.stride(1), counts.stride(0), listed.stride(0), listed.stride(1), n_blocks,
+        per_program, problem.seqlen_q, sk, problem.causal_offset, width, CAUSAL=problem.causal,
+        BLOCK_M=block_m, CHUNK=PLAN_CHUNK, FULL_FIRST=full_first, RANK_SCAN=rank_scan,
     )
     return candidates, counts[:, 0], counts[:, 1]
 
 
 CANDIDATE_PROGRAM_BLOCKS = 32  # most blocks one candidate-list program serves
+RANKED_PROGRAM_BLOCKS = 4  # blocks per program when the first block scans by rank
 
 
-def candidate_blocks_per_program(n_blocks: int, block_m: int, window: int,
-                                 seqlen_q: int) -> int:
+def candidate_blocks_per_program(n_blocks: int, block_m: int, window: int, seqlen_q: int,
+                                 rank_scan: bool = False) -> int:
     """Consecutive blocks per program of `_candidates_kernel`. One for short sequences in
     small blocks: there the full scans are short and a program per block fills the GPU.
     Otherwise about window / block_m (4 to CANDIDATE_PROGRAM_BLOCKS): the full scan of every
@@ -471,10 +484,17 @@ def candidate_blocks_per_program(n_blocks: int, block_m: int, window: int,
     8 plan heads, window 2048, one run, us per call for 4 / 8 / 16 / 32 / 64 blocks per
     program): 64-row blocks at 128k tokens 1244 / 924 / 823 / 734 / 942; 128-row blocks at
     128k 669 / 529 / 450 / 538 / 765; 1024-row blocks at 128k 221 / 233 / 300 / 424 / 670, at
-    16k 85 / 84; at 16k tokens one block per program (128-row blocks: 4 was 12% slower)."""
+    16k 85 / 84; at 16k tokens one block per program (128-row blocks: 4 was 12% slower).
+    A first block that scans by rank (`rank_scan`) reads about window x Sk / prefix keys,
+    not its whole prefix, so shorter chains win: at 128k, us per call for 4 / 8 / 16 / 32
+    blocks, 64-row blocks 541 / 542 / 584 / 571, 128-row blocks 328 / 344 / 331 / - (the
+    earlier settings with the key scan: 769 and 540)."""
     if seqlen_q < 32 * window and block_m < window // 4:
         return 1
-    per_program = max(4, min(CANDIDATE_PROGRAM_BLOCKS, window // block_m))
+    if rank_scan:
+        per_program = RANKED_PROGRAM_BLOCKS
+    else:
+        per_program = max(4, min(CANDIDATE_PROGRAM_BLOCKS, window // block_m))
     return min(per_program, max(1, n_blocks // 2))
 
 

@@ -163,7 +163,7 @@ def _listed_and_full(END, send_n, n, keys, ok, row_lo, row_hi, causal_offset,
 @triton.jit
 def _append_listed(keys, ok, listed_keys, n_listed, n_full, END, send_n, n, row_lo, row_hi,
                    causal_offset, CAUSAL: tl.constexpr):
-    """Append the listed ones of some ascending keys to `listed_keys` (with FULL_FLAG set on
+    """Append the listed ones of some keys to `listed_keys` (with FULL_FLAG set on
     the fully kept ones, which saves the write pass a second look at their end rows); the
     updated counts of listed and fully kept keys."""
     listed, full = _listed_and_full(END, send_n, n, keys, ok, row_lo, row_hi, causal_offset,
@@ -176,21 +176,28 @@ def _append_listed(keys, ok, listed_keys, n_listed, n_full, END, send_n, n, row_
 
 @triton.jit
 def _candidates_kernel(
-    END, CAND, COUNT, FULL, ASCENDING,
-    send_n, scand_n, scand_blk, scount_n, sasc_n, sasc_program, n_blocks, blocks_per_program,
-    seqlen_q, seqlen_k, causal_offset, width,
+    END, ORDER, TAU, N_ALLOWED, CAND, COUNT, FULL, LISTED,
+    send_n, sorder_n, stau_n, scand_n, scand_blk, scount_n, slisted_n, slisted_program,
+    n_blocks, blocks_per_program, seqlen_q, seqlen_k, causal_offset, width,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FULL_FIRST: tl.constexpr,
+    RANK_SCAN: tl.constexpr,
 ):
     """The candidate lists of `blocks_per_program` consecutive blocks of one plan head.
 
-    The first block's listed keys come from a scan of every key up to its causal limit. A
-    later block's listed keys are among the previous block's and the keys that the causal
-    limit adds (a key that no row of a block keeps is kept by no later row either), so each
-    later block filters at most width + BLOCK_M keys. ASCENDING holds, per program, two
-    buffers of `width` slots that pass the ascending list from block to block."""
-    program = tl.program_id(0)
+    The first block's listed keys are its first row's kept keys plus the keys that the
+    causal limit adds within the block (a key that the first row may see but does not keep
+    is kept by no later row either). The first row's kept keys come from the shorter of two
+    scans: every key it may see, in key order (their end rows), or, with RANK_SCAN, the
+    keys best first up to its threshold (ORDER up to TAU), which is about window x Sk /
+    prefix keys, far fewer than the prefix for late rows. A later block's listed keys are
+    among the previous block's and the keys that the causal limit adds, so each later block
+    filters at most width + BLOCK_M keys. LISTED holds, per program, two buffers of `width`
+    slots that pass the listed keys from block to block: ascending, except for the keys
+    that a rank scan found (best first). Programs run last to first: the later blocks
+    scan the most keys, so they start first."""
+    program = tl.num_programs(0) - 1 - tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    buffers = ASCENDING + n * sasc_n + program * sasc_program
+    buffers = LISTED + n * slisted_n + program * slisted_program
     first_block = program * blocks_per_program
     n_listed = 0  # the previous block's listed keys (in the other buffer)
     key_lo = 0  # keys from key_lo on are new to this program
@@ -203,9 +210,9 @@ def _candidates_kernel(
             key_hi = tl.minimum(tl.maximum(row_hi + causal_offset, 0), seqlen_k)
         previous = buffers + ((i + 1) % 2) * width
         listed_keys = buffers + (i % 2) * width
-        # The block's listed keys, ascending: the previous block's that it keeps, then the
-        # new ones (consecutive, so their end rows load as whole vectors); and how many of
-        # them every row keeps.
+        # The block's listed keys: the previous block's that it keeps (or the first row's
+        # kept keys, by rank), then the new ones (consecutive, so their end rows load as
+        # whole vectors); and how many of them every row keeps.
         n_listed_here = 0
         n_full = 0
         for x0 in range(0, n_listed, CHUNK):
@@ -215,6 +222,23 @@ def _candidates_kernel(
             n_listed_here, n_full = _append_listed(
                 keys, ok, listed_keys, n_listed_here, n_full, END, send_n, n, row_lo, row_hi,
                 causal_offset, CAUSAL)
+        if RANK_SCAN:
+            if i == 0:
+                seen_lo = seqlen_k  # keys below seen_lo: those the first row may see
+                if CAUSAL:
+                    seen_lo = tl.minimum(tl.maximum(row_lo + causal_offset + 1, 0), seqlen_k)
+                # Positions 0..tau of ORDER hold the first row's kept keys among others
+                # (tau = Sk: it keeps every allowed key, and the allowed ones come first).
+                ranked = tl.minimum(tl.load(TAU + n * stau_n + row_lo) + 1,
+                                    tl.load(N_ALLOWED + n))
+                if ranked < seen_lo:
+                    for x0 in range(0, ranked, CHUNK):
+                        x = x0 + tl.arange(0, CHUNK)
+                        keys = tl.load(ORDER + n * sorder_n + x, mask=x < ranked, other=0)
+                        n_listed_here, n_full = _append_listed(
+                            keys, (x < ranked) & (keys < seen_lo), listed_keys, n_listed_here,
+                            n_full, END, send_n, n, row_lo, row_hi, causal_offset, CAUSAL)
+                    key_lo = seen_lo
         for x0 in range(key_lo // CHUNK * CHUNK, key_hi, CHUNK):  # aligned: whole vectors
             keys = x0 + tl.arange(0, CHUNK)
             n_listed_here, n_full = _append_listed(
