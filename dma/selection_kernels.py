@@ -23,12 +23,14 @@ ops, whose launch overhead dominated the plan's time on GPUs):
   block: the 1-D scan (about w x Sk / prefix length entries) and BLOCK_M x 2 BLOCK_M, not
   rows x keys (nor rows x the rank window, which grows as Sk / prefix length for the early
   blocks of long sequences).
-* `_candidates_kernel` lists, in ascending order, the keys kept by any row of the block:
-  those with first_row < block end and end_row > block start (with FULL_FIRST, the keys kept
-  by every row of the block first). One program serves several consecutive blocks: it scans
-  every key for the first of them only, and derives each later block's list from the one
-  before (the keys still kept, plus the keys the causal limit adds), which takes the work
-  from blocks x keys to about blocks x (window + BLOCK_M) for long sequences.
+* `_candidates_kernel` lists the keys kept by any row of the block: those with first_row <
+  block end and end_row > block start (ascending; with FULL_FIRST, the keys kept by every
+  row of the block first, each part in no set order). One program serves several
+  consecutive blocks: it scans for the first of them only (every earlier key, or, with
+  RANK_SCAN, the first row's threshold's prefix of the best-first order when that is
+  shorter), and derives each later block's list from the one before (the keys still kept,
+  plus the keys the causal limit adds), which takes the work from blocks x keys to about
+  blocks x (window + BLOCK_M) for long sequences.
 
 Decoding (one query row) needs neither thresholds nor a sort: a radix select of the
 window-th best score (`_decode_histogram_kernel`, three launches), then
