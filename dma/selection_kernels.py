@@ -194,15 +194,17 @@ def _candidates_kernel(
     prefix keys, far fewer than the prefix for late rows. A later block's listed keys are
     among the previous block's and the keys that the causal limit adds, so each later block
     filters at most width + BLOCK_M keys. LISTED holds, per program, two buffers of `width`
-    slots that pass the listed keys from block to block: ascending, except for the keys
-    that a rank scan found (best first). Programs run last to first: the later blocks
-    scan the most keys, so they start first."""
+    slots that pass the listed keys from block to block (ascending); a block whose keys a
+    rank scan found lists them in its candidate list directly, already in full-first order
+    (best first), and the next block reads them there. Programs run last to first: the
+    later blocks scan the most keys, so they start first."""
     program = tl.num_programs(0) - 1 - tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     buffers = LISTED + n * slisted_n + program * slisted_program
     first_block = program * blocks_per_program
     n_listed = 0  # the previous block's listed keys (in the other buffer)
     key_lo = 0  # keys from key_lo on are new to this program
+    in_place = 0  # whether the previous block listed its keys in its candidate list
     for i in range(0, tl.minimum(blocks_per_program, n_blocks - first_block)):
         block = first_block + i
         row_lo = block * BLOCK_M
@@ -210,8 +212,12 @@ def _candidates_kernel(
         key_hi = seqlen_k
         if CAUSAL:
             key_hi = tl.minimum(tl.maximum(row_hi + causal_offset, 0), seqlen_k)
+        out = CAND + n * scand_n + block * scand_blk
         previous = buffers + ((i + 1) % 2) * width
+        if in_place:
+            previous = out - scand_blk
         listed_keys = buffers + (i % 2) * width
+        in_place = 0
         # The block's listed keys: the previous block's that it keeps (or the first row's
         # kept keys, by rank), then the new ones (consecutive, so their end rows load as
         # whole vectors); and how many of them every row keeps.
@@ -234,13 +240,22 @@ def _candidates_kernel(
                 ranked = tl.minimum(tl.load(TAU + n * stau_n + row_lo) + 1,
                                     tl.load(N_ALLOWED + n))
                 if ranked < seen_lo:
+                    # Every row keeps the positions up to the last row's threshold, so the
+                    # keys come best first in full-first order: straight to the candidate
+                    # list, the new keys after them (they enter after the first row, so
+                    # no row before theirs keeps them: never fully kept).
+                    last_tau = tl.load(TAU + n * stau_n + row_hi - 1)
                     for x0 in range(0, ranked, CHUNK):
                         x = x0 + tl.arange(0, CHUNK)
                         keys = tl.load(ORDER + n * sorder_n + x, mask=x < ranked, other=0)
-                        n_listed_here, n_full = _append_listed(
-                            keys, (x < ranked) & (keys < seen_lo), listed_keys, n_listed_here,
-                            n_full, END, send_n, n, row_lo, row_hi, causal_offset, CAUSAL)
+                        listed = (x < ranked) & (keys < seen_lo)
+                        slot = tl.cumsum(listed.to(tl.int32), 0) - 1 + n_listed_here
+                        tl.store(out + slot, keys, mask=listed)
+                        n_listed_here += tl.sum(listed.to(tl.int32), 0)
+                        n_full += tl.sum((listed & (x <= last_tau)).to(tl.int32), 0)
                     key_lo = seen_lo
+                    listed_keys = out
+                    in_place = 1
         for x0 in range(key_lo // CHUNK * CHUNK, key_hi, CHUNK):  # aligned: whole vectors
             keys = x0 + tl.arange(0, CHUNK)
             n_listed_here, n_full = _append_listed(
@@ -248,10 +263,9 @@ def _candidates_kernel(
                 END, send_n, n, row_lo, row_hi, causal_offset, CAUSAL)
         tl.debug_barrier()  # the list is stored; the previous one is read
         # The candidate list: with FULL_FIRST, the keys that every row keeps go first.
-        out = CAND + n * scand_n + block * scand_blk
         full_slot = 0
         other_slot = n_full
-        for x0 in range(0, n_listed_here, CHUNK):
+        for x0 in range(0, tl.where(in_place != 0, 0, n_listed_here), CHUNK):
             x = x0 + tl.arange(0, CHUNK)
             ok = x < n_listed_here
             entry = tl.load(listed_keys + x, mask=ok, other=0)
