@@ -194,17 +194,17 @@ def _candidates_kernel(
     prefix keys, far fewer than the prefix for late rows. A later block's listed keys are
     among the previous block's and the keys that the causal limit adds, so each later block
     filters at most width + BLOCK_M keys. LISTED holds, per program, two buffers of `width`
-    slots that pass the listed keys from block to block (ascending); a block whose keys a
-    rank scan found lists them in its candidate list directly, already in full-first order
-    (best first), and the next block reads them there. Programs run last to first: the
-    later blocks scan the most keys, so they start first."""
+    slots that pass the listed keys from block to block (in the order they were listed); a
+    block whose keys a rank scan found lists them in its candidate list directly, already in
+    full-first order (best first), and the next block reads them there. Programs run last
+    to first: the later blocks scan the most keys, so they start first."""
     program = tl.num_programs(0) - 1 - tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     buffers = LISTED + n * slisted_n + program * slisted_program
     first_block = program * blocks_per_program
-    n_listed = 0  # the previous block's listed keys (in the other buffer)
+    n_listed = 0  # the previous block's listed keys (in the other buffer or in place)
     key_lo = 0  # keys from key_lo on are new to this program
-    in_place = 0  # whether the previous block listed its keys in its candidate list
+    in_place = 0  # whether the block listed its keys in its candidate list (as it goes)
     for i in range(0, tl.minimum(blocks_per_program, n_blocks - first_block)):
         block = first_block + i
         row_lo = block * BLOCK_M
