@@ -447,6 +447,7 @@ def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
     # row's kept keys best first (fewer keys to scan for late blocks), which gives up the
     # ascending order: only for full-first lists, whose order within each part is free.
     rank_scan = full_first and ranking is not None
+    # Without the rank scan the kernel never reads these: any int32 tensors stand in.
     order, tau, n_allowed = ranking if rank_scan else (end_row, end_row, end_row)
     n, sk = first_row.shape
     device = first_row.device

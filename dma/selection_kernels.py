@@ -265,6 +265,7 @@ def _candidates_kernel(
         # The candidate list: with FULL_FIRST, the keys that every row keeps go first.
         full_slot = 0
         other_slot = n_full
+        # A list written in place is already in full-first order: no pass over it.
         for x0 in range(0, tl.where(in_place != 0, 0, n_listed_here), CHUNK):
             x = x0 + tl.arange(0, CHUNK)
             ok = x < n_listed_here
