@@ -5,8 +5,8 @@
 
 Prints the plan time next to cuDNN dense causal forward on the same shape (GPU) so the
 "plan under 10% of the attention forward" budget can be read off directly. With --sorts,
-instead: the triton plan's key intervals with each row sorted in one program and with
-torch's sort, GPU time (profiler) and host time per call (a loop, no synchronisation).
+instead: the triton plan's key intervals with each of its sorts (selection.TRITON_SORTS),
+GPU time (profiler) and host time per call (a loop, no synchronisation).
 """
 
 import argparse
@@ -30,26 +30,22 @@ def _gpu_us(fn, reps: int = 20) -> float:
 
 
 def compare_sorts(problem, inputs, seqlen: int, plan_heads: int):
-    """The key intervals (sort, ranks, thresholds, intervals) with both sort paths."""
+    """The key intervals (sort, ranks, thresholds, intervals) with each sort path."""
     scores = selection.key_selection_scores(problem, inputs, 1, plan_heads)
     scores = scores.reshape(plan_heads, seqlen).contiguous()
-    if seqlen > 16384:  # one program's sort of longer rows would not fit its registers
-        print(f"{seqlen:8d}  (one program sorts at most 16384 keys)")
-        return
-    limit = selection.SORT_IN_ONE_PROGRAM
     results, line = {}, f"{seqlen:8d}"
-    try:
-        for name, forced in (("torch sort", 0), ("one program", seqlen)):
-            selection.SORT_IN_ONE_PROGRAM = forced
+    for sort in selection.TRITON_SORTS:
+        if sort == "one program" and seqlen > 16384:  # would not fit one program's registers
+            line += f" {'-':>21} {'-':>8}"
+            continue
 
-            def intervals():
-                return selection._key_intervals_triton(problem, scores, None)
+        def intervals(sort=sort):
+            return selection._key_intervals_triton(problem, scores, None, sort=sort)
 
-            results[name] = intervals()
-            line += f" {_gpu_us(intervals):21.1f} {1e3 * host_and_wall_ms(intervals, 200)[0]:8.1f}"
-    finally:
-        selection.SORT_IN_ONE_PROGRAM = limit
-    same = all(torch.equal(a, b) for a, b in zip(*results.values()))
+        results[sort] = intervals()
+        line += f" {_gpu_us(intervals):21.1f} {1e3 * host_and_wall_ms(intervals, 200)[0]:8.1f}"
+    first, *others = results.values()
+    same = all(torch.equal(a, b) for other in others for a, b in zip(first, other))
     print(line + ("  same" if same else "  DIFFERENT"))
 
 
@@ -69,8 +65,8 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     if args.sorts:
-        print(f"{'seqlen':>8} {'torch sort: GPU us':>21} {'host us':>8} "
-              f"{'one program: GPU us':>21} {'host us':>8}")
+        print(f"{'seqlen':>8}" + "".join(f" {sort + ': GPU us':>21} {'host us':>8}"
+                                         for sort in selection.TRITON_SORTS))
         for seqlen in args.seqlens:
             shape = Shape(1, seqlen, args.heads, args.kv_heads, args.head_dim, args.window,
                           dtype)

@@ -35,10 +35,21 @@ PLAN_CHUNK = 1024  # keys per step of every plan kernel except the thresholds
 # and 1024 keys; 128 rows took 93 and 701; 1, 2 or 8 warps were slower.
 THRESHOLD_ROWS = 32
 THRESHOLD_CHUNK = 512
-# Up to this many keys the triton plan sorts each row in one program (_sort_row_kernel):
-# one launch instead of torch's sort and its helper ops, which cost short rows more host
-# time than GPU time.
-SORT_IN_ONE_PROGRAM = 4096
+# How the triton plan sorts each row of keys best first (`triton_sort`): up to
+# SORT_IN_ONE_PROGRAM keys in one program per row (_sort_row_kernel); up to SORT_BY_MERGING
+# keys in SORT_MERGE_CHUNKS chunks, one program each, then merged by rank
+# (_merge_ranks_kernel); longer rows by torch's segmented sort. Either kernel path is one or
+# two launches where torch's sort and its helper ops take about a dozen, whose host time
+# exceeds their GPU time. On an H200 (8 plan heads, bfloat16 scores; sort, ranks,
+# thresholds and intervals, GPU us per call): at 4096 keys 32.6 merged from 8 chunks, 80.1
+# in one program, 40.8 through torch; at 8192 48.7 and 52.5 (torch); at 16384 keys merging
+# lost (97 against 79.5: the merge's binary searches grow with the chunks), as did one
+# program per row (4096 keys in one program took 61 us, 512 took 3.5).
+SORT_IN_ONE_PROGRAM = 512
+SORT_BY_MERGING = 8192
+SORT_MERGE_CHUNKS = 8
+MERGE_SEARCHES = 1024  # (entry, other chunk) searches per program of _merge_ranks_kernel
+TRITON_SORTS = ("one program", "merged chunks", "torch sort")
 
 
 def plan_layout(problem: Problem) -> tuple[int, int]:
@@ -334,11 +345,48 @@ def _sorted_keys_triton(scores, allowed):
     return positions, n_allowed
 
 
-def _key_intervals_triton(problem: Problem, scores, allowed):
-    """The same intervals in five launches (selection_kernels.py), and what the candidate
-    lists can scan instead of every earlier key: (first_row, end_row, order, tau, n_allowed),
-    int32: the keys best first (allowed ones first), each row's threshold as a position in
-    that order (Sk: the row keeps every allowed key it sees), the allowed count."""
+def triton_sort(seqlen_k: int) -> str:
+    """Which of TRITON_SORTS the triton plan takes for rows of `seqlen_k` keys."""
+    if seqlen_k <= SORT_IN_ONE_PROGRAM:
+        return "one program"
+    return "merged chunks" if seqlen_k <= SORT_BY_MERGING else "torch sort"
+
+
+def _sort_warps(row: int) -> int:
+    return 8 if row <= 4096 else 16  # at most 32 keys per thread
+
+
+def _merged_chunk_sort_triton(scores, allowed, order32, ranks):
+    """Rows sorted in SORT_MERGE_CHUNKS chunks or fewer, one program each, then every key's
+    place in its row from its place in its chunk and a binary search in each other chunk
+    (selection_kernels.py): writes `order32` and `ranks` as `_ranks_kernel` does; returns
+    the allowed count per row. O(Sk) extra memory per plan head."""
+    from . import selection_kernels as kern
+
+    n, sk = scores.shape
+    device = scores.device
+    row = max(16, 1 << (-(-sk // SORT_MERGE_CHUNKS) - 1).bit_length())  # a power of two
+    n_chunks = -(-sk // row)
+    sorted_chunks = torch.empty(n, n_chunks * row, dtype=torch.int64, device=device)
+    chunk_allowed = torch.empty(n, n_chunks, dtype=torch.int32, device=device)
+    n_allowed = torch.empty(n, dtype=torch.int32, device=device)
+    run_kernel(kern._sort_chunk_kernel, (n_chunks, n), scores, *_allowed_args(allowed, scores),
+               sorted_chunks, chunk_allowed, scores.stride(0), sk, n_chunks, ROW=row,
+               num_warps=_sort_warps(row))
+    chunks_pad = max(2, 1 << (n_chunks - 1).bit_length())
+    block = min(row, max(16, MERGE_SEARCHES // chunks_pad))
+    run_kernel(kern._merge_ranks_kernel, (n_chunks * row // block, n), sorted_chunks,
+               chunk_allowed, order32, ranks, n_allowed, sk, n_chunks, ROW=row, BLOCK=block,
+               SEARCH_STEPS=row.bit_length(), CHUNKS_PAD=chunks_pad)
+    return n_allowed
+
+
+def _key_intervals_triton(problem: Problem, scores, allowed, sort: Optional[str] = None):
+    """The same intervals in five launches or so (selection_kernels.py), and what the
+    candidate lists can scan instead of every earlier key: (first_row, end_row, order, tau,
+    n_allowed), int32: the keys best first (allowed ones first), each row's threshold as a
+    position in that order (Sk: the row keeps every allowed key it sees), the allowed count.
+    `sort`: one of TRITON_SORTS (default `triton_sort(Sk)`); all give the same result."""
     from . import selection_kernels as kern
 
     n, sk = scores.shape
@@ -346,12 +394,15 @@ def _key_intervals_triton(problem: Problem, scores, allowed):
     chunk = PLAN_CHUNK
     order32 = torch.empty(n, sk, dtype=torch.int32, device=device)
     ranks = torch.empty(n, sk, dtype=torch.int32, device=device)
-    if sk <= SORT_IN_ONE_PROGRAM:
+    sort = sort or triton_sort(sk)
+    if sort == "one program":
         row = max(16, 1 << (sk - 1).bit_length())
         n_allowed = torch.empty(n, dtype=torch.int32, device=device)
         run_kernel(kern._sort_row_kernel, (n,), scores, *_allowed_args(allowed, scores),
                    order32, ranks, n_allowed, scores.stride(0), sk, ROW=row,
-                   num_warps=8 if row <= 4096 else 16)  # at most 32 keys per thread
+                   num_warps=_sort_warps(row))
+    elif sort == "merged chunks":
+        n_allowed = _merged_chunk_sort_triton(scores, allowed, order32, ranks)
     else:
         positions, n_allowed = _sorted_keys_triton(scores, allowed)
         run_kernel(kern._ranks_kernel, (-(-sk // chunk), n), positions, order32, ranks, sk,

@@ -9,6 +9,8 @@ ops, whose launch overhead dominated the plan's time on GPUs):
   value), stored in reverse key order, and the number of allowed keys; then one stable
   torch.sort (descending) gives `order` (keys best first, later keys first among ties);
 * `_ranks_kernel`: `order` as int32 and its inverse `rank`;
+  shorter rows are sorted without torch: in one program each (`_sort_row_kernel`), or in
+  chunks that `_merge_ranks_kernel` then merges (see `triton_sort` in selection.py);
 * `_row_threshold_kernel` and `_candidates_kernel` below, one program per (query block,
   plan head), between which `_key_intervals_kernel` turns the thresholds into each key's row
   interval [first_row, end_row).
@@ -44,7 +46,7 @@ import triton.language as tl
 EVENT_TAG_BITS = tl.constexpr(16)  # an event packs (rank << 16) | tag; tag BLOCK_M: an old key
 EVENT_TAG_MASK = tl.constexpr(0xFFFF)
 NO_EVENT = tl.constexpr(9223372036854775807)  # sorts after every event
-INT64_MIN = tl.constexpr(-(2**63))  # sorts before every packed key (_sort_row_kernel)
+INT64_MIN = tl.constexpr(-(2**63))  # below every packed key (_packed_best_first's padding)
 
 
 @triton.jit
@@ -327,26 +329,88 @@ def _sort_keys_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, SO
 
 
 @triton.jit
-def _sort_row_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, ORDER, RANK,
-                     N_ALLOWED, sscore_n, seqlen_k, ROW: tl.constexpr):
-    """`_sort_keys_kernel`, the stable sort and `_ranks_kernel` in one program per plan head,
-    for rows of at most ROW keys (a power of two): each key's sort key and its index packed
-    into one int64, so that one descending sort orders keys best first and later keys first
-    among ties, as the stable sort does. Saves the host the sort's own launches."""
-    keys = tl.arange(0, ROW)
-    n = tl.program_id(0).to(tl.int64)
+def _packed_best_first(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, n,
+                       keys, seqlen_k):
+    """(packed, allowed) of some keys of plan head n: each key's sort key and its index in
+    one int64, so that one descending sort orders keys best first and later keys first
+    among ties, as the stable sort of `_sort_keys_kernel`'s keys does. Slots past Sk pack as
+    the smallest value (sort_key * 2^32 + key is never below it), so they sort last; the one
+    real key that may equal it (a disallowed key 0) decodes the same."""
     sortable, allowed = _sortable_scores(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
                                          keys, seqlen_k)
     sort_key = tl.where(allowed, sortable, -2147483648).to(tl.int64)
-    # Slots past Sk pack as the smallest value (sort_key * 2^32 + key is never below it), so
-    # they end up last; the one real key that may equal it decodes the same.
     packed = tl.where(keys < seqlen_k, (sort_key << 32) | keys.to(tl.int64), INT64_MIN)
-    ordered = tl.sort(packed, descending=True)
-    best_first = (ordered & 0xFFFFFFFF).to(tl.int32)
+    return packed, allowed
+
+
+@triton.jit
+def _sort_row_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, ORDER, RANK,
+                     N_ALLOWED, sscore_n, seqlen_k, ROW: tl.constexpr):
+    """`_sort_keys_kernel`, the stable sort and `_ranks_kernel` in one program per plan head,
+    for rows of at most ROW keys (a power of two): one descending sort of the packed keys.
+    Saves the host the sort's own launches."""
+    keys = tl.arange(0, ROW)
+    n = tl.program_id(0).to(tl.int64)
+    packed, allowed = _packed_best_first(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
+                                         keys, seqlen_k)
+    best_first = (tl.sort(packed, descending=True) & 0xFFFFFFFF).to(tl.int32)
     ok = keys < seqlen_k
     tl.store(ORDER + n * seqlen_k + keys, best_first, mask=ok)
     tl.store(RANK + n * seqlen_k + best_first, keys, mask=ok)
     tl.store(N_ALLOWED + n, tl.sum(allowed.to(tl.int32), 0))
+
+
+@triton.jit
+def _sort_chunk_kernel(SCORES, ALLOWED, sallowed_n, HAS_ALLOWED: tl.constexpr, SORTED,
+                       CHUNK_ALLOWED, sscore_n, seqlen_k, n_chunks, ROW: tl.constexpr):
+    """Longer rows, first step: one chunk of ROW keys of a plan head, its packed keys sorted
+    best first into SORTED (n, n_chunks x ROW), and its allowed count."""
+    chunk = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    slots = tl.arange(0, ROW)
+    packed, allowed = _packed_best_first(SCORES, sscore_n, ALLOWED, sallowed_n, HAS_ALLOWED, n,
+                                         chunk * ROW + slots, seqlen_k)
+    tl.store(SORTED + (n * n_chunks + chunk) * ROW + slots, tl.sort(packed, descending=True))
+    tl.store(CHUNK_ALLOWED + n * n_chunks + chunk, tl.sum(allowed.to(tl.int32), 0))
+
+
+@triton.jit
+def _merge_ranks_kernel(SORTED, CHUNK_ALLOWED, ORDER, RANK, N_ALLOWED, seqlen_k, n_chunks,
+                        ROW: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                        CHUNKS_PAD: tl.constexpr):
+    """Longer rows, second step, for BLOCK entries of one sorted chunk: an entry's place in
+    its whole row is its place in its chunk plus, for every other chunk, the number of that
+    chunk's entries above it, found by binary searches in all other chunks at once
+    (SEARCH_STEPS = log2(ROW) + 1 probes each; the chunks' entries descend, and the packed
+    keys of a row all differ, padding aside). Writes ORDER and its inverse RANK, as
+    `_ranks_kernel` does, and (first program of each plan head) the allowed count."""
+    n = tl.program_id(1).to(tl.int64)
+    start = tl.program_id(0) * BLOCK
+    chunk = start // ROW
+    local = start - chunk * ROW + tl.arange(0, BLOCK)
+    row = SORTED + n * n_chunks * ROW
+    entry = tl.load(row + chunk * ROW + local)[None, :]
+    others = tl.arange(0, CHUNKS_PAD)[:, None]
+    searched = (others < n_chunks) & (others != chunk)
+    other_row = row + others * ROW
+    # `above` entries of each other chunk are known to sort above the entry, and at most
+    # `above + half` are; a chunk not searched reads as INT64_MIN and counts none
+    above = tl.zeros([CHUNKS_PAD, BLOCK], tl.int32)
+    for step in tl.static_range(SEARCH_STEPS - 1):
+        half = ROW >> (step + 1)
+        probe = tl.load(other_row + above + half - 1, mask=searched, other=INT64_MIN)
+        above = tl.where(probe > entry, above + half, above)
+    last = tl.load(other_row + above, mask=searched, other=INT64_MIN)
+    place = local + tl.sum(above + (last > entry).to(tl.int32), 0)
+    key = (tl.reshape(entry, [BLOCK]) & 0xFFFFFFFF).to(tl.int32)
+    real = local < seqlen_k - chunk * ROW  # the last chunk's padding sorts after its keys
+    tl.store(ORDER + n * seqlen_k + place, key, mask=real)
+    tl.store(RANK + n * seqlen_k + key, place, mask=real)
+    if tl.program_id(0) == 0:
+        chunks = tl.arange(0, CHUNKS_PAD)
+        counts = tl.load(CHUNK_ALLOWED + n * n_chunks + chunks, mask=chunks < n_chunks,
+                         other=0)
+        tl.store(N_ALLOWED + n, tl.sum(counts, 0))
 
 
 @triton.jit

@@ -184,7 +184,7 @@ def test_single_row_triton_plan_over_many_key_chunks(window, scores):
     # chunks of the order (fewer than the keys it sees)
     dict(sq=3000, sk=6000, window=1500, block_m=128, causal=True, per_program=1, pad=True,
          ties=True),
-    # bfloat16 scores past SORT_IN_ONE_PROGRAM keys: the sort takes int16 keys
+    # bfloat16 scores past SORT_BY_MERGING keys: torch's sort takes int16 keys
     dict(sq=600, sk=9000, window=700, block_m=64, causal=True, per_program=4, ties=True,
          dtype=torch.bfloat16),
     dict(sq=5000, sk=5000, window=300, block_m=64, causal=True, per_program=3, pad=True,
@@ -221,6 +221,36 @@ def test_multi_row_triton_plan_over_many_key_chunks(case, monkeypatch):
              for e in ("torch", "triton")]
     assert int(plans[0].candidate_count.max()) > 0
     _assert_same_plans(*plans)
+
+
+@pytest.mark.parametrize("sort", ["one program", "merged chunks", "torch sort"])
+@pytest.mark.parametrize("sk,dtype", [(1500, torch.float32), (1024, torch.float16),
+                                      (700, torch.bfloat16), (3000, torch.bfloat16)])
+def test_triton_sorts_order_keys_best_first(sort, sk, dtype):
+    """Every sort path of the triton plan gives the same best-first order: allowed keys by
+    (score, index) descending, then the disallowed ones, later keys first. The merge meets
+    6 to 8 chunks, with padding in the last one (not at 1024 keys), many ties, and key 0
+    disallowed (it packs as the padding value)."""
+    device = _plan_kernel_device()
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter cannot load bfloat16")
+    import dma.selection as selection
+    g = torch.Generator().manual_seed(sk)
+    scores = torch.randint(-20, 20, (3, sk), generator=g).to(dtype)
+    scores[1] = torch.randn(sk, generator=g).to(dtype)
+    allowed = torch.rand(3, sk, generator=g) > 0.2
+    allowed[0] = True  # first: a padding entry written past its row would land in the next
+    allowed[1:, 0] = False
+    expected = torch.tensor([
+        sorted(range(sk), reverse=True,
+               key=lambda j: (bool(allowed[r, j]), float(scores[r, j]) if allowed[r, j] else 0, j))
+        for r in range(3)], dtype=torch.int32)
+    q = torch.randn(1, 40, 3, 8, device=device, dtype=dtype)
+    problem, _ = validate(q, q, q, window=16, causal=True)
+    *_, order, _, n_allowed = selection._key_intervals_triton(
+        problem, scores.to(device), allowed.to(device), sort=sort)
+    assert torch.equal(order.cpu(), expected)
+    assert torch.equal(n_allowed.cpu(), allowed.sum(-1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("rows,chunk", [(16, 256), (64, 1024), (128, 512)])
