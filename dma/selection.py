@@ -25,7 +25,7 @@ import torch
 
 from .layout import expand_heads, to_query_heads
 from .packages import installed
-from .triton_launch import run_kernel
+from .triton_launch import next_pow2, run_kernel
 from .validation import SELECT_ROWWISE, Inputs, Problem
 
 PLAN_CHUNK = 1024  # keys per step of every plan kernel except the thresholds
@@ -285,7 +285,7 @@ def _single_row_plan_triton(scores, allowed, window: int, width: int):
                window, CHUNK=PLAN_CHUNK, LEVELS=levels)
     run_kernel(kern._decode_plan_kernel, grid, *keys, chunk_counts, first_row, end_row,
                candidates, counts, candidates.stride(0), n_chunks, sk, window, width,
-               CHUNK=PLAN_CHUNK, CHUNKS_PAD=_power_of_two(n_chunks),
+               CHUNK=PLAN_CHUNK, CHUNKS_PAD=next_pow2(n_chunks),
                LEVELS=levels)
     return first_row, end_row, candidates, counts
 
@@ -352,11 +352,6 @@ def triton_sort(seqlen_k: int) -> str:
     return "merged chunks" if seqlen_k <= SORT_BY_MERGING else "torch sort"
 
 
-def _power_of_two(n: int, at_least: int = 1) -> int:
-    """The smallest power of two >= n and >= at_least (Triton's block sizes)."""
-    return max(at_least, 1 << max(0, (n - 1).bit_length()))
-
-
 def _sort_warps(row: int) -> int:
     return 8 if row <= 4096 else 16  # at most 32 keys per thread
 
@@ -370,7 +365,7 @@ def _merged_chunk_sort_triton(scores, allowed, order32, ranks):
 
     n, sk = scores.shape
     device = scores.device
-    row = _power_of_two(-(-sk // SORT_MERGE_CHUNKS), at_least=16)
+    row = max(16, next_pow2(-(-sk // SORT_MERGE_CHUNKS)))
     n_chunks = -(-sk // row)
     sorted_chunks = torch.empty(n, n_chunks * row, dtype=torch.int64, device=device)
     chunk_allowed = torch.empty(n, n_chunks, dtype=torch.int32, device=device)
@@ -378,7 +373,7 @@ def _merged_chunk_sort_triton(scores, allowed, order32, ranks):
     run_kernel(kern._sort_chunk_kernel, (n_chunks, n), scores, *_allowed_args(allowed, scores),
                sorted_chunks, chunk_allowed, scores.stride(0), sk, n_chunks, ROW=row,
                num_warps=_sort_warps(row))
-    chunks_pad = _power_of_two(n_chunks, at_least=2)
+    chunks_pad = max(2, next_pow2(n_chunks))
     block = min(row, max(16, MERGE_SEARCHES // chunks_pad))
     run_kernel(kern._merge_ranks_kernel, (n_chunks * row // block, n), sorted_chunks,
                chunk_allowed, order32, ranks, n_allowed, sk, n_chunks, ROW=row, BLOCK=block,
@@ -401,7 +396,7 @@ def _key_intervals_triton(problem: Problem, scores, allowed, sort: Optional[str]
     ranks = torch.empty(n, sk, dtype=torch.int32, device=device)
     sort = sort or triton_sort(sk)
     if sort == "one program":
-        row = _power_of_two(sk, at_least=16)
+        row = max(16, next_pow2(sk))
         n_allowed = torch.empty(n, dtype=torch.int32, device=device)
         run_kernel(kern._sort_row_kernel, (n,), scores, *_allowed_args(allowed, scores),
                    order32, ranks, n_allowed, scores.stride(0), sk, ROW=row,

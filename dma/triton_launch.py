@@ -33,6 +33,11 @@ _direct = {"ok": True}
 _INT32_END, _INT64_END = 2**31, 2**63  # where Triton widens an integer argument
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton's block sizes."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 class _ArgLayout:
     """Where each kind of argument sits in one kernel's argument list, for one pattern of
     argument types (worked out once, so that a launch's key is a few C-level gathers rather

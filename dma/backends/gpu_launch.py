@@ -17,14 +17,11 @@ import torch
 
 from ..layout import reduce_bias_grad
 from ..selection import rowwise_keep_all
+from ..triton_launch import next_pow2
 from ..validation import Inputs, Problem
 from .base import deterministic_mode, new_output
 
 INT32_OFFSETS = 2**31  # offsets within a tensor at or past this need 64-bit arithmetic
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def cdiv(a: int, b: int) -> int:
