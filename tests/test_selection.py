@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dma
-from dma.selection import build_interval_plan
+from dma.selection import TRITON_SORTS, build_interval_plan
 from dma.validation import validate
 
 
@@ -223,7 +223,7 @@ def test_multi_row_triton_plan_over_many_key_chunks(case, monkeypatch):
     _assert_same_plans(*plans)
 
 
-@pytest.mark.parametrize("sort", ["one program", "merged chunks", "torch sort"])
+@pytest.mark.parametrize("sort", TRITON_SORTS)
 @pytest.mark.parametrize("sk,dtype", [(1500, torch.float32), (1024, torch.float16),
                                       (700, torch.bfloat16), (3000, torch.bfloat16)])
 def test_triton_sorts_order_keys_best_first(sort, sk, dtype):
@@ -235,6 +235,7 @@ def test_triton_sorts_order_keys_best_first(sort, sk, dtype):
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter cannot load bfloat16")
     import dma.selection as selection
+
     g = torch.Generator().manual_seed(sk)
     scores = torch.randint(-20, 20, (3, sk), generator=g).to(dtype)
     scores[1] = torch.randn(sk, generator=g).to(dtype)
