@@ -8,10 +8,14 @@ specialisation it has seen and launches it directly: tensors as bare addresses, 
 the launch hooks' metadata when no hook is set.
 
 The key is at least as fine as Triton's own: the arguments' types, tensors by dtype and
-16-byte alignment, integers by whether they are 1, divisible by 16 and fit in 32 (or 64)
-bits, constexprs and launch options by value. Building it is a few C-level gathers per
-launch (`_ArgLayout`; about 17 us for a 76-argument kernel on a CPU host, 42 us for the
-former Python step per argument). The first call of a key goes through Triton's normal
+distance past a 16-byte boundary, integers by whether they are 1, divisible by 16 and fit
+in 32 (or 64) bits, constexprs and launch options by value. Building it is a few C-level
+gathers per launch: what a call site fixes (which keywords are parameters, which are
+launch options) is worked out once per site (`_CallSite`), and where each kind of argument
+sits once per pattern of argument types (`_ArgLayout`). On an H200 host the lookup takes 6
+to 15 us per launch (79-argument forward: 15), against 7.1 to 18.6 before call sites; the
+compiled launcher itself 6 to 10 (`benchmarks/host_time.py --launches`). The first call of
+a key goes through Triton's normal
 path (which compiles, or loads from its disk cache). Kernels that Triton decorated for its
 interpreter (TRITON_INTERPRET=1 at import), every kernel with DMA_TRITON_DIRECT_LAUNCH=0, and
 every kernel if the installed Triton lacks the compiled kernel's launch interface take the
@@ -20,7 +24,6 @@ normal path on every call.
 
 from __future__ import annotations
 
-import functools
 import operator
 import os
 
@@ -55,13 +58,30 @@ class _ArgLayout:
                 ints.append(i)
             elif kind is not float:
                 by_value.append(i)
-        self.tensors = tuple(tensors)
+        self.tensor_positions = tuple(tensors)
+        self.tensors = _getter(tensors)
         self.ints = _getter(ints)
         self.by_value = _getter(by_value)
 
 
+class _CallSite:
+    """What one way of calling a kernel fixes (how many arguments come by position, and the
+    keywords in the order given): which keywords are parameters (taken in the kernel's
+    order) and which are launch options (num_warps..., in sorted order), and whether every
+    parameter is given. Worked out once per call site, not per launch."""
+
+    def __init__(self, kernel, n_args: int, keywords: tuple):
+        names, name_set, self.constexpr, _ = _signature(kernel)
+        parameters = names[n_args:]
+        self.complete = set(keywords) >= set(parameters)
+        self.keyword_values = _getter(parameters)
+        self.option_values = _getter(sorted(k for k in keywords if k not in name_set))
+        self.layouts: dict = {}  # argument types -> _ArgLayout
+
+
 def _getter(positions):
-    """A function from a list to the tuple of its items at `positions`."""
+    """A function from a list (or dict) to the tuple of its items at `positions` (indices
+    or keys)."""
     if not positions:
         return lambda values: ()
     if len(positions) == 1:
@@ -73,7 +93,7 @@ def _getter(positions):
 # Both keyed by id(kernel): a JITFunction hashes its source's cache key in Python, twice per
 # launch otherwise. `_signatures` keeps each kernel alive, so that its id is never reused.
 _signatures: dict = {}  # id(kernel) -> (argument names, their set, constexpr positions, kernel)
-_layouts: dict = {}  # (id(kernel), argument types) -> _ArgLayout
+_call_sites: dict = {}  # (id(kernel), positional count, keywords) -> _CallSite
 
 
 def _signature(kernel):
@@ -83,6 +103,11 @@ def _signature(kernel):
         sig = _signatures[id(kernel)] = (names, frozenset(names), frozenset(kernel.constexprs),
                                          kernel)
     return sig
+
+
+_data_ptr = torch.Tensor.data_ptr
+_dtype_of = operator.attrgetter("dtype")
+_misalignment = (15).__and__  # an address's distance past a 16-byte boundary
 
 
 _int_specs: dict = {}  # integer arguments' values -> number of their specialisation
@@ -104,18 +129,18 @@ def _int_spec(ints: tuple) -> int:
     return number
 
 
-@functools.lru_cache(maxsize=None)
-def _keyword_names(names: tuple, n_args: int) -> frozenset:
-    """The parameters a launch with `n_args` positional arguments must name."""
-    return frozenset(names[n_args:])
-
-
 def _current_device() -> int:
-    return _driver().get_current_device()
+    get = _triton.get("current_device")
+    if get is None:  # the driver's own function, looked up once
+        get = _triton["current_device"] = _driver().get_current_device
+    return get()
 
 
 def _current_stream(device: int) -> int:
-    return _driver().get_current_stream(device)
+    get = _triton.get("current_stream")
+    if get is None:
+        get = _triton["current_stream"] = _driver().get_current_stream
+    return get(device)
 
 
 _triton = {}  # Triton's modules, imported on first use
@@ -172,25 +197,26 @@ def _launch_direct(kernel, grid, args, kwargs) -> bool:
     as the pointer itself, where for a tensor it calls `data_ptr()` and asks the driver
     whether the address is a device one (the first launch of every specialisation, through
     Triton, still does)."""
-    names, name_set, constexpr, _ = _signature(kernel)
-    n_args = len(args)
-    if not kwargs.keys() >= _keyword_names(names, n_args):
+    site_key = (id(kernel), len(args), tuple(kwargs))
+    site = _call_sites.get(site_key)
+    if site is None:
+        site = _call_sites[site_key] = _CallSite(kernel, len(args), site_key[2])
+    if not site.complete:
         return False  # a parameter left to its default: let Triton bind it
-    values = list(args)
-    values += [kwargs[name] for name in names[n_args:]]
+    values = [*args, *site.keyword_values(kwargs)]
     types = tuple(map(type, values))
-    layout = _layouts.get((id(kernel), types))
+    layout = site.layouts.get(types)
     if layout is None:
-        layout = _layouts[id(kernel), types] = _ArgLayout(constexpr, types)
-    tensor_spec = []
-    for i in layout.tensors:
-        tensor = values[i]
-        address = values[i] = tensor.data_ptr()
-        tensor_spec.append((tensor.dtype, address % 16 == 0))
-    options = tuple(sorted((k, kwargs[k]) for k in kwargs.keys() - name_set))
+        layout = site.layouts[types] = _ArgLayout(site.constexpr, types)
+    tensors = layout.tensors(values)
+    addresses = tuple(map(_data_ptr, tensors))
+    for i, address in zip(layout.tensor_positions, addresses):
+        values[i] = address
     device = _current_device()
-    key = (layout, device, options, tuple(tensor_spec),
-           _int_spec(layout.ints(values)), layout.by_value(values))
+    # Misalignments rather than Triton's aligned-or-not: finer, so never a wrong kernel.
+    key = (site, layout, device, site.option_values(kwargs), tuple(map(_dtype_of, tensors)),
+           tuple(map(_misalignment, addresses)), _int_spec(layout.ints(values)),
+           layout.by_value(values))
     compiled = _compiled.get(key)
     if compiled is None:
         _compiled[key] = kernel[grid](*args, **kwargs)
