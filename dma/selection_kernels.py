@@ -50,6 +50,19 @@ INT64_MIN = tl.constexpr(-(2**63))  # below every packed key (_packed_best_first
 
 
 @triton.jit
+def _causal_key_limit(row, causal_offset, seqlen_k):
+    """How many keys row `row` may see under bottom-right causality (keys 0..limit - 1),
+    as `row_key_limit` in selection.py gives it."""
+    return tl.minimum(tl.maximum(row + causal_offset + 1, 0), seqlen_k)
+
+
+@triton.jit
+def _causal_first_row(keys, causal_offset):
+    """The first row that may see each key under bottom-right causality."""
+    return tl.maximum(keys - causal_offset, 0)
+
+
+@triton.jit
 def _row_threshold_kernel(
     ORDER, RANK, N_ALLOWED, TAU, EVENTS,
     sorder_n, stau_n, sevents_n, seqlen_q, seqlen_k, causal_offset, window,
@@ -61,8 +74,8 @@ def _row_threshold_kernel(
     big = seqlen_k  # "keeps every allowed key"
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     if CAUSAL:
-        first_limit = tl.minimum(tl.maximum(block * BLOCK_M + causal_offset + 1, 0), seqlen_k)
-        limits = tl.minimum(tl.maximum(rows + causal_offset + 1, 0), seqlen_k)
+        first_limit = _causal_key_limit(block * BLOCK_M, causal_offset, seqlen_k)
+        limits = _causal_key_limit(rows, causal_offset, seqlen_k)
     else:
         first_limit = seqlen_k
         limits = tl.zeros([BLOCK_M], tl.int32) + seqlen_k
@@ -158,7 +171,7 @@ def _listed_and_full(END, send_n, n, keys, ok, row_lo, row_hi, causal_offset,
     end = tl.load(END + n * send_n + keys, mask=ok, other=0)
     first = tl.zeros(keys.shape, tl.int32)
     if CAUSAL:
-        first = tl.maximum(keys - causal_offset, 0)
+        first = _causal_first_row(keys, causal_offset)
     listed = ok & (end > first) & (first < row_hi) & (end > row_lo)
     full = listed & (first <= row_lo) & (end >= row_hi)
     return listed, full
@@ -213,7 +226,7 @@ def _candidates_kernel(
         row_hi = tl.minimum(row_lo + BLOCK_M, seqlen_q)
         key_hi = seqlen_k
         if CAUSAL:
-            key_hi = tl.minimum(tl.maximum(row_hi + causal_offset, 0), seqlen_k)
+            key_hi = _causal_key_limit(row_hi - 1, causal_offset, seqlen_k)
         out = CAND + n * scand_n + block * scand_blk
         previous = buffers + ((i + 1) % 2) * width
         if in_place:
@@ -236,7 +249,7 @@ def _candidates_kernel(
             if i == 0:
                 seen_lo = seqlen_k  # keys below seen_lo: those the first row may see
                 if CAUSAL:
-                    seen_lo = tl.minimum(tl.maximum(row_lo + causal_offset + 1, 0), seqlen_k)
+                    seen_lo = _causal_key_limit(row_lo, causal_offset, seqlen_k)
                 # Positions 0..tau of ORDER hold the first row's kept keys among others
                 # (tau = Sk: it keeps every allowed key, and the allowed ones come first).
                 ranked = tl.minimum(tl.load(TAU + n * stau_n + row_lo) + 1,
@@ -452,7 +465,7 @@ def _key_intervals_kernel(RANK, TAU, ALLOWED, sallowed_n, HAS_ALLOWED: tl.conste
         end = tl.where(allowed, lo, 0)
     first = tl.zeros([CHUNK], tl.int32)
     if CAUSAL:
-        first = tl.maximum(keys - causal_offset, 0)
+        first = _causal_first_row(keys, causal_offset)
     end = tl.maximum(end, first)
     tl.store(FIRST + n * seqlen_k + keys, first, mask=ok)
     tl.store(END + n * seqlen_k + keys, end, mask=ok)
