@@ -1,13 +1,19 @@
-"""Triton launch configurations side by side on one DMA shape: back-to-back ms per call,
-the configurations interleaved over rounds (so a slow spell of the machine hits them alike).
+"""Triton launch configurations side by side on one DMA shape: ms per call from an idle
+device and back to back, the configurations interleaved over rounds (so a slow spell of the
+machine, or of its host, hits them alike).
 
     python benchmarks/ab_configs.py --mode fwd --seqlen 16384 \\
         '{}' '{"fwd": {"num_warps": 8, "maxnreg": 128}}'
     python benchmarks/ab_configs.py --mode fwd+bwd '{}' '{"dq": {"num_warps": 4}}'
+    python benchmarks/ab_configs.py --mode fwd+bwd --seqlen 4096 \\
+        '{}' '{"selection": {"SORT_IN_ONE_PROGRAM": 4096}}'
 
 Each configuration is a JSON object {kernel: settings} laid over the defaults of
-dma/backends/triton_backend.py (CONFIGS). To compare two versions of the code, run the same
-command in both checkouts, one after the other, on the same machine.
+dma/backends/triton_backend.py (CONFIGS); its entry "selection" sets constants of
+dma/selection.py (the plan's sizes and sort paths) instead. To compare two versions of the
+code, run the same command in both checkouts, one after the other, on the same machine:
+host time per call can drift by 2x within minutes (docs/performance.md), so short,
+host-bound calls compare reliably only within one run.
 """
 
 import argparse
@@ -17,8 +23,13 @@ import statistics
 import torch
 
 import dma
+from dma import selection
 from dma.backends import triton_backend
-from dma.benchmarking import Shape, back_to_back_ms, make_inputs
+from dma.benchmarking import Shape, back_to_back_ms, make_inputs, time_once_ms
+
+# The plan's constants as shipped, which a configuration's "selection" entry may replace.
+SELECTION_DEFAULTS = {name: getattr(selection, name) for name in dir(selection)
+                      if name.isupper() and isinstance(getattr(selection, name), int)}
 
 
 def main():
@@ -47,6 +58,14 @@ def main():
         return o
 
     def use(config):
+        config = dict(config)
+        plan = config.pop("selection", {})
+        unknown = sorted(set(plan) - SELECTION_DEFAULTS.keys())
+        if unknown:
+            raise SystemExit(f"not a dma.selection constant: {', '.join(unknown)} (known: "
+                             f"{', '.join(sorted(SELECTION_DEFAULTS))})")
+        for name, value in SELECTION_DEFAULTS.items():
+            setattr(selection, name, plan.get(name, value))
         triton_backend.OVERRIDES.clear()
         triton_backend.OVERRIDES.update(config)
 
@@ -58,16 +77,21 @@ def main():
         o = step().detach().float()
         reference = o if reference is None else reference
         print(f"{json.dumps(config):70} max |o - first| {float((o - reference).abs().max()):.2e}")
+    idle = [[] for _ in args.configs]
     times = [[] for _ in args.configs]
     for _ in range(args.rounds):
         for i, config in enumerate(args.configs):
             use(config)
             step()
+            torch.cuda.synchronize()
+            idle[i].append(statistics.median(time_once_ms(step, device) for _ in range(calls)))
             times[i].append(back_to_back_ms(step, device, calls))
     use({})
     print(f"device: {torch.cuda.get_device_name()}  shape: {shape.label}  mode: {args.mode}")
-    for config, ms in zip(args.configs, times):
-        print(f"{json.dumps(config):70} median {statistics.median(ms):7.3f}  min {min(ms):7.3f}")
+    print(f"{'configuration':70} {'from idle':>10} {'b2b median':>11} {'b2b min':>8}")
+    for config, from_idle, ms in zip(args.configs, idle, times):
+        print(f"{json.dumps(config):70} {statistics.median(from_idle):10.3f} "
+              f"{statistics.median(ms):11.3f} {min(ms):8.3f}")
 
 
 if __name__ == "__main__":
