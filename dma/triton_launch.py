@@ -15,11 +15,10 @@ launch options) is worked out once per site (`_CallSite`), and where each kind o
 sits once per pattern of argument types (`_ArgLayout`). On an H200 host the lookup takes 6
 to 15 us per launch (79-argument forward: 15), against 7.1 to 18.6 before call sites; the
 compiled launcher itself 6 to 10 (`benchmarks/host_time.py --launches`). The first call of
-a key goes through Triton's normal
-path (which compiles, or loads from its disk cache). Kernels that Triton decorated for its
-interpreter (TRITON_INTERPRET=1 at import), every kernel with DMA_TRITON_DIRECT_LAUNCH=0, and
-every kernel if the installed Triton lacks the compiled kernel's launch interface take the
-normal path on every call.
+a key goes through Triton's normal path (which compiles, or loads from its disk cache).
+Kernels that Triton decorated for its interpreter (TRITON_INTERPRET=1 at import), every
+kernel with DMA_TRITON_DIRECT_LAUNCH=0, and every kernel if the installed Triton lacks the
+compiled kernel's launch interface take the normal path on every call.
 """
 
 from __future__ import annotations
