@@ -18,6 +18,7 @@ launcher alone), each launch repeated in a loop on the arguments one call gave i
 """
 
 import argparse
+import contextlib
 import cProfile
 import importlib
 import pstats
@@ -32,24 +33,34 @@ from dma import triton_launch
 from dma.benchmarking import Shape, host_and_wall_ms, make_inputs
 
 
+@contextlib.contextmanager
+def replaced(owner, attr: str, replacement):
+    """owner.attr replaced by `replacement` while in the block, both in `owner` and in every
+    dma module that imported the same function by name; yields the original."""
+    original = getattr(owner, attr)
+    holders = [owner] + [m for name, m in list(sys.modules.items())
+                         if name.startswith("dma") and m is not owner
+                         and getattr(m, attr, None) is original]
+    for holder in holders:
+        setattr(holder, attr, replacement)
+    try:
+        yield original
+    finally:
+        for holder in holders:
+            setattr(holder, attr, original)
+
+
 def captured_launches(step) -> list:
     """(kernel, grid, args, kwargs) of every `run_kernel` launch of one `step()`."""
     launches = []
+    real = triton_launch.run_kernel
 
     def recording(kernel, grid, *args, **kwargs):
         launches.append((kernel, grid, args, kwargs))
         real(kernel, grid, *args, **kwargs)
 
-    real = triton_launch.run_kernel
-    users = [m for name, m in sys.modules.items()
-             if name.startswith("dma") and getattr(m, "run_kernel", None) is real]
-    for module in users:
-        module.run_kernel = recording
-    try:
+    with replaced(triton_launch, "run_kernel", recording):
         step()
-    finally:
-        for module in users:
-            module.run_kernel = real
     return launches
 
 
@@ -88,7 +99,6 @@ def stage_times(step, calls: int, stages=STAGES) -> None:
     that imported a stage by name gets the timed stand-in too)."""
     spent = {name: 0.0 for name in stages}
     counts = dict.fromkeys(stages, 0)
-    undo = []
 
     def timed(name, fn):
         def stand_in(*args, **kwargs):
@@ -100,24 +110,14 @@ def stage_times(step, calls: int, stages=STAGES) -> None:
                 counts[name] += 1
         return stand_in
 
-    for name in stages:
-        owner, attr = _resolve(name)
-        fn = getattr(owner, attr)
-        wrapper = timed(name, fn)
-        holders = [(owner, attr)] + [(m, attr) for m_name, m in list(sys.modules.items())
-                                     if m_name.startswith("dma") and m is not owner
-                                     and getattr(m, attr, None) is fn]
-        for holder, holder_attr in holders:
-            undo.append((holder, holder_attr, getattr(holder, holder_attr)))
-            setattr(holder, holder_attr, wrapper)
-    try:
+    with contextlib.ExitStack() as patches:
+        for name in stages:
+            owner, attr = _resolve(name)
+            patches.enter_context(replaced(owner, attr, timed(name, getattr(owner, attr))))
         for _ in range(calls):
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    finally:
-        for holder, attr, fn in reversed(undo):
-            setattr(holder, attr, fn)
     print(f"{'stage':<52} {'calls':>6} {'us per call':>12}")
     for name in stages:
         print(f"{name:<52} {counts[name] / calls:>6.1f} {1e6 * spent[name] / calls:>12.1f}")
@@ -142,14 +142,13 @@ def launch_cost(kernel, grid, args, kwargs, calls: int) -> tuple[float, float, f
     total = _us_per_call(lambda: triton_launch.run_kernel(kernel, grid, *args, **kwargs),
                          calls)
     found = {}
-    real = triton_launch._launch_compiled
-    triton_launch._launch_compiled = lambda c, grid3, values, device: found.update(
-        compiled=c, grid3=grid3, values=values)
-    try:
+
+    def note(compiled, grid3, values, device):
+        found.update(compiled=compiled, grid3=grid3, values=values)
+
+    with replaced(triton_launch, "_launch_compiled", note):
         lookup = _us_per_call(lambda: triton_launch._launch_direct(kernel, grid, args, kwargs),
                               calls)
-    finally:
-        triton_launch._launch_compiled = real
     if "compiled" not in found:
         return total, lookup, float("nan")
     c, grid3, values = found["compiled"], found["grid3"], found["values"]
