@@ -162,7 +162,7 @@ def launch_costs(step, calls: int = 50) -> None:
     """`launch_cost` of every launch of one `step()`, by kernel."""
     print(f"{'kernel':<34} {'args':>5} {'run_kernel':>11} {'lookup':>8} {'launcher':>9}")
     for kernel, grid, args, kwargs in captured_launches(step):
-        kwargs = dict(kwargs, enable_fp_fusion=True)
+        kwargs = {**triton_launch.DEFAULT_OPTIONS, **kwargs}  # as run_kernel completes them
         total, lookup, launcher = launch_cost(kernel, grid, args, kwargs, calls)
         name = getattr(kernel, "__name__", None) or kernel.fn.__name__
         print(f"{name:<34} {len(args) + len(kwargs):>5} {total:>11.1f} {lookup:>8.1f} "

@@ -32,6 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from dma import triton_launch  # noqa: E402
 from dma.backends import triton_backend, triton_kernels  # noqa: E402
 from dma.backends.gpu_launch import LaunchArgs  # noqa: E402
 
@@ -90,10 +91,10 @@ def compile_kernel(fn, constexprs: dict, pointers: dict, dtype: str, arch: int,
                 continue
         attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    # fp fusion on, as run_kernel launches them; maxnreg: a register cap (None: ptxas's)
+    # run_kernel's default options (fp fusion); maxnreg: a register cap (None: ptxas's)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages,
-                                       maxnreg=maxnreg, enable_fp_fusion=True))
+                          options=dict(triton_launch.DEFAULT_OPTIONS, num_warps=num_warps,
+                                       num_stages=num_stages, maxnreg=maxnreg))
 
 
 def ptxas_candidates() -> list:

@@ -34,6 +34,12 @@ _direct = {"ok": True}
 
 _INT32_END, _INT64_END = 2**31, 2**63  # where Triton widens an integer argument
 
+# Launch options every kernel gets unless the caller says otherwise. Floating-point
+# contraction (a * b + c as one FMA) is asked for explicitly: the kernels are written for it
+# (the softmax's exp2 argument is one multiply-add per score), and Triton announces that its
+# default turns it off from 3.10 on.
+DEFAULT_OPTIONS = {"enable_fp_fusion": True}
+
 
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): Triton's block sizes."""
@@ -128,18 +134,20 @@ def _int_spec(ints: tuple) -> int:
     return number
 
 
+def _driver_function(name: str):
+    """The active driver's function `name`, looked up once."""
+    function = _triton.get(name)
+    if function is None:
+        function = _triton[name] = getattr(_driver(), name)
+    return function
+
+
 def _current_device() -> int:
-    get = _triton.get("current_device")
-    if get is None:  # the driver's own function, looked up once
-        get = _triton["current_device"] = _driver().get_current_device
-    return get()
+    return _driver_function("get_current_device")()
 
 
 def _current_stream(device: int) -> int:
-    get = _triton.get("current_stream")
-    if get is None:
-        get = _triton["current_stream"] = _driver().get_current_stream
-    return get(device)
+    return _driver_function("get_current_stream")(device)
 
 
 _triton = {}  # Triton's modules, imported on first use
@@ -175,10 +183,9 @@ def run_kernel(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)`, reusing the compiled kernel of an earlier launch with
     the same specialisation.
 
-    Floating-point contraction (a * b + c as one FMA) is asked for explicitly: the kernels
-    are written for it (the softmax's exp2 argument is one multiply-add per score), and
-    Triton announces that its default turns it off from 3.10 on."""
-    kwargs.setdefault("enable_fp_fusion", True)
+    Options the caller leaves out take DEFAULT_OPTIONS."""
+    for option, value in DEFAULT_OPTIONS.items():
+        kwargs.setdefault(option, value)
     if direct_launch_enabled(kernel):
         try:
             if _launch_direct(kernel, grid, args, kwargs):
@@ -212,8 +219,9 @@ def _launch_direct(kernel, grid, args, kwargs) -> bool:
     for i, address in zip(layout.tensor_positions, addresses):
         values[i] = address
     device = _current_device()
-    # Misalignments rather than Triton's aligned-or-not: finer, so never a wrong kernel.
-    key = (site, layout, device, site.option_values(kwargs), tuple(map(_dtype_of, tensors)),
+    # A layout belongs to one call site, which fixes the option names. Misalignments rather
+    # than Triton's aligned-or-not: finer, so never a wrong kernel.
+    key = (layout, device, site.option_values(kwargs), tuple(map(_dtype_of, tensors)),
            tuple(map(_misalignment, addresses)), _int_spec(layout.ints(values)),
            layout.by_value(values))
     compiled = _compiled.get(key)
