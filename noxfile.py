@@ -52,7 +52,8 @@ def triton(session):
     workers = [] if HAS_GPU else ["-n", "auto"]
     session.run("pytest", "-q", *workers, "tests/conformance", "tests/test_gpu_modes.py",
                 "tests/test_selection.py", "tests/test_nn.py", "tests/test_triton_fitting.py",
-                "tests/test_triton_kernel_report.py", "-k", "triton", *session.posargs,
+                "tests/test_triton_kernel_report.py", "tests/test_triton_probe.py", "-k", "triton",
+                *session.posargs,
                 env=env)
 
 
