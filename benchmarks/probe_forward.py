@@ -27,6 +27,11 @@ from dma.benchmarking import Shape, back_to_back_ms, make_inputs
 LOG2E = 1.4426950408889634
 
 
+def probe_scale(dim: int) -> float:
+    """The probe's score scale, 1 / sqrt(dim) in base 2 (its scores go straight to exp2)."""
+    return LOG2E / dim ** 0.5
+
+
 @triton.jit
 def _probe_tile(m_i, l_i, acc, q, rows, start, K, V, KB, FIRST, k_desc, v_desc, IDX, kv_base,
                 last_key, qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr, READ: tl.constexpr,
@@ -150,7 +155,7 @@ def probe(q, k, v, window: int, config: dict, index=None, key_bias=None, first=N
     _probe_kernel[grid](q, k, v, unused if key_bias is None else key_bias,
                         unused if first is None else first, out,
                         unused if index is None else index, k_desc, v_desc, seqlen, window,
-                        LOG2E / dim ** 0.5, GROUP=heads // kv_heads, D=dim, **config)
+                        probe_scale(dim), GROUP=heads // kv_heads, D=dim, **config)
     return out
 
 
@@ -214,29 +219,28 @@ def main():
     key_bias = torch.randn(k.shape[:2], device=device)  # float32, log2 units
     first = torch.arange(args.seqlen, device=device, dtype=torch.int32).repeat(k.shape[0], 1)
     gathered = dict(READ=2)
-    dma_like = dict(gathered, BLOCK_M=64, STACK=2, KEY_BIAS=True, TEST=True, LAZY=True)
+    dma_like = dict(gathered, BLOCK_M=64, STACK=2, KEY_BIAS=1, TEST=True, LAZY=True)
     configs = args.probes if args.probes is not None else [
         dict(), dict(READ=1), gathered, dict(gathered, BLOCK_N=64),
-        dict(gathered, KEY_BIAS=True), dict(gathered, TEST=True),
+        dict(gathered, KEY_BIAS=1), dict(gathered, KEY_BIAS=2), dict(gathered, TEST=True),
         dict(gathered, ROW_SUMS_ON_MMA=True), dict(gathered, LAZY=True),
         dict(gathered, BLOCK_M=64, STACK=2), dma_like, dict(dma_like, LAZY=False),
         dict(dma_like, BLOCK_N=32, num_warps=4, ROW_SUMS_ON_MMA=True),
         dict(gathered, BLOCK_N=32, num_warps=4),
     ]
+    # each setting is first checked on a short prefix, gathered through the identity
+    small_len = 512
+    small = [t[:, :small_len].contiguous() for t in (q, k, v)]
+    small_bias = key_bias[:, :small_len].contiguous()
+    small_first = first[:, :small_len].contiguous()
+    small_index = first[:, :small_len].contiguous()
     for config in configs:
         full = dict(PROBE_DEFAULTS, **config)
         name = "probe " + " ".join(f"{key}={value}" for key, value in config.items())
-        small_len = 512
-        small = [t[:, :small_len].contiguous() for t in (q, k, v)]
-        small_bias = key_bias[:, :small_len].contiguous()
-        small_first = first[:, :small_len].contiguous()
-        small_index = torch.arange(small_len, device=device, dtype=torch.int32).repeat(
-            k.shape[0], 1)
         try:
-            # check the probe on a short prefix (identity gather) before timing it
             bias_in, small_bias_in = key_bias, small_bias
             if full["KEY_BIAS"] == 2:
-                bias_in, small_bias_in = (bias_parts(t, LOG2E / 128 ** 0.5)
+                bias_in, small_bias_in = (bias_parts(t, probe_scale(q.shape[-1]))
                                           for t in (key_bias, small_bias))
             got = probe(*small, args.window, config, small_index, small_bias_in, small_first)
             want = probe_reference(*small, args.window, full["BLOCK_M"],

@@ -14,7 +14,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from probe_forward import LOG2E, bias_parts, probe, probe_reference  # noqa: E402
+from probe_forward import bias_parts, probe, probe_reference, probe_scale  # noqa: E402
 
 SMALL = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
 
@@ -36,7 +36,7 @@ def test_triton_probe_matches_its_reference(extra):
     config = dict(SMALL, **extra)
     bias_in = key_bias
     if config.get("KEY_BIAS") == 2:
-        bias_in = bias_parts(key_bias, LOG2E / dim ** 0.5).to(dtype)
+        bias_in = bias_parts(key_bias, probe_scale(dim)).to(dtype)
     got = probe(q, k, v, window, config, index, bias_in, first).float()
     want = probe_reference(q, k, v, window, config["BLOCK_M"],
                            key_bias if config.get("KEY_BIAS") else None)
