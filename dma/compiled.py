@@ -9,7 +9,6 @@ op schema can carry), which costs one plan build per backward.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -57,7 +56,7 @@ def attention_backward(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor
                        needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     problem, inputs = _problem(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask,
                                window, causal, scale, softcap)
-    problem = replace(problem, needs_grad=tuple(needs))
+    problem = problem._replace(needs_grad=tuple(needs))
     chosen = choose(problem, backend or None)
     plan = make_plan(problem, inputs, chosen)
     grads = backward_impl(problem, inputs, chosen, plan, o, lse, do, dlse)

@@ -32,14 +32,26 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-def backends() -> dict[str, Backend]:
-    from . import backends as _  # noqa: F401  (registers the built-in backends)
+_builtins_registered = False
 
-    return dict(_registry)
+
+def _known() -> dict[str, Backend]:
+    """The registry itself, with the built-in backends registered (imported once, on first
+    use, rather than an import statement on every call)."""
+    global _builtins_registered
+    if not _builtins_registered:
+        from . import backends as _  # noqa: F401  (registers the built-in backends)
+
+        _builtins_registered = True
+    return _registry
+
+
+def backends() -> dict[str, Backend]:
+    return dict(_known())
 
 
 def get_backend(name: str) -> Backend:
-    known = backends()
+    known = _known()
     if not isinstance(name, str) or name not in known:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known)}")
     return known[name]
@@ -72,7 +84,7 @@ def requested_backend(argument: Optional[str]) -> tuple[Optional[str], str]:
 
 def explain(problem: Optional[Problem]) -> dict[str, list[str]]:
     """Per backend, every reason it cannot serve `problem` (an empty list means it can)."""
-    return {name: b.reasons(problem) for name, b in backends().items()}
+    return {name: b.reasons(problem) for name, b in _known().items()}
 
 
 def choose(problem: Problem, argument: Optional[str] = None) -> Backend:
@@ -89,7 +101,7 @@ def choose(problem: Problem, argument: Optional[str] = None) -> Backend:
     order = AUTO_ORDER.get(problem.device.type, ("torch",))
     every = []
     for candidate in order:
-        backend = backends()[candidate]
+        backend = _known()[candidate]
         reasons = backend.reasons(problem)
         if not reasons:
             return backend

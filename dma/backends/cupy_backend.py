@@ -20,6 +20,7 @@ from .gpu_launch import (
     backward_buffers,
     candidate_key_split,
     cdiv,
+    device_capability,
     finish_backward,
     shared_memory_limit,
 )
@@ -100,9 +101,9 @@ class CupyBackend(Backend):
         if problem.device.type != "cuda":
             return []
         reasons = []
-        props = torch.cuda.get_device_properties(problem.device)
-        if props.major < 8:
-            reasons.append(f"compute capability {props.major}.{props.minor} below 8.0")
+        major, minor = device_capability(problem.device)
+        if major < 8:
+            reasons.append(f"compute capability {major}.{minor} below 8.0")
         d_pad = LaunchArgs.padded_head_dim(problem.head_dim)
         if problem.dtype in cupy_kernels.ELEMENT_TYPES and d_pad in cupy_kernels.HEAD_DIM_PADS:
             need = max(cupy_kernels.shared_bytes(k, problem.dtype, d_pad)

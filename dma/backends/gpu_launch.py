@@ -29,26 +29,32 @@ def cdiv(a: int, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device):
+    """torch's properties of a CUDA device, asked once per device: the dispatcher and the
+    launches ask on every call, and torch's lookup takes microseconds of host time."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _properties(index)
 
 
 def device_capability(device) -> tuple[int, int]:
-    """(major, minor) of a CUDA device, asked once per device (the dispatcher asks per call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index)
+    """(major, minor) of a CUDA device."""
+    props = device_properties(device)
+    return props.major, props.minor
 
 
 def multiprocessors(device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return device_properties(device).multi_processor_count
 
 
 def shared_memory_limit(device) -> Optional[int]:
     """Shared memory a program may opt in to on this device, in bytes (None: not reported)."""
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin",
-                   None)
+    return getattr(device_properties(device), "shared_memory_per_block_optin", None)
 
 
 def like_strides(t: torch.Tensor, dtype) -> torch.Tensor:
