@@ -15,6 +15,11 @@ forward launch and its parts, allocations), each inclusive of what it calls, in 
 `--launches` times, per Triton kernel of the call, the host time of one launch through
 `run_kernel` (all of it, then its two parts: finding the compiled kernel, and the compiled
 launcher alone), each launch repeated in a loop on the arguments one call gave it.
+
+`--idle` compares a call issued to an idle device (after a synchronize and a 2 ms pause, as
+a single call or a benchmark's `time_once_ms` meets it) with the same call in a loop: host
+us and device us (CUDA events) per call, for the dma call and for a few bare torch
+launches, which show what any call pays from idle whatever its own work.
 """
 
 import argparse
@@ -169,6 +174,41 @@ def launch_costs(step, calls: int = 50) -> None:
               f"{launcher:>9.1f}")
 
 
+def idle_and_loop_us(step, calls: int = 40, pause_s: float = 0.002) -> tuple:
+    """(host, device) us of `step()` from an idle device (medians over `calls`), and host us
+    per call in a loop."""
+    for _ in range(5):
+        step()
+    host, device = [], []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        time.sleep(pause_s)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        step()
+        end.record()
+        host.append(1e6 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+        device.append(1e3 * start.elapsed_time(end))
+    loop = _us_per_call(step, calls)
+    return statistics.median(host), statistics.median(device), loop
+
+
+def idle_costs(step) -> None:
+    """`idle_and_loop_us` of `step` and of 1, 2, 4 and 8 bare torch launches."""
+    x = torch.zeros(1 << 16, device="cuda")
+
+    def launches(n):
+        return lambda: [x.add_(1.0) for _ in range(n)]
+
+    print(f"{'from an idle device':<24} {'host us':>8} {'device us':>10} {'host us in a loop':>18}")
+    for label, fn in [("this call", step)] + [(f"{n} torch launches", launches(n))
+                                               for n in (1, 2, 4, 8)]:
+        host, device, loop = idle_and_loop_us(fn)
+        print(f"{label:<24} {host:>8.1f} {device:>10.1f} {loop:>18.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["1x131072", "4096"],
@@ -181,6 +221,8 @@ def main():
                         help="inclusive host us per call of the call's stages")
     parser.add_argument("--launches", action="store_true",
                         help="host us per launch, by kernel (run_kernel and its parts)")
+    parser.add_argument("--idle", action="store_true",
+                        help="host and device us of a call from an idle device, and in a loop")
     args = parser.parse_args()
     for case in args.cases:
         sq, _, sk = case.partition("x")
@@ -200,6 +242,8 @@ def main():
             stage_times(step, args.calls)
         if args.launches:
             launch_costs(step)
+        if args.idle:
+            idle_costs(step)
         if args.top:
             profiler = cProfile.Profile()
             profiler.enable()

@@ -38,7 +38,7 @@ from dma.backends.gpu_launch import LaunchArgs  # noqa: E402
 
 REPORTED = ["fwd", "fwd_dense", "fwd_decode", "dq", "dkdv_candidates", "dkdv_keys"]
 FLOAT32_POINTERS = {"LSE", "DELTA", "DKB", "DAB"}
-INDEX_POINTERS = {"FIRST", "END", "CAND", "COUNT", "FULL"}
+INDEX_POINTERS = {"END", "CAND", "COUNT", "FULL"}
 BYTE_POINTERS = {"AM", "PAD"}
 DIVISIBLE_INTS = {"seqlen_q", "seqlen_k", "causal_offset", "heads", "kv_heads", "split_slots"}
 

@@ -98,6 +98,11 @@ def check_plan_against_brute_force(seed, engine, seqlen_q=None):
         expected = brute_force_keep(kb[bi, 0].float(), pad[bi], sq, sk, w, causal)
         first, end = plan.key_first_row[bi, 0].long(), plan.key_end_row[bi, 0].long()
         assert torch.equal((rows >= first) & (rows < end), expected)
+        # The triton kernels test rows against each key's causal start rather than
+        # key_first_row (triton_kernels._key_terms): a kept key is kept from the first row
+        # that sees it, and a key that no row keeps has an empty interval from there too.
+        start = (torch.arange(sk) - (sk - sq)).clamp(min=0) if causal else 0 * first
+        assert torch.equal((rows >= start) & (rows < end), expected)
         for block in range(plan.candidates.shape[2]):
             count = int(plan.candidate_count[bi, 0, block])
             listed = plan.candidates[bi, 0, block, :count].tolist()

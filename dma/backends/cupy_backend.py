@@ -49,7 +49,7 @@ def _fields(problem: Problem, launch: LaunchArgs) -> dict:
     ab, sab_b, sab_h, sab_r, sab_c, ab_hdiv = launch.attn_bias
     am, sam_b, sam_h, sam_r, sam_c, am_hdiv = launch.attn_mask
     pad, spad_b = launch.padding
-    first, end, splan_b, splan_h, plan_hdiv = launch.plan_rows
+    end, splan_b, splan_h, plan_hdiv = launch.plan_rows
     cand, count, scand_b, scand_h, scand_blk, scnt_b, scnt_h = launch.candidates
     flags = launch.flags
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h = launch.qkv
@@ -57,7 +57,7 @@ def _fields(problem: Problem, launch: LaunchArgs) -> dict:
         q=_pointer(launch.q), k=_pointer(launch.k), v=_pointer(launch.v), out=0, lse=0,
         dout=0, delta=0, dq=0, dk=0, dv=0, dkb=0, dab=0,
         key_bias=_pointer(kb), attn_bias=_pointer(ab), attn_mask=_pointer(am),
-        padding=_pointer(pad), first_row=_pointer(first), end_row=_pointer(end),
+        padding=_pointer(pad), end_row=_pointer(end),
         candidates=_pointer(cand), candidate_count=_pointer(count),
         full_count=_pointer(launch.full_count),
         sq_b=sq_b, sq_s=sq_s, sq_h=sq_h, sk_b=sk_b, sk_s=sk_s, sk_h=sk_h,

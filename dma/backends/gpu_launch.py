@@ -102,15 +102,16 @@ class LaunchArgs:
         else:
             self.padding = (dummy, 0)
         if plan is not None:
-            first, end = plan.key_first_row, plan.key_end_row
-            cand, count = plan.candidates, plan.candidate_count
+            end, cand, count = plan.key_end_row, plan.candidates, plan.candidate_count
             batched = plan.batch > 1
-            self.plan_rows = (first, end, first.stride(0) if batched else 0, first.stride(1),
+            # The kernels read each key's end row only: a kept key's first row is its causal
+            # start (triton_kernels._key_rows, cuda/dma_common.cuh key_facts).
+            self.plan_rows = (end, end.stride(0) if batched else 0, end.stride(1),
                               h // plan.heads)
             self.candidates = block_list_args(cand, count, batched)
             self.full_count = plan.full_count  # read with candidate_count's strides
         else:
-            self.plan_rows = (dummy, dummy, 0, 0, h)
+            self.plan_rows = (dummy, 0, 0, h)
             self.candidates = (dummy, dummy, 0, 0, 0, 0, 0)
             self.full_count = dummy
         self.flags = dict(
@@ -161,7 +162,7 @@ class LaunchArgs:
                                         by_key)
         listed = copy.copy(self)
         listed.candidates = block_list_args(tiles, counts, batched=tiles.shape[0] > 1)
-        listed.plan_rows = (*self.plan_rows[:4], hdiv)  # the lists are per mask head
+        listed.plan_rows = (*self.plan_rows[:3], hdiv)  # the lists are per mask head
         listed.flags = dict(self.flags, TILE_LIST=True)
         return listed
 
@@ -169,7 +170,7 @@ class LaunchArgs:
         """Query heads stacked per program (at most `stack`): only when the kv group divides
         evenly and every per-head input (plan, key_bias, attn_bias, mask) is shared by it."""
         group = self.problem.group_size
-        per_head = [self.plan_rows[4], self.key_bias[3], self.attn_bias[5], self.attn_mask[5]]
+        per_head = [self.plan_rows[3], self.key_bias[3], self.attn_bias[5], self.attn_mask[5]]
         if not all(hdiv % group == 0 for hdiv in per_head):
             return 1
         while stack > 1 and group % stack:

@@ -71,7 +71,8 @@ CONFIGS = {
                    "SPLITS": 0, "LAZY_RESCALE": False},
     # dq: 8 warps held to 128 registers (maxnreg), so that two programs of 8 warps share a
     # multiprocessor: 7.93 against 8.19 ms forward+backward for the former 4 warps at 255
-    # registers (16k, window 2048, H200, one run), though it spills about 240 bytes.
+    # registers (16k, window 2048, H200, one run), though it spilled about 240 bytes then
+    # (56 under Triton 3.6 since first rows come from causality, kernel_report.py).
     "dq": {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "STACK": 2, "maxnreg": 128},
     # dk/dv tiles are key-major: the key tile is every product's M dimension, which Hopper's
     # warpgroup MMA needs (at least 64 per warpgroup: 128 keys over 8 warps); the row tiles
@@ -367,7 +368,8 @@ class TritonBackend(Backend):
                     *block_list_args(cand, count, batched),
                     *launch.sizes, programs_per_batch, heads_per_program, problem.group_size,
                     key_split, launch.scale, launch.softcap, ROWS_PER_PROGRAM=rows,
-                    HAS_KB=launch.flags["HAS_KB"], SOFTCAP=launch.flags["SOFTCAP"],
+                    CAUSAL=launch.flags["CAUSAL"], HAS_KB=launch.flags["HAS_KB"],
+                    SOFTCAP=launch.flags["SOFTCAP"],
                     NEED_DKB=need_kb, **common, **config,
                 )
 

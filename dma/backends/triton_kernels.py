@@ -6,7 +6,8 @@ Every kernel walks the same two kinds of key tiles, so they read side by side:
   and attn_bias applied per element (broadcast dims have stride 0 and are never materialised);
 * candidate tiles (INTERVAL=True, the DMA case): the query block's candidate keys from the
   selection plan, gathered from K and V; a key j is kept by row i when
-  key_first_row[j] <= i < key_end_row[j]. The forward and dq first walk the whole tiles of
+  key_first_row[j] <= i < key_end_row[j], where the first row is j's causal start
+  (`_key_rows`: only end rows are read). The forward and dq first walk the whole tiles of
   the block's fully kept candidates (listed first by the plan, `full_count`) without that
   test (ALL_KEPT), then the rest.
 
@@ -82,18 +83,33 @@ def _key_bias(keys64, key_ok, b, KB, skb_b, skb_h, kb_head, HAS_KB: tl.constexpr
 
 
 @triton.jit
+def _key_rows(keys64, key_ok, b, END, splan_b, splan_h, plan_head, causal_offset,
+              CAUSAL: tl.constexpr):
+    """The rows [first, end) that keep some keys (DMA case; absent keys get end = 0, kept by
+    none). Only `end` is read from the plan: a row's threshold never falls as rows see more
+    keys, so a key that any row keeps is kept from the first row that sees it, its causal
+    start (0 without causality), and a key that no row keeps has end <= that start
+    (tests/test_selection.py checks both against the plan's key_first_row)."""
+    first = tl.zeros(keys64.shape, tl.int32)
+    if CAUSAL:
+        first = (keys64 - causal_offset).to(tl.int32)
+    end = tl.load(END + b * splan_b + plan_head * splan_h + keys64, mask=key_ok, other=0)
+    return first, end
+
+
+@triton.jit
 def _key_terms(
     keys, key_ok, b,
     KB, skb_b, skb_h, kb_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_head,
-    HAS_KB: tl.constexpr, HAS_PAD: tl.constexpr, INTERVAL: tl.constexpr,
-    ALL_KEPT: tl.constexpr = False,
+    END, splan_b, splan_h, plan_head, causal_offset,
+    CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_PAD: tl.constexpr,
+    INTERVAL: tl.constexpr, ALL_KEPT: tl.constexpr = False,
 ):
     """A key tile's per-key inputs to `_tile_scores`, loaded once per tile (the dk/dv kernels
     reuse them for every tile of rows): key_bias in float32 (0 without), the rows [first,
-    end) that keep each key (INTERVAL; absent keys read first = end = 0, kept by none), and
-    which keys are usable (real and not padding; the dense case)."""
+    end) that keep each key (INTERVAL, `_key_rows`), and which keys are usable (real and not
+    padding; the dense case)."""
     keys64 = keys.to(tl.int64)
     kb = _key_bias(keys64, key_ok, b, KB, skb_b, skb_h, kb_head, HAS_KB)
     first = tl.zeros(keys.shape, tl.int32)
@@ -101,9 +117,8 @@ def _key_terms(
     usable = key_ok
     if INTERVAL:
         if not ALL_KEPT:
-            plan = b * splan_b + plan_head * splan_h + keys64
-            first = tl.load(FIRST + plan, mask=key_ok, other=0)
-            end = tl.load(END + plan, mask=key_ok, other=0)
+            first, end = _key_rows(keys64, key_ok, b, END, splan_b, splan_h, plan_head,
+                                   causal_offset, CAUSAL)
     elif HAS_PAD:
         usable = key_ok & (tl.load(PAD + b * spad_b + keys64, mask=key_ok, other=0) != 0)
     return kb, first, end, usable
@@ -236,7 +251,7 @@ def _row_tile_scores(
     AB, sab_b, sab_h, sab_r, sab_c, ab_head,
     AM, sam_b, sam_h, sam_r, sam_c, am_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_head,
+    END, splan_b, splan_h, plan_head,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
@@ -256,7 +271,8 @@ def _row_tile_scores(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     kb, first, end, usable = _key_terms(
         keys, key_ok, b, KB, skb_b, skb_h, kb_head, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_head, HAS_KB, HAS_PAD, INTERVAL, ALL_KEPT)
+        END, splan_b, splan_h, plan_head, causal_offset, CAUSAL, HAS_KB, HAS_PAD, INTERVAL,
+        ALL_KEPT)
     s, th = _tile_scores(
         qk, rows, keys, kb, first, end, usable, b,
         AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
@@ -272,7 +288,7 @@ def _fwd_tile(
     AB, sab_b, sab_h, sab_r, sab_c, ab_head,
     AM, sam_b, sam_h, sam_r, sam_c, am_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_head,
+    END, splan_b, splan_h, plan_head,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
@@ -291,7 +307,7 @@ def _fwd_tile(
         q, start, block, b, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
         KB, skb_b, skb_h, kb_head, AB, sab_b, sab_h, sab_r, sab_c, ab_head,
         AM, sam_b, sam_h, sam_r, sam_c, am_head, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_head,
+        END, splan_b, splan_h, plan_head,
         CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
         seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
         BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -361,7 +377,7 @@ def _fwd_kernel(
     AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    END, splan_b, splan_h, plan_hdiv,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, FULL,
     seqlen_q, seqlen_k, causal_offset, heads, group, scale, softcap,
     split_slots, so_split, slse_split,
@@ -405,7 +421,7 @@ def _fwd_kernel(
                 m_i, l_i, acc, q, start, block, b, hk, rows, dims, dim_ok,
                 K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_head,
                 AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
-                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
+                PAD, spad_b, END, splan_b, splan_h, plan_head,
                 CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
                 seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
                 BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -416,7 +432,7 @@ def _fwd_kernel(
             m_i, l_i, acc, q, start, block, b, hk, rows, dims, dim_ok,
             K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, KB, skb_b, skb_h, kb_head,
             AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
-            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
+            PAD, spad_b, END, splan_b, splan_h, plan_head,
             CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
             seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
             BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -515,7 +531,7 @@ def _dq_tile(
     AB, sab_b, sab_h, sab_r, sab_c, ab_head,
     AM, sam_b, sam_h, sam_r, sam_c, am_head,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_head,
+    END, splan_b, splan_h, plan_head,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr,
@@ -530,7 +546,7 @@ def _dq_tile(
         q, start, block, b, hk, rows, dims, dim_ok, K, sk_b, sk_s, sk_h,
         KB, skb_b, skb_h, kb_head, AB, sab_b, sab_h, sab_r, sab_c, ab_head,
         AM, sam_b, sam_h, sam_r, sam_c, am_head, PAD, spad_b,
-        FIRST, END, splan_b, splan_h, plan_head,
+        END, splan_b, splan_h, plan_head,
         CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
         seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
         BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -559,7 +575,7 @@ def _bwd_dq_kernel(
     AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    END, splan_b, splan_h, plan_hdiv,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, FULL,
     seqlen_q, seqlen_k, causal_offset, heads, group, scale, softcap,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -599,7 +615,7 @@ def _bwd_dq_kernel(
                 dims, dim_ok, K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB,
                 sdab_b, sdab_h, sdab_r, sdab_c, dab_head, KB, skb_b, skb_h, kb_head,
                 AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
-                PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
+                PAD, spad_b, END, splan_b, splan_h, plan_head,
                 CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
                 seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
                 BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -611,7 +627,7 @@ def _bwd_dq_kernel(
             dims, dim_ok, K, V, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, DAB,
             sdab_b, sdab_h, sdab_r, sdab_c, dab_head, KB, skb_b, skb_h, kb_head,
             AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
-            PAD, spad_b, FIRST, END, splan_b, splan_h, plan_head,
+            PAD, spad_b, END, splan_b, splan_h, plan_head,
             CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
             seqlen_q, seqlen_k, n_slots, causal_offset, scale, softcap,
             BLOCK_N, CAUSAL, HAS_KB, HAS_AB, HAS_AM, HAS_PAD, SOFTCAP, INTERVAL, TILE_LIST,
@@ -669,7 +685,7 @@ def _bwd_dkdv_keys_kernel(
     AB, sab_b, sab_h, sab_r, sab_c, ab_hdiv,
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    END, splan_b, splan_h, plan_hdiv,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, causal_offset, kv_heads, group, scale, softcap,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -702,11 +718,11 @@ def _bwd_dkdv_keys_kernel(
                                                             plan_hdiv)
         # Rows that may keep a key of this tile.
         if INTERVAL:
-            plan = b * splan_b + plan_head * splan_h + keys64
-            first = tl.load(FIRST + plan, mask=key_ok, other=seqlen_q)
-            end = tl.load(END + plan, mask=key_ok, other=0)
-            row_lo = tl.min(tl.where(end > first, first, seqlen_q), 0)
-            row_hi = tl.max(tl.where(end > first, end, 0), 0)
+            first, end = _key_rows(keys64, key_ok, b, END, splan_b, splan_h, plan_head,
+                                   causal_offset, CAUSAL)
+            live = key_ok & (end > first)
+            row_lo = tl.min(tl.where(live, first, seqlen_q), 0)
+            row_hi = tl.max(tl.where(live, end, 0), 0)
         else:
             row_lo = 0
             if CAUSAL:
@@ -718,7 +734,8 @@ def _bwd_dkdv_keys_kernel(
             n_row_tiles = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + kblock)
         kb, first, end, usable = _key_terms(
             keys, key_ok, b, KB, skb_b, skb_h, kb_head, PAD, spad_b,
-            FIRST, END, splan_b, splan_h, plan_head, HAS_KB, HAS_PAD, INTERVAL)
+            END, splan_b, splan_h, plan_head, causal_offset, CAUSAL, HAS_KB, HAS_PAD,
+            INTERVAL)
         dkb = tl.zeros([BLOCK_N], tl.float32)
         for t in range(0, n_row_tiles):
             row_start = row_lo + t * BLOCK_M
@@ -745,12 +762,13 @@ def _bwd_dkdv_candidates_kernel(
     sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, slse_b, slse_h,
     sdk_b, sdk_s, sdk_h, sdkb_b, sdkb_h,
     KB, skb_b, skb_h, kb_hdiv,
-    FIRST, END, splan_b, splan_h, plan_hdiv,
+    END, splan_b, splan_h, plan_hdiv,
     CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
     seqlen_q, seqlen_k, causal_offset, programs_per_batch, heads_per_program, group, key_split,
     scale, softcap,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr, HAS_KB: tl.constexpr, SOFTCAP: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KB: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NEED_DKB: tl.constexpr,
 ):
     """DMA case, fast path: dk, dv and d key_bias over the candidate keys of a coarse block of
@@ -780,9 +798,8 @@ def _bwd_dkdv_candidates_kernel(
         v = _load_rows(V + b * sv_b + hk * sv_h, keys64, sv_s, dims, key_ok,
                        dim_ok)
         # The rows of this block that the tile's key intervals reach.
-        plan = b * splan_b + plan_head * splan_h + keys64
-        first = tl.load(FIRST + plan, mask=key_ok, other=0)
-        end = tl.load(END + plan, mask=key_ok, other=0)
+        first, end = _key_rows(keys64, key_ok, b, END, splan_b, splan_h, plan_head,
+                               causal_offset, CAUSAL)
         live = key_ok & (end > first)
         row_lo = tl.maximum(tl.min(tl.where(live, first, seqlen_q), 0), row_base)
         row_hi = tl.minimum(tl.max(tl.where(live, end, 0), 0), row_end)

@@ -445,7 +445,8 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
                     const int key = key_ids[i];
                     if (key < 0) continue;
-                    const int first = in.first_row[key], end = in.end_row[key];
+                    const int first = p.causal ? key - (int)p.causal_offset : 0;
+                    const int end = in.end_row[key];
                     if (end > first) {
                         atomicMin(&row_range[0], first);
                         atomicMax(&row_range[1], end);

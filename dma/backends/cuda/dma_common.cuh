@@ -373,8 +373,7 @@ struct ScoreInputs {
     const T* attn_bias;               // attn_bias[row * sab_r + key * sab_c]
     const unsigned char* attn_mask;   // attn_mask[row * sam_r + key * sam_c]
     const unsigned char* padding;     // padding[key]
-    const int* first_row;             // plan: row interval [first_row, end_row) keeps key
-    const int* end_row;
+    const int* end_row;               // plan: rows [causal start, end_row) keep key
     long long sab_r, sab_c, sam_r, sam_c;
     int seqlen_q, causal_offset;
     bool causal, softcap;
@@ -391,8 +390,6 @@ struct ScoreInputs {
                                    + (h / p.am_hdiv) * p.sam_h : nullptr),
           padding(p.has_pad ? static_cast<const unsigned char*>(p.padding) + b * p.spad_b
                                 : nullptr),
-          first_row(p.interval ? static_cast<const int*>(p.first_row) + b * p.splan_b
-                                     + (h / p.plan_hdiv) * p.splan_h : nullptr),
           end_row(p.interval ? static_cast<const int*>(p.end_row) + b * p.splan_b
                                    + (h / p.plan_hdiv) * p.splan_h : nullptr),
           sab_r(p.sab_r), sab_c(p.sab_c), sam_r(p.sam_r), sam_c(p.sam_c),
@@ -404,8 +401,10 @@ struct ScoreInputs {
 
 // What a score needs to know about one key, read once per tile (or per head) rather than per
 // element. Every test that depends on the key alone folds into the row interval
-// [first, end) that keeps it: the plan's interval in the DMA case; otherwise the causal bound
-// and key padding (end = 0 drops the key), so the per-element test is two comparisons.
+// [first, end) that keeps it, so the per-element test is two comparisons. first is the
+// causal start; end the plan's end row in the DMA case (a row's threshold never falls as
+// rows see more keys, so a key that any row keeps is kept from the first row that sees it:
+// the plan's key_first_row is never read), otherwise seqlen_q, or 0 for key padding.
 struct KeyFacts {
     int id;  // -1: an absent slot (first = end = 0)
     int first, end;
@@ -417,13 +416,9 @@ DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
     KeyFacts f = {id, 0, 0, 0.f};
     if (id < 0) return f;
     if (in.key_bias) f.bias = E::to_f32(in.key_bias[id]) * LOG2E;
-    if (in.first_row) {
-        f.first = in.first_row[id];
-        f.end = in.end_row[id];
-    } else {
-        f.first = in.causal ? id - in.causal_offset : 0;
-        f.end = in.padding && !in.padding[id] ? 0 : in.seqlen_q;
-    }
+    f.first = in.causal ? id - in.causal_offset : 0;
+    if (in.end_row) f.end = in.end_row[id];
+    else f.end = in.padding && !in.padding[id] ? 0 : in.seqlen_q;
     return f;
 }
 

@@ -24,7 +24,6 @@ struct Params {
     const void* attn_bias;
     const void* attn_mask;
     const void* padding;
-    const void* first_row;
     const void* end_row;
     const void* candidates;
     const void* candidate_count;
