@@ -40,13 +40,16 @@ THRESHOLD_CHUNK = 512
 # keys in SORT_MERGE_CHUNKS chunks, one program each, then merged by rank
 # (_merge_ranks_kernel); longer rows by torch's segmented sort. Either kernel path is one or
 # two launches where torch's sort and its helper ops take about a dozen, whose host time
-# exceeds their GPU time. On an H200 (8 plan heads, bfloat16 scores; sort, ranks,
-# thresholds and intervals, GPU us per call): at 4096 keys 32.6 merged from 8 chunks, 80.1
-# in one program, 40.8 through torch; at 8192 48.7 and 52.5 (torch); at 16384 keys merging
-# lost (97 against 79.5: the merge's binary searches grow with the chunks), as did one
-# program per row (4096 keys in one program took 61 us, 512 took 3.5).
+# exceeds their GPU time. Sort, ranks, thresholds and intervals, 8 plan heads, bfloat16
+# scores, GPU / host us per call (`bench_plan.py --sorts`): on an H200 at 4096 keys 32.6
+# merged from 8 chunks, 80.1 in one program, 40.8 through torch; on an H100 at 8192 keys
+# 48.6 / 108 merged against 78.0 / 224 through torch, at 16384 96.9 / 122 against
+# 108.3 / 243 (the 16k forward from idle 2.37 -> 2.25 ms, back to back 1.76 -> 1.72).
+# One program per row is slow past 512 keys (4096 keys in one program took 61 us).
+# Longer rows than 16384 keys are unmeasured for the merge (its chunks' one-program sorts
+# grow with them) and keep torch's sort.
 SORT_IN_ONE_PROGRAM = 512
-SORT_BY_MERGING = 8192
+SORT_BY_MERGING = 16384
 SORT_MERGE_CHUNKS = 8
 MERGE_SEARCHES = 1024  # (entry, other chunk) searches per program of _merge_ranks_kernel
 TRITON_SORTS = ("one program", "merged chunks", "torch sort")
