@@ -15,16 +15,12 @@ import torch
 import dma
 from dma.benchmarking import (
     add_ratios,
+    document_ids,
     format_table,
     sdpa_contender,
     time_interleaved,
     write_csv,
 )
-
-
-def document_ids(seqlen: int, docs: int, device) -> torch.Tensor:
-    """Each token's document: `docs` documents of (nearly) equal length, packed."""
-    return torch.arange(seqlen, device=device) * docs // seqlen
 
 
 def contenders(q, k, v, doc, names, backend):

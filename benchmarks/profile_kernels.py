@@ -3,6 +3,10 @@
     python benchmarks/profile_kernels.py --seqlen 16384 --window 2048
     python benchmarks/profile_kernels.py --seqlen 131072 --seqlen-q 1 --forward-only
     python benchmarks/profile_kernels.py --seqlen 4096 --forward-only --timeline
+    python benchmarks/profile_kernels.py --seqlen 16384 --docs 16   # explicit mask
+
+`--docs N` profiles the explicit-mask path instead: N packed documents, a block-diagonal
+`attn_mask` with causality and no window (bench_masks.py's case).
 
 `--timeline` lists, for one call issued to an idle device, every GPU operation in order:
 when the host launched it and when the GPU ran it, in us from the call's start. The GPU's
@@ -18,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dma
-from dma.benchmarking import Shape, make_inputs
+from dma.benchmarking import Shape, document_ids, make_inputs
 
 
 def main():
@@ -32,6 +36,8 @@ def main():
     parser.add_argument("--seqlen-q", type=int, default=None, help="query rows (default: seqlen)")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--docs", type=int, default=0,
+                        help="packed documents as an attn_mask instead of key_bias and window")
     parser.add_argument("--timeline", action="store_true",
                         help="host launch and GPU run times of one call's operations")
     args = parser.parse_args()
@@ -41,9 +47,13 @@ def main():
     for t in (q, k, v, kb):
         t.requires_grad_(not args.forward_only)
 
+    selection = dict(key_bias=kb, window=args.window)
+    if args.docs:
+        doc = document_ids(args.seqlen, args.docs, q.device)
+        selection = dict(attn_mask=(doc[:, None] == doc[None, :])[None, None])
+
     def step():
-        o = dma.attention(q, k, v, key_bias=kb, window=args.window, causal=True,
-                          backend=args.backend)
+        o = dma.attention(q, k, v, **selection, causal=True, backend=args.backend)
         if not args.forward_only:
             o.backward(torch.ones_like(o))
 

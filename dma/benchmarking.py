@@ -54,6 +54,11 @@ def make_inputs(shape: Shape, device, seed: int = 0):
     return q, k, v, key_bias
 
 
+def document_ids(seqlen: int, docs: int, device) -> torch.Tensor:
+    """Each token's document: `docs` documents of (nearly) equal length, packed."""
+    return torch.arange(seqlen, device=device) * docs // seqlen
+
+
 def time_once_ms(fn: Callable, device: torch.device) -> float:
     """One call's time in ms: CUDA events on GPUs, wall clock on CPUs."""
     if device.type == "cuda":
