@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dma
-from dma.selection import TRITON_SORTS, build_interval_plan
+from dma.selection import SORT_BY_MERGING, TRITON_SORTS, build_interval_plan
 from dma.validation import validate
 
 
@@ -190,8 +190,8 @@ def test_single_row_triton_plan_over_many_key_chunks(window, scores):
     dict(sq=3000, sk=6000, window=1500, block_m=128, causal=True, per_program=1, pad=True,
          ties=True),
     # bfloat16 scores past SORT_BY_MERGING keys: torch's sort takes int16 keys
-    dict(sq=600, sk=17000, window=700, block_m=64, causal=True, per_program=4, ties=True,
-         dtype=torch.bfloat16),
+    dict(sq=600, sk=SORT_BY_MERGING + 616, window=700, block_m=64, causal=True, per_program=4,
+         ties=True, dtype=torch.bfloat16),
     dict(sq=5000, sk=5000, window=300, block_m=64, causal=True, per_program=3, pad=True,
          dtype=torch.bfloat16),
 ])
