@@ -7,6 +7,10 @@ machine, or of its host, hits them alike).
     python benchmarks/ab_configs.py --mode fwd+bwd '{}' '{"dq": {"num_warps": 4}}'
     python benchmarks/ab_configs.py --mode fwd+bwd --seqlen 4096 \\
         '{}' '{"selection": {"SORT_IN_ONE_PROGRAM": 4096}}'
+    python benchmarks/ab_configs.py --docs 16 '{}' '{"fwd_dense": {"num_warps": 8}}'
+
+`--docs N` times the explicit-mask path instead (N packed documents as an attn_mask, as
+bench_masks.py and profile_kernels.py --docs do).
 
 Each configuration is a JSON object {kernel: settings} laid over the defaults of
 dma/backends/triton_backend.py (CONFIGS); its entry "selection" sets constants of
@@ -25,7 +29,7 @@ import torch
 import dma
 from dma import selection
 from dma.backends import triton_backend
-from dma.benchmarking import Shape, back_to_back_ms, make_inputs, time_once_ms
+from dma.benchmarking import Shape, back_to_back_ms, document_mask, make_inputs, time_once_ms
 
 # The plan's constants as shipped, which a configuration's "selection" entry may replace.
 SELECTION_DEFAULTS = {name: getattr(selection, name) for name in dir(selection)
@@ -40,6 +44,8 @@ def main():
     parser.add_argument("--seqlen-q", type=int, default=None)
     parser.add_argument("--window", type=int, default=2048, help="0 = no window")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--docs", type=int, default=0,
+                        help="packed documents as an attn_mask instead of key_bias and window")
     args = parser.parse_args()
     window = args.window or None
     shape = Shape(1, args.seqlen, 32, 8, 128, window, torch.bfloat16, seqlen_q=args.seqlen_q)
@@ -48,11 +54,13 @@ def main():
     for t in (q, k, v, kb):
         t.requires_grad_(train)
     do = torch.randn_like(q)
+    keys_kept = dict(key_bias=kb, window=window)  # what selects the keys
+    if args.docs:
+        keys_kept = dict(attn_mask=document_mask(args.seqlen, args.docs, q.device))
 
     def step():
         with torch.set_grad_enabled(train):
-            o = dma.attention(q, k, v, key_bias=kb, window=window, causal=True,
-                              backend="triton")
+            o = dma.attention(q, k, v, **keys_kept, causal=True, backend="triton")
             if train:
                 o.backward(do)
         return o

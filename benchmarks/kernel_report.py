@@ -7,10 +7,11 @@
 Compiles each kernel of the triton backend, with its launch configuration from
 `triton_backend.CONFIGS` (plus --override), for a CUDA target (default compute capability 9.0)
 at the benchmark shape (bf16, head dim 128, causal, key_bias; the DMA case for the candidate
-kernels, consecutive keys for the dense ones) and prints, per kernel: shared memory, registers
-and spilled bytes (ptxas), warpgroup MMA and older MMA instructions, asynchronous copies
-(loads the pipeliner prefetches) and synchronous loads, integer divisions inside the
-innermost (per-tile) loops, and the waits on asynchronous copies inside the loops (a wait
+kernels, consecutive keys for the dense ones; "fwd_masked" is the dense forward over an
+explicit mask's listed tiles, with fwd_dense's settings) and prints, per kernel: shared
+memory, registers and spilled bytes (ptxas), warpgroup MMA and older MMA instructions,
+asynchronous copies (loads the pipeliner prefetches) and synchronous loads, integer divisions
+inside the innermost (per-tile) loops, and the waits on asynchronous copies inside the loops (a wait
 for 0 outstanding groups means nothing is in flight across tiles).
 Integer arguments are specialised as the benchmark's are: strides and lengths divisible by 16.
 """
@@ -36,7 +37,9 @@ from dma import triton_launch  # noqa: E402
 from dma.backends import triton_backend, triton_kernels  # noqa: E402
 from dma.backends.gpu_launch import LaunchArgs  # noqa: E402
 
-REPORTED = ["fwd", "fwd_dense", "fwd_decode", "dq", "dkdv_candidates", "dkdv_keys"]
+REPORTED = ["fwd", "fwd_dense", "fwd_masked", "fwd_decode", "dq", "dkdv_candidates",
+            "dkdv_keys"]
+CONFIG_OF = {"fwd_masked": "fwd_dense"}  # reported rows launched with another's settings
 FLOAT32_POINTERS = {"LSE", "DELTA", "DKB", "DAB"}
 INDEX_POINTERS = {"END", "CAND", "COUNT", "FULL"}
 BYTE_POINTERS = {"AM", "PAD"}
@@ -46,14 +49,23 @@ DIVISIBLE_INTS = {"seqlen_q", "seqlen_k", "causal_offset", "heads", "kv_heads", 
 def kernel_setup(kernel: str, config: dict, head_dim: int, dtype: str):
     """(jit function, constexprs, pointer dtypes) of one reported kernel."""
     d_pad = LaunchArgs.padded_head_dim(head_dim)
+    masked = kernel == "fwd_masked"  # an explicit mask and no key_bias
     common = dict(HEAD_DIM=head_dim, D_PAD=d_pad, DOT_PRECISION="ieee", CAUSAL=True,
-                  HAS_KB=True, HAS_AB=False, HAS_AM=False, HAS_PAD=False, SOFTCAP=False,
-                  INTERVAL=kernel not in ("fwd_dense", "dkdv_keys"), TILE_LIST=False,
+                  HAS_KB=not masked, HAS_AB=False, HAS_AM=masked, HAS_PAD=False, SOFTCAP=False,
+                  INTERVAL=kernel not in ("fwd_dense", "fwd_masked", "dkdv_keys"),
+                  TILE_LIST=masked,
                   BLOCK_M=config.get("BLOCK_M", triton_backend.BLOCK_M),
                   BLOCK_N=config["BLOCK_N"], WIDE_OFFSETS=False)
     pointers = {"DK": "fp32", "DV": "fp32"} if kernel == "dkdv_candidates" else {}
     # the backend passes key_bias as float32 where keys are gathered
     pointers["KB"] = "fp32" if common["INTERVAL"] else dtype
+    # Absent inputs point at q, as the backend passes them (LaunchArgs): code that a flag
+    # leaves in place must compile with q's element type there.
+    lists = common["INTERVAL"] or common["TILE_LIST"] or kernel == "dkdv_candidates"
+    absent = dict(KB=not common["HAS_KB"], AB=not common["HAS_AB"], AM=not common["HAS_AM"],
+                  PAD=not common["HAS_PAD"], END=not common["INTERVAL"], CAND=not lists,
+                  COUNT=not lists, FULL=not lists)
+    pointers.update({name: dtype for name, missing in absent.items() if missing})
     if kernel.startswith("fwd"):
         fn = triton_kernels._fwd_kernel
         common.update(HEADS_PER_PROG=config["STACK"], LAZY_RESCALE=config["LAZY_RESCALE"])
@@ -180,7 +192,8 @@ def main(argv=None):
     lines = []
     for kernel in args.kernels:
         d_pad = LaunchArgs.padded_head_dim(args.head_dim)
-        config = dict(triton_backend.kernel_config(kernel, d_pad), **args.override)
+        config = dict(triton_backend.kernel_config(CONFIG_OF.get(kernel, kernel), d_pad),
+                      **args.override)
         fn, constexprs, pointers = kernel_setup(kernel, config, args.head_dim, args.dtype)
         compiled = compile_kernel(fn, constexprs, pointers, args.dtype, args.arch,
                                   config["num_warps"], config["num_stages"],

@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dma
-from dma.benchmarking import Shape, document_ids, make_inputs
+from dma.benchmarking import Shape, document_mask, make_inputs
 
 
 def main():
@@ -49,8 +49,7 @@ def main():
 
     selection = dict(key_bias=kb, window=args.window)
     if args.docs:
-        doc = document_ids(args.seqlen, args.docs, q.device)
-        selection = dict(attn_mask=(doc[:, None] == doc[None, :])[None, None])
+        selection = dict(attn_mask=document_mask(args.seqlen, args.docs, q.device))
 
     def step():
         o = dma.attention(q, k, v, **selection, causal=True, backend=args.backend)

@@ -59,6 +59,13 @@ def document_ids(seqlen: int, docs: int, device) -> torch.Tensor:
     return torch.arange(seqlen, device=device) * docs // seqlen
 
 
+def document_mask(seqlen: int, docs: int, device) -> torch.Tensor:
+    """The (1, 1, seqlen, seqlen) bool attn_mask of `document_ids`: a token attends only
+    within its own document."""
+    doc = document_ids(seqlen, docs, device)
+    return (doc[:, None] == doc[None, :])[None, None]
+
+
 def time_once_ms(fn: Callable, device: torch.device) -> float:
     """One call's time in ms: CUDA events on GPUs, wall clock on CPUs."""
     if device.type == "cuda":

@@ -54,6 +54,9 @@ class Case:
     grads: tuple = ("q", "k", "v", "key_bias", "attn_bias")
     key_bias_ties: bool = False  # integer-valued key_bias: many equal scores
     empty_rows: bool = False  # a mask that leaves some rows with no key
+    # attn_mask as this many packed documents (block diagonal) instead of random pairs: many
+    # tiles that the mask allows whole or not at all
+    mask_documents: int = 0
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -91,6 +94,11 @@ def make_inputs(case: Case, device):
         kw["attn_bias"] = randn(*case.attn_bias)
     if case.attn_mask is not None:
         mask = torch.rand(*case.attn_mask, generator=g) > 0.3
+        if case.mask_documents:
+            rows, keys = case.attn_mask[2:]
+            row_doc = torch.arange(rows) * case.mask_documents // rows
+            key_doc = torch.arange(keys) * case.mask_documents // keys
+            mask = (row_doc[:, None] == key_doc[None, :]).expand(case.attn_mask).clone()
         if case.empty_rows and mask.shape[2] > 1:
             mask[:, :, ::5] = False
         kw["attn_mask"] = mask

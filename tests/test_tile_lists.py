@@ -10,43 +10,60 @@ from dma.backends.gpu_launch import live_tile_lists
 from dma.validation import validate
 
 
-def tiles_with(pairs, block_m, block_n):
-    """(b, h, row blocks, key tiles): whether each tile holds a True pair."""
+def per_tile(pairs, block_m, block_n, reduce):
+    """(b, h, row blocks, key tiles): `reduce` (any, all) of each tile's pairs."""
     b, h, sq, sk = pairs.shape
     n_rows, n_keys = -(-sq // block_m), -(-sk // block_n)
-    live = torch.zeros(b, h, n_rows, n_keys, dtype=torch.bool)
+    out = torch.zeros(b, h, n_rows, n_keys, dtype=torch.bool)
     for r, k in itertools.product(range(n_rows), range(n_keys)):
         tile = pairs[:, :, r * block_m:(r + 1) * block_m, k * block_n:(k + 1) * block_n]
-        live[:, :, r, k] = tile.flatten(2).any(-1)
-    return live
+        out[:, :, r, k] = reduce(tile.flatten(2), -1)
+    return out
 
 
-@pytest.mark.parametrize("seed", range(12))
+def random_mask(g, seed, sq, sk):
+    """A random mask at one of its broadcast shapes; dense, sparse, or packed documents
+    (whose tiles off the diagonal are allowed whole or not at all)."""
+    shape = [int(torch.randint(1, 3, (), generator=g)), int(torch.randint(1, 3, (), generator=g)),
+             sq if seed % 3 else 1, sk if seed % 4 else 1]
+    if seed % 5 == 4:
+        docs = int(torch.randint(1, 4, (), generator=g))
+        row_doc = torch.arange(shape[2]) * docs // shape[2]
+        key_doc = torch.arange(shape[3]) * docs // shape[3]
+        return (row_doc[:, None] == key_doc[None, :]).expand(shape).clone()
+    density = [0.02, 0.2, 0.9, 1.0][seed % 4]
+    return torch.rand(*shape, generator=g) < density
+
+
+@pytest.mark.parametrize("seed", range(16))
 @pytest.mark.parametrize("by_key", [False, True])
 def test_live_tiles_match_brute_force(seed, by_key):
     g = torch.Generator().manual_seed(seed)
-    sq, sk = (int(torch.randint(1, 70, (), generator=g)) for _ in range(2))
-    shape = [int(torch.randint(1, 3, (), generator=g)), int(torch.randint(1, 3, (), generator=g)),
-             sq if seed % 3 else 1, sk if seed % 4 else 1]
-    density = [0.02, 0.2, 0.9][seed % 3]
-    mask = torch.rand(*shape, generator=g) < density
+    sq, sk = (int(torch.randint(1, 150, (), generator=g)) for _ in range(2))
+    mask = random_mask(g, seed, sq, sk)
     causal = bool(seed % 2)
     block_m, block_n = [(16, 16), (64, 32), (32, 64)][seed % 3]
     q, k = torch.randn(2, sq, 2, 8), torch.randn(2, sk, 2, 8)
     problem, _ = validate(q, k, k, attn_mask=mask, causal=causal)
-    tiles, counts = live_tile_lists(problem, mask, block_m, block_n, by_key)
-    full = mask.expand(*mask.shape[:2], sq, sk)
+    lists = live_tile_lists(problem, mask, block_m, block_n, by_key)
+    pairs = mask.expand(*mask.shape[:2], sq, sk)
     allowed = torch.ones(sq, sk, dtype=torch.bool)
     if causal:
         allowed = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + sk - sq
     # Listed: tiles holding a pair the mask allows and a pair causality allows. That covers
     # every tile holding a pair both allow (the kernels test each pair in the tile anyway).
-    listed = tiles_with(full, block_m, block_n) & tiles_with(allowed[None, None], block_m,
-                                                             block_n)
-    assert (tiles_with(full & allowed, block_m, block_n) <= listed).all()
+    listed = (per_tile(pairs, block_m, block_n, torch.any)
+              & per_tile(allowed[None, None], block_m, block_n, torch.any))
+    assert (per_tile(pairs & allowed, block_m, block_n, torch.any) <= listed).all()
+    # Full: both allow every pair of the tile, and the tile's keys are all real.
+    whole_keys = (torch.arange(listed.shape[3]) + 1) * block_n <= sk
+    full = per_tile(pairs & allowed, block_m, block_n, torch.all) & whole_keys
     if by_key:
-        listed = listed.transpose(2, 3)
-    assert torch.equal(counts, listed.sum(-1, dtype=torch.int32))
+        listed, full = listed.transpose(2, 3), full.transpose(2, 3)
+    assert torch.equal(lists.counts, listed.sum(-1, dtype=torch.int32))
+    assert torch.equal(lists.full_counts, full.sum(-1, dtype=torch.int32))
     for index in itertools.product(*(range(n) for n in listed.shape[:3])):
-        expected = listed[index].nonzero().flatten().tolist()
-        assert tiles[index][:len(expected)].tolist() == expected
+        # full tiles first, then the other live ones, each ascending
+        expected = (full[index].nonzero().flatten().tolist()
+                    + (listed[index] & ~full[index]).nonzero().flatten().tolist())
+        assert lists.tiles[index][:len(expected)].tolist() == expected

@@ -11,7 +11,7 @@ import copy
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -153,15 +153,18 @@ class LaunchArgs:
     def with_live_tiles(self, block_m: int, block_n: int, by_key: bool = False) -> LaunchArgs:
         """These arguments, with the candidate slots listing per block of `block_m` rows (by
         key: per tile of `block_n` keys) the tiles that the explicit mask and causality leave
-        live, so that dense tiles that are all masked are never visited. Unchanged without an
-        explicit mask, and in the DMA case (whose candidates already bound the work)."""
+        live, so that dense tiles that are all masked are never visited, and the full count
+        saying how many of them (listed first) those allow whole, so that they skip the
+        per-pair test. Unchanged without an explicit mask, and in the DMA case (whose
+        candidates already bound the work)."""
         if not self.flags["HAS_AM"] or self.flags["INTERVAL"]:
             return self
         mask, hdiv = self.attn_mask[0], self.attn_mask[5]
-        tiles, counts = live_tile_lists(self.problem, mask.view(torch.bool), block_m, block_n,
-                                        by_key)
+        lists = live_tile_lists(self.problem, mask.view(torch.bool), block_m, block_n, by_key)
         listed = copy.copy(self)
-        listed.candidates = block_list_args(tiles, counts, batched=tiles.shape[0] > 1)
+        listed.candidates = block_list_args(lists.tiles, lists.counts,
+                                            batched=lists.tiles.shape[0] > 1)
+        listed.full_count = lists.full_counts  # read with the counts' strides
         listed.plan_rows = (*self.plan_rows[:3], hdiv)  # the lists are per mask head
         listed.flags = dict(self.flags, TILE_LIST=True)
         return listed
@@ -186,46 +189,82 @@ def block_list_args(lists: torch.Tensor, counts: torch.Tensor, batched: bool) ->
             counts.stride(0) if batched else 0, counts.stride(1))
 
 
+class TileLists(NamedTuple):
+    """`live_tile_lists`' result, int32: per (mask batch, mask head, block) the live tiles'
+    ids (those that the mask and causality allow whole first, then the rest, each part
+    ascending), how many are live, and how many of those are allowed whole."""
+
+    tiles: torch.Tensor
+    counts: torch.Tensor
+    full_counts: torch.Tensor
+
+
 def live_tile_lists(problem: Problem, mask: torch.Tensor, block_m: int, block_n: int,
-                    by_key: bool = False):
-    """Per (mask batch, mask head, block of rows), the ascending ids of the key tiles that
-    hold a pair the bool `mask` (B or 1, heads, Sq or 1, Sk or 1) allows and a pair
-    causality allows, and their count; with `by_key`, per key tile the live row blocks.
-    Every tile with a pair that both allow is listed (the kernels still test each pair).
-    int32, O(tiles) memory; the mask is read once and never copied or broadcast."""
+                    by_key: bool = False) -> TileLists:
+    """Per (mask batch, mask head, block of rows), the key tiles that hold a pair the bool
+    `mask` (B or 1, heads, Sq or 1, Sk or 1) allows and a pair causality allows (live);
+    with `by_key`, per key tile the live row blocks. Every tile with a pair that both allow
+    is listed. A live tile is full when both allow every pair of its real rows and its keys
+    are all real (none past Sk): the kernels skip the per-pair test there, so full tiles
+    are listed first. int32, O(tiles) memory; the mask is read once and never copied or
+    broadcast."""
     n_rows, n_keys = cdiv(problem.seqlen_q, block_m), cdiv(problem.seqlen_k, block_n)
-    live = mask
-    if live.shape[2] > 1:
-        live = _any_per_block(live, 2, block_m)
-    if live.shape[3] > 1:
-        live = _any_per_block(live, 3, block_n)
-    live = live.expand(*live.shape[:2], n_rows, n_keys)
-    if problem.causal:  # a tile holds an allowed pair iff its first key <= last row + offset
-        device = mask.device
-        last_row = ((torch.arange(n_rows, device=device) + 1) * block_m).clamp(
-            max=problem.seqlen_q) - 1
+    device = mask.device
+    # Allowed pairs per tile, and how many pairs a tile must count to be allowed whole (a
+    # broadcast dim counts once).
+    allowed, need = mask.view(torch.uint8), 1
+    if allowed.shape[2] > 1:
+        # A block sums at most 255 rows in uint8, so the big pass makes no int32 copy.
+        allowed = _sum_per_block(allowed, 2, block_m, torch.uint8 if block_m < 256 else
+                                 torch.int32)
+        need = _block_lengths(problem.seqlen_q, block_m, device)[:, None]
+    allowed = allowed.to(torch.int32)
+    if allowed.shape[3] > 1:
+        allowed = _sum_per_block(allowed, 3, block_n, torch.int32)
+        need = need * _block_lengths(problem.seqlen_k, block_n, device)[None, :]
+    allowed = allowed.expand(*allowed.shape[:2], n_rows, n_keys)
+    live = allowed > 0
+    whole_keys = torch.arange(1, n_keys + 1, device=device) * block_n <= problem.seqlen_k
+    full = (allowed == need) & whole_keys[None, :]
+    if problem.causal:
+        # Row r allows key j iff j <= r + offset: a tile holds an allowed pair iff its first
+        # key <= its last row + offset, and allows all iff its last key <= its first row +
+        # offset.
+        first_row = torch.arange(n_rows, device=device) * block_m
+        last_row = (first_row + block_m).clamp(max=problem.seqlen_q) - 1
         first_key = torch.arange(n_keys, device=device) * block_n
-        live = live & (first_key[None, :] <= last_row[:, None] + problem.causal_offset)
+        offset = problem.causal_offset
+        live = live & (first_key[None, :] <= last_row[:, None] + offset)
+        full = full & (first_key[None, :] + block_n - 1 <= first_row[:, None] + offset)
+    full = full & live
     if by_key:
-        live = live.transpose(2, 3)
-    live = live.to(torch.uint8)
-    # A stable sort puts the live tiles first, in ascending order.
-    tiles = torch.sort(live, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-    return tiles.contiguous(), live.sum(-1, dtype=torch.int32).contiguous()
+        live, full = live.transpose(2, 3), full.transpose(2, 3)
+    rank = live.to(torch.uint8) + full.to(torch.uint8)  # 2 full, 1 live, 0 dead
+    # A stable sort puts full tiles first, then the other live ones, each in ascending order.
+    tiles = torch.sort(rank, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    return TileLists(tiles.contiguous(), live.sum(-1, dtype=torch.int32).contiguous(),
+                     full.sum(-1, dtype=torch.int32).contiguous())
 
 
-def _any_per_block(t: torch.Tensor, dim: int, block: int) -> torch.Tensor:
-    """`t` (bool) reduced by `any` over consecutive blocks of `block` entries along `dim`."""
+def _sum_per_block(t: torch.Tensor, dim: int, block: int, dtype) -> torch.Tensor:
+    """`t` summed (in `dtype`) over consecutive blocks of `block` entries along `dim`."""
     size = t.shape[dim]
     full = size // block
     parts = []
     if full:
         whole = t.narrow(dim, 0, full * block)
         parts.append(whole.reshape(*t.shape[:dim], full, block, *t.shape[dim + 1:])
-                     .any(dim + 1))
+                     .sum(dim + 1, dtype=dtype))
     if size % block:
-        parts.append(t.narrow(dim, full * block, size - full * block).any(dim, keepdim=True))
+        parts.append(t.narrow(dim, full * block, size - full * block)
+                     .sum(dim, keepdim=True, dtype=dtype))
     return torch.cat(parts, dim)
+
+
+def _block_lengths(size: int, block: int, device) -> torch.Tensor:
+    """How many of `size` entries each block of `block` holds (the last may hold fewer)."""
+    starts = torch.arange(0, size, block, device=device)
+    return (starts + block).clamp(max=size) - starts
 
 
 @dataclass

@@ -62,6 +62,11 @@ CONFIGS = {
     # Dense tiles (no window) now take the gathered forward's settings: on an H200 they ran
     # 6.75 ms against 6.9-7.2 for the former 64-key, 8-warp, 4-stage, 4-head tiles (chosen
     # on an H100 before the lazy rescale); 128-key tiles spill.
+    # Explicit masks walk listed live tiles with the same settings: there the per-pair mask
+    # test's addresses make the two stacked heads' tile spill (584 bytes, kernel_report.py),
+    # yet 8 warps (no spill) were slower: 1.56 against 1.29 ms for 16 packed documents at
+    # 16k (H100, ab_configs.py --docs 16), and so were one head per program (1.52) and
+    # 64-key tiles (1.41).
     "fwd_dense": {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "STACK": 2,
                   "LAZY_RESCALE": True},
     # Decoding (at most DECODE_ROWS query rows): 16-row blocks, so that a program's tile is
@@ -383,8 +388,8 @@ class TritonBackend(Backend):
                 grid = (cdiv(problem.seqlen_k, config["BLOCK_N"]), b * problem.kv_heads)
                 tiles = launch.with_live_tiles(config["BLOCK_M"], config["BLOCK_N"], by_key=True)
                 run_kernel(kern._bwd_dkdv_keys_kernel, grid,
-                    *dkdv, *tiles.masks(), *tiles.candidates, *launch.sizes, problem.kv_heads,
-                    problem.group_size, launch.scale, launch.softcap,
+                    *dkdv, *tiles.masks(), *tiles.candidates, tiles.full_count, *launch.sizes,
+                    problem.kv_heads, problem.group_size, launch.scale, launch.softcap,
                     **tiles.flags, NEED_DKB=need_kb, **common, **config,
                 )
 

@@ -133,12 +133,17 @@ def _tile_scores(
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr,
     KEY_MAJOR: tl.constexpr = False, ALL_KEPT: tl.constexpr = False,
+    HAS_PAD: tl.constexpr = False,
 ):
     """Scores s (float32, -inf where not kept) and tanh(t / softcap), from the tile's
     products and its keys' `_key_terms`.
     `qk` is (rows, keys), or (keys, rows) with KEY_MAJOR (the dk/dv kernels, whose tile
-    products then have the key tile as their M dimension). ALL_KEPT (candidate tiles only):
-    the plan lists these keys as kept by every row of the block, so nothing is tested."""
+    products then have the key tile as their M dimension).
+    ALL_KEPT: a tile that is kept whole, so nothing is tested: candidates that the plan lists
+    as kept by every row of the block, or (TILE_LIST) a tile of consecutive keys that the
+    explicit mask and causality allow whole. There, only key padding and rows past the end
+    are left to test, and only when padding or an attn_bias (whose loads must stay in
+    bounds) is given; rows past the end are never stored, and the backward's p is 0 there."""
     t = qk * scale
     th = t
     if SOFTCAP:
@@ -147,13 +152,15 @@ def _tile_scores(
     row_ids = _per_row(rows, KEY_MAJOR)
     keys64 = keys.to(tl.int64)
     rows64 = rows.to(tl.int64)
-    if INTERVAL:
-        if ALL_KEPT:
-            keep = tl.full(qk.shape, 1, tl.int1)
+    if ALL_KEPT:
+        if not INTERVAL and (HAS_PAD or HAS_AB):
+            keep = (row_ids < seqlen_q) & _per_key(usable, KEY_MAJOR)
         else:
-            # end <= seqlen_q: the interval test alone also keeps rows past the end out.
-            keep = ((row_ids >= _per_key(first, KEY_MAJOR))
-                    & (row_ids < _per_key(end, KEY_MAJOR)))
+            keep = tl.full(qk.shape, 1, tl.int1)
+    elif INTERVAL:
+        # end <= seqlen_q: the interval test alone also keeps rows past the end out.
+        keep = ((row_ids >= _per_key(first, KEY_MAJOR))
+                & (row_ids < _per_key(end, KEY_MAJOR)))
     else:
         keep = (row_ids < seqlen_q) & _per_key(usable, KEY_MAJOR)
         if CAUSAL:
@@ -168,7 +175,7 @@ def _tile_scores(
         ab_ptr = (AB + b * sab_b + ab_head * sab_h + _per_row(rows64, KEY_MAJOR) * sab_r
                   + _per_key(keys64, KEY_MAJOR) * sab_c)
         t += tl.load(ab_ptr, mask=keep, other=0.0).to(tl.float32)
-    if ALL_KEPT:
+    if ALL_KEPT and (INTERVAL or not (HAS_PAD or HAS_AB)):
         s = t
     else:
         s = tl.where(keep, t, float("-inf"))
@@ -245,6 +252,20 @@ def _tile_count(block, b, seqlen_q, seqlen_k, causal_offset,
 
 
 @triton.jit
+def _full_slots(block, b, FULL, scnt_b, scnt_h, plan_head,
+                BLOCK_N: tl.constexpr, INTERVAL: tl.constexpr, TILE_LIST: tl.constexpr):
+    """How many of a query block's first key slots form whole tiles kept by every row of the
+    block, walked first without the per-pair test: the plan's fully kept candidates rounded
+    down to whole tiles, or (TILE_LIST) the live tiles that mask and causality allow whole."""
+    n = 0
+    if INTERVAL:
+        n = tl.load(FULL + b * scnt_b + plan_head * scnt_h + block) // BLOCK_N * BLOCK_N
+    elif TILE_LIST:
+        n = tl.load(FULL + b * scnt_b + plan_head * scnt_h + block) * BLOCK_N
+    return n
+
+
+@triton.jit
 def _row_tile_scores(
     q, start, block, b, hk, rows, dims, dim_ok,
     K, sk_b, sk_s, sk_h, KB, skb_b, skb_h, kb_head,
@@ -277,7 +298,7 @@ def _row_tile_scores(
         qk, rows, keys, kb, first, end, usable, b,
         AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
         seqlen_q, causal_offset, scale, softcap,
-        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT)
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, ALL_KEPT=ALL_KEPT, HAS_PAD=HAS_PAD)
     return keys, key_rows, key_ok, k, s, th
 
 
@@ -409,12 +430,11 @@ def _fwd_kernel(
                           scnt_h, plan_head, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
     slot_lo = split * split_slots
     slot_hi = tl.minimum(n_slots, slot_lo + split_slots)
-    if INTERVAL:
-        # The plan lists first the candidates that every row of the block keeps: whole tiles
-        # of them skip the per-pair test (most tiles; the block's few entering and leaving
-        # keys come last).
-        cnt = b * scnt_b + plan_head * scnt_h + block
-        full_hi = tl.load(FULL + cnt) // BLOCK_N * BLOCK_N
+    if INTERVAL or TILE_LIST:
+        # The tiles that every row of the block keeps come first and skip the per-pair test
+        # (DMA case: most tiles, the block's few entering and leaving keys come last).
+        full_hi = _full_slots(block, b, FULL, scnt_b, scnt_h, plan_head, BLOCK_N, INTERVAL,
+                              TILE_LIST)
         full_hi = tl.maximum(tl.minimum(full_hi, slot_hi), slot_lo)
         for start in range(slot_lo, full_hi, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(
@@ -606,9 +626,9 @@ def _bwd_dq_kernel(
     n_slots = _tile_count(block, b, seqlen_q, seqlen_k, causal_offset, COUNT, scnt_b,
                           scnt_h, plan_head, BLOCK_M, CAUSAL, INTERVAL, TILE_LIST, BLOCK_N)
     slot_lo = 0
-    if INTERVAL:  # tiles of fully kept candidates first, untested (see _fwd_kernel)
-        cnt = b * scnt_b + plan_head * scnt_h + block
-        slot_lo = tl.minimum(tl.load(FULL + cnt) // BLOCK_N * BLOCK_N, n_slots)
+    if INTERVAL or TILE_LIST:  # tiles kept whole first, untested (see _fwd_kernel)
+        slot_lo = tl.minimum(_full_slots(block, b, FULL, scnt_b, scnt_h, plan_head, BLOCK_N,
+                                         INTERVAL, TILE_LIST), n_slots)
         for start in range(0, slot_lo, BLOCK_N):
             dq = _dq_tile(
                 dq, q, do, lse2, delta, start, block, b, hk, row_head, rows, rows64, row_ok,
@@ -644,11 +664,13 @@ def _accumulate_key_grads(
     seqlen_q, causal_offset, scale, softcap,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
     SOFTCAP: tl.constexpr, INTERVAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALL_KEPT: tl.constexpr = False, HAS_PAD: tl.constexpr = False,
 ):
     """One tile of query rows (of head h) into a key tile's dk, dv (float32, unscaled) and
     d key_bias, given the key tile's `_key_terms`. Key-major: every product has the key
     tile as its M dimension (the tile of rows is only the reduction or N dimension), which
-    is what Hopper's warpgroup MMA needs for 64-key tiles when the row tiles are small."""
+    is what Hopper's warpgroup MMA needs for 64-key tiles when the row tiles are small.
+    ALL_KEPT: the tile is kept whole (see `_tile_scores`)."""
     row_ok = rows < seqlen_q
     rows64 = rows.to(tl.int64)
     q_off = b * sq_b + h * sq_h + rows64[:, None] * sq_s + dims[None, :]
@@ -663,7 +685,8 @@ def _accumulate_key_grads(
         kq, rows, keys, kb, first, end, usable, b,
         AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c, am_head,
         seqlen_q, causal_offset, scale, softcap,
-        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, KEY_MAJOR=True)
+        CAUSAL, HAS_KB, HAS_AB, HAS_AM, SOFTCAP, INTERVAL, KEY_MAJOR=True, ALL_KEPT=ALL_KEPT,
+        HAS_PAD=HAS_PAD)
     p = tl.exp2(s * LOG2E - (lse * LOG2E)[None, :])
     dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -686,7 +709,7 @@ def _bwd_dkdv_keys_kernel(
     AM, sam_b, sam_h, sam_r, sam_c, am_hdiv,
     PAD, spad_b,
     END, splan_b, splan_h, plan_hdiv,
-    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h,
+    CAND, COUNT, scand_b, scand_h, scand_blk, scnt_b, scnt_h, FULL,
     seqlen_q, seqlen_k, causal_offset, kv_heads, group, scale, softcap,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KB: tl.constexpr, HAS_AB: tl.constexpr, HAS_AM: tl.constexpr,
@@ -695,7 +718,8 @@ def _bwd_dkdv_keys_kernel(
 ):
     """dk, dv (and d key_bias per query head) of one tile of consecutive keys, walking the
     query rows that can keep them (TILE_LIST: only the row tiles that CAND lists as live for
-    this key tile). Deterministic: every output element has one writer."""
+    this key tile, those that mask and causality allow whole first, untested).
+    Deterministic: every output element has one writer."""
     kblock = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // kv_heads).to(tl.int64)
@@ -730,18 +754,28 @@ def _bwd_dkdv_keys_kernel(
             row_hi = seqlen_q
         row_lo = (row_lo // BLOCK_M) * BLOCK_M
         n_row_tiles = tl.cdiv(row_hi - row_lo, BLOCK_M)
-        if TILE_LIST:
-            n_row_tiles = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + kblock)
+        n_full = 0
+        listed = CAND + b * scand_b + plan_head * scand_h + kblock * scand_blk
         kb, first, end, usable = _key_terms(
             keys, key_ok, b, KB, skb_b, skb_h, kb_head, PAD, spad_b,
             END, splan_b, splan_h, plan_head, causal_offset, CAUSAL, HAS_KB, HAS_PAD,
             INTERVAL)
         dkb = tl.zeros([BLOCK_N], tl.float32)
-        for t in range(0, n_row_tiles):
+        if TILE_LIST:
+            n_row_tiles = tl.load(COUNT + b * scnt_b + plan_head * scnt_h + kblock)
+            n_full = tl.load(FULL + b * scnt_b + plan_head * scnt_h + kblock)
+            for t in range(0, n_full):  # the row tiles kept whole first, untested
+                rows = tl.load(listed + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+                dk, dv, dkb = _accumulate_key_grads(
+                    dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,
+                    rows, keys, kb, first, end, usable, dims, dim_ok, b, h,
+                    AB, sab_b, sab_h, sab_r, sab_c, ab_head, AM, sam_b, sam_h, sam_r, sam_c,
+                    am_head, seqlen_q, causal_offset, scale, softcap, CAUSAL, HAS_KB, HAS_AB,
+                    HAS_AM, SOFTCAP, INTERVAL, DOT_PRECISION, ALL_KEPT=True, HAS_PAD=HAS_PAD)
+        for t in range(n_full, n_row_tiles):
             row_start = row_lo + t * BLOCK_M
             if TILE_LIST:
-                row_start = tl.load(CAND + b * scand_b + plan_head * scand_h
-                                    + kblock * scand_blk + t) * BLOCK_M
+                row_start = tl.load(listed + t) * BLOCK_M
             rows = row_start + tl.arange(0, BLOCK_M)
             dk, dv, dkb = _accumulate_key_grads(
                 dk, dv, dkb, k, v, Q, DO, LSE, DELTA, sq_b, sq_s, sq_h, slse_b, slse_h,

@@ -44,6 +44,15 @@ def _cases():
                          key_bias=(B, HKV))
         yield base.with_(name=f"attn_mask_window_{tag}", attn_mask=shape, window=5,
                          key_bias=(1, H))
+    # Packed documents over several blocks: tiles that the mask and causality allow whole
+    # (walked without the per-pair test), with padding and an attn_bias still applied there.
+    docs = dict(seqlen_q=200, seqlen_k=200, attn_mask=(1, 1, 200, 200), mask_documents=3)
+    yield base.with_(name="packed_documents", batch=1, **docs)
+    yield base.with_(name="packed_documents_padding_bias", key_padding=True,
+                     attn_bias=(1, H, 200, 200), **docs)
+    yield base.with_(name="packed_documents_sq_sk", batch=1, seqlen_q=130, seqlen_k=200,
+                     attn_mask=(1, 1, 130, 200), mask_documents=2)
+    yield base.with_(name="bfloat16_packed_documents", batch=1, dtype=torch.bfloat16, **docs)
     yield base.with_(name="key_padding", key_padding=True)
     yield base.with_(name="key_padding_window", key_padding=True, window=5, key_bias=(B, H))
     yield base.with_(name="softcap", softcap=3.0, key_bias=(B, H), window=7)
