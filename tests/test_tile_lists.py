@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from dma.backends.gpu_launch import live_tile_lists
+from dma.backends.gpu_launch import allowed_per_tile, live_tile_lists, wider_key_tiles
 from dma.validation import validate
 
 
@@ -45,7 +45,7 @@ def test_live_tiles_match_brute_force(seed, by_key):
     block_m, block_n = [(16, 16), (64, 32), (32, 64)][seed % 3]
     q, k = torch.randn(2, sq, 2, 8), torch.randn(2, sk, 2, 8)
     problem, _ = validate(q, k, k, attn_mask=mask, causal=causal)
-    lists = live_tile_lists(problem, mask, block_m, block_n, by_key)
+    lists = live_tile_lists(problem, allowed_per_tile(mask, block_m, block_n), by_key)
     pairs = mask.expand(*mask.shape[:2], sq, sk)
     allowed = torch.ones(sq, sk, dtype=torch.bool)
     if causal:
@@ -67,3 +67,21 @@ def test_live_tiles_match_brute_force(seed, by_key):
         expected = (full[index].nonzero().flatten().tolist()
                     + (listed[index] & ~full[index]).nonzero().flatten().tolist())
         assert lists.tiles[index][:len(expected)].tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_wider_key_tiles_list_what_a_pass_over_the_mask_lists(seed):
+    # dk/dv's 4x wider key tiles, summed from dq's counts, against their own pass
+    g = torch.Generator().manual_seed(seed)
+    sq, sk = (int(torch.randint(1, 300, (), generator=g)) for _ in range(2))
+    mask = random_mask(g, seed, sq, sk)
+    q, k = torch.randn(2, sq, 2, 8), torch.randn(2, sk, 2, 8)
+    problem, _ = validate(q, k, k, attn_mask=mask, causal=bool(seed % 2))
+    wider = wider_key_tiles(allowed_per_tile(mask, 64, 16), 64)
+    direct = allowed_per_tile(mask, 64, 64)
+    assert wider._replace(allowed=None) == direct._replace(allowed=None)
+    assert torch.equal(wider.allowed, direct.allowed)
+    for by_key in (False, True):
+        for got, expected in zip(live_tile_lists(problem, wider, by_key),
+                                 live_tile_lists(problem, direct, by_key)):
+            assert torch.equal(got, expected)

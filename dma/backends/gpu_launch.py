@@ -95,6 +95,7 @@ class LaunchArgs:
         self.attn_bias = self._bias4(inputs.attn_bias, h, dummy)
         mask = keep_mask if keep_mask is not None else inputs.attn_mask
         self.attn_mask = self._bias4(None if mask is None else mask.view(torch.uint8), h, dummy)
+        self._counted: dict = {}  # (block_m, block_n) -> TileCounts, see _tile_counts
         pad = inputs.key_padding_mask
         if pad is not None and keep_mask is None:
             pad = pad.contiguous().view(torch.uint8)
@@ -159,8 +160,8 @@ class LaunchArgs:
         candidates already bound the work)."""
         if not self.flags["HAS_AM"] or self.flags["INTERVAL"]:
             return self
-        mask, hdiv = self.attn_mask[0], self.attn_mask[5]
-        lists = live_tile_lists(self.problem, mask.view(torch.bool), block_m, block_n, by_key)
+        hdiv = self.attn_mask[5]
+        lists = live_tile_lists(self.problem, self._tile_counts(block_m, block_n), by_key)
         listed = copy.copy(self)
         listed.candidates = block_list_args(lists.tiles, lists.counts,
                                             batched=lists.tiles.shape[0] > 1)
@@ -168,6 +169,16 @@ class LaunchArgs:
         listed.plan_rows = (*self.plan_rows[:3], hdiv)  # the lists are per mask head
         listed.flags = dict(self.flags, TILE_LIST=True)
         return listed
+
+    def _tile_counts(self, block_m: int, block_n: int) -> TileCounts:
+        """The mask's allowed pairs per tile. Kernels launched with these arguments share
+        one pass over the mask: dk/dv's wider key tiles sum dq's (same rows per block)."""
+        for (rows, keys), counts in self._counted.items():
+            if rows == block_m and block_n % keys == 0:
+                return wider_key_tiles(counts, block_n)
+        counts = allowed_per_tile(self.attn_mask[0].view(torch.bool), block_m, block_n)
+        self._counted[(block_m, block_n)] = counts
+        return counts
 
     def heads_per_program(self, stack: int) -> int:
         """Query heads stacked per program (at most `stack`): only when the kv group divides
@@ -189,6 +200,47 @@ def block_list_args(lists: torch.Tensor, counts: torch.Tensor, batched: bool) ->
             counts.stride(0) if batched else 0, counts.stride(1))
 
 
+class TileCounts(NamedTuple):
+    """Per (mask batch, mask head, block of `block_m` rows, tile of `block_n` keys) how many
+    pairs an explicit mask allows, int32, and whether the mask broadcasts its rows or keys
+    (a broadcast dim is counted once, so a tile allowed whole counts fewer pairs)."""
+
+    allowed: torch.Tensor  # (B or 1, heads, row blocks or 1, key tiles or 1)
+    block_m: int
+    block_n: int
+    rows_broadcast: bool
+    keys_broadcast: bool
+
+
+def allowed_per_tile(mask: torch.Tensor, block_m: int, block_n: int) -> TileCounts:
+    """The one pass over the bool `mask` (B or 1, heads, Sq or 1, Sk or 1) that the tile
+    lists need: the pairs it allows per tile, read at its own broadcast shape, never copied
+    or broadcast."""
+    allowed = mask.view(torch.uint8)
+    rows_broadcast, keys_broadcast = allowed.shape[2] == 1, allowed.shape[3] == 1
+    if not rows_broadcast:
+        # A block sums at most 255 rows in uint8, so the big pass makes no int32 copy.
+        allowed = _sum_per_block(allowed, 2, block_m, torch.uint8 if block_m < 256 else
+                                 torch.int32)
+    allowed = allowed.to(torch.int32)
+    if not keys_broadcast:
+        allowed = _sum_per_block(allowed, 3, block_n, torch.int32)
+    return TileCounts(allowed, block_m, block_n, rows_broadcast, keys_broadcast)
+
+
+def wider_key_tiles(counts: TileCounts, block_n: int) -> TileCounts:
+    """`counts` for key tiles of `block_n` keys, a multiple of counts.block_n: each wide
+    tile sums its narrow ones (O(tiles); no pass over the mask)."""
+    if block_n % counts.block_n:
+        raise ValueError(f"block_n {block_n} is not a multiple of {counts.block_n}")
+    if block_n == counts.block_n:
+        return counts
+    allowed = counts.allowed
+    if not counts.keys_broadcast:
+        allowed = _sum_per_block(allowed, 3, block_n // counts.block_n, torch.int32)
+    return counts._replace(allowed=allowed, block_n=block_n)
+
+
 class TileLists(NamedTuple):
     """`live_tile_lists`' result, int32: per (mask batch, mask head, block) the live tiles'
     ids (those that the mask and causality allow whole first, then the rest, each part
@@ -199,30 +251,23 @@ class TileLists(NamedTuple):
     full_counts: torch.Tensor
 
 
-def live_tile_lists(problem: Problem, mask: torch.Tensor, block_m: int, block_n: int,
-                    by_key: bool = False) -> TileLists:
-    """Per (mask batch, mask head, block of rows), the key tiles that hold a pair the bool
-    `mask` (B or 1, heads, Sq or 1, Sk or 1) allows and a pair causality allows (live);
-    with `by_key`, per key tile the live row blocks. Every tile with a pair that both allow
-    is listed. A live tile is full when both allow every pair of its real rows and its keys
+def live_tile_lists(problem: Problem, counts: TileCounts, by_key: bool = False) -> TileLists:
+    """Per (mask batch, mask head, block of rows), the key tiles that hold a pair the mask
+    allows (`counts`, from `allowed_per_tile`) and a pair causality allows (live); with
+    `by_key`, per key tile the live row blocks. Every tile with a pair that both allow is
+    listed. A live tile is full when both allow every pair of its real rows and its keys
     are all real (none past Sk): the kernels skip the per-pair test there, so full tiles
-    are listed first. int32, O(tiles) memory; the mask is read once and never copied or
-    broadcast."""
+    are listed first. O(tiles) time and memory."""
+    block_m, block_n = counts.block_m, counts.block_n
     n_rows, n_keys = cdiv(problem.seqlen_q, block_m), cdiv(problem.seqlen_k, block_n)
-    device = mask.device
-    # Allowed pairs per tile, and how many pairs a tile must count to be allowed whole (a
-    # broadcast dim counts once).
-    allowed, need = mask.view(torch.uint8), 1
-    if allowed.shape[2] > 1:
-        # A block sums at most 255 rows in uint8, so the big pass makes no int32 copy.
-        allowed = _sum_per_block(allowed, 2, block_m, torch.uint8 if block_m < 256 else
-                                 torch.int32)
-        need = _block_lengths(problem.seqlen_q, block_m, device)[:, None]
-    allowed = allowed.to(torch.int32)
-    if allowed.shape[3] > 1:
-        allowed = _sum_per_block(allowed, 3, block_n, torch.int32)
+    device = counts.allowed.device
+    # How many pairs a tile must count to be allowed whole.
+    need = torch.ones(n_rows, n_keys, dtype=torch.int32, device=device)
+    if not counts.rows_broadcast:
+        need = need * _block_lengths(problem.seqlen_q, block_m, device)[:, None]
+    if not counts.keys_broadcast:
         need = need * _block_lengths(problem.seqlen_k, block_n, device)[None, :]
-    allowed = allowed.expand(*allowed.shape[:2], n_rows, n_keys)
+    allowed = counts.allowed.expand(*counts.allowed.shape[:2], n_rows, n_keys)
     live = allowed > 0
     whole_keys = torch.arange(1, n_keys + 1, device=device) * block_n <= problem.seqlen_k
     full = (allowed == need) & whole_keys[None, :]
