@@ -214,8 +214,8 @@ class TileCounts(NamedTuple):
 
 def allowed_per_tile(mask: torch.Tensor, block_m: int, block_n: int) -> TileCounts:
     """The one pass over the bool `mask` (B or 1, heads, Sq or 1, Sk or 1) that the tile
-    lists need: the pairs it allows per tile, read at its own broadcast shape, never copied
-    or broadcast."""
+    lists need: the pairs it allows per tile, read at its own broadcast shape (never
+    broadcast; a mask whose rows are not contiguous is copied once by the reshape)."""
     allowed = mask.view(torch.uint8)
     rows_broadcast, keys_broadcast = allowed.shape[2] == 1, allowed.shape[3] == 1
     if not rows_broadcast:
