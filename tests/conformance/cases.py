@@ -52,6 +52,7 @@ def _cases():
                      attn_bias=(1, H, 200, 200), **docs)
     yield base.with_(name="packed_documents_sq_sk", batch=1, seqlen_q=130, seqlen_k=200,
                      attn_mask=(1, 1, 130, 200), mask_documents=2)
+    yield base.with_(name="packed_documents_noncausal", batch=1, causal=False, **docs)
     yield base.with_(name="bfloat16_packed_documents", batch=1, dtype=torch.bfloat16, **docs)
     yield base.with_(name="key_padding", key_padding=True)
     yield base.with_(name="key_padding_window", key_padding=True, window=5, key_bias=(B, H))
