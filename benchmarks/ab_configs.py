@@ -29,7 +29,14 @@ import torch
 import dma
 from dma import selection
 from dma.backends import triton_backend
-from dma.benchmarking import Shape, back_to_back_ms, document_mask, make_inputs, time_once_ms
+from dma.benchmarking import (
+    Shape,
+    back_to_back_ms,
+    document_ids,
+    document_mask,
+    make_inputs,
+    time_once_ms,
+)
 
 # The plan's constants as shipped, which a configuration's "selection" entry may replace.
 SELECTION_DEFAULTS = {name: getattr(selection, name) for name in dir(selection)
@@ -56,7 +63,7 @@ def main():
     do = torch.randn_like(q)
     keys_kept = dict(key_bias=kb, window=window)  # what selects the keys
     if args.docs:
-        keys_kept = dict(attn_mask=document_mask(args.seqlen, args.docs, q.device))
+        keys_kept = dict(attn_mask=document_mask(document_ids(args.seqlen, args.docs, q.device)))
 
     def step():
         with torch.set_grad_enabled(train):

@@ -16,6 +16,7 @@ import dma
 from dma.benchmarking import (
     add_ratios,
     document_ids,
+    document_mask,
     format_table,
     sdpa_contender,
     time_interleaved,
@@ -26,7 +27,7 @@ from dma.benchmarking import (
 def contenders(q, k, v, doc, names, backend):
     """name -> a maker of the function to time (forward; gradients flow if inputs need them)."""
     seqlen, group = q.shape[1], q.shape[2] // k.shape[2]
-    same_doc = (doc[:, None] == doc[None, :])[None, None]  # (1, 1, S, S) bool
+    same_doc = document_mask(doc)  # (1, 1, S, S) bool
     causal_same_doc = same_doc & torch.ones(seqlen, seqlen, dtype=torch.bool,
                                             device=q.device).tril()
 

@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dma
-from dma.benchmarking import Shape, document_mask, make_inputs
+from dma.benchmarking import Shape, document_ids, document_mask, make_inputs
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
 
     selection = dict(key_bias=kb, window=args.window)
     if args.docs:
-        selection = dict(attn_mask=document_mask(args.seqlen, args.docs, q.device))
+        selection = dict(attn_mask=document_mask(document_ids(args.seqlen, args.docs, q.device)))
 
     leaves = [t for t in (q, k, v, kb) if t.requires_grad]
     do = torch.ones_like(q)

@@ -59,10 +59,9 @@ def document_ids(seqlen: int, docs: int, device) -> torch.Tensor:
     return torch.arange(seqlen, device=device) * docs // seqlen
 
 
-def document_mask(seqlen: int, docs: int, device) -> torch.Tensor:
-    """The (1, 1, seqlen, seqlen) bool attn_mask of `document_ids`: a token attends only
-    within its own document."""
-    doc = document_ids(seqlen, docs, device)
+def document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """The (1, 1, S, S) bool attn_mask of the tokens' document ids `doc` (S,), such as
+    `document_ids` gives: a token attends only within its own document."""
     return (doc[:, None] == doc[None, :])[None, None]
 
 
