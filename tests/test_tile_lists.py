@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from dma.backends.gpu_launch import allowed_per_tile, live_tile_lists, wider_key_tiles
+from dma.backends.gpu_launch import allowed_per_tile, coarser_tiles, live_tile_lists
 from dma.validation import validate
 
 
@@ -70,18 +70,26 @@ def test_live_tiles_match_brute_force(seed, by_key):
 
 
 @pytest.mark.parametrize("seed", range(10))
-def test_wider_key_tiles_list_what_a_pass_over_the_mask_lists(seed):
-    # dk/dv's 4x wider key tiles, summed from dq's counts, against their own pass
+def test_coarser_tiles_list_what_a_pass_over_the_mask_lists(seed):
+    # coarser tiles summed from finer counts (dk/dv's 4x wider key tiles from dq's; dq's 2x
+    # taller row blocks from dk/dv's; both at once) against their own pass over the mask
     g = torch.Generator().manual_seed(seed)
     sq, sk = (int(torch.randint(1, 300, (), generator=g)) for _ in range(2))
     mask = random_mask(g, seed, sq, sk)
     q, k = torch.randn(2, sq, 2, 8), torch.randn(2, sk, 2, 8)
     problem, _ = validate(q, k, k, attn_mask=mask, causal=bool(seed % 2))
-    wider = wider_key_tiles(allowed_per_tile(mask, 64, 16), 64)
-    direct = allowed_per_tile(mask, 64, 64)
-    assert wider._replace(allowed=None) == direct._replace(allowed=None)
-    assert torch.equal(wider.allowed, direct.allowed)
-    for by_key in (False, True):
-        for got, expected in zip(live_tile_lists(problem, wider, by_key),
-                                 live_tile_lists(problem, direct, by_key)):
-            assert torch.equal(got, expected)
+    for fine, coarse in (((64, 16), (64, 64)), ((32, 64), (64, 64)), ((16, 16), (128, 32))):
+        summed = coarser_tiles(allowed_per_tile(mask, *fine), *coarse)
+        direct = allowed_per_tile(mask, *coarse)
+        assert summed._replace(allowed=None) == direct._replace(allowed=None)
+        assert torch.equal(summed.allowed, direct.allowed)
+        for by_key in (False, True):
+            for got, expected in zip(live_tile_lists(problem, summed, by_key),
+                                     live_tile_lists(problem, direct, by_key)):
+                assert torch.equal(got, expected)
+
+
+def test_coarser_tiles_refuses_tiles_that_do_not_divide():
+    counts = allowed_per_tile(torch.ones(1, 1, 8, 8, dtype=torch.bool), 4, 4)
+    with pytest.raises(ValueError, match="not made of"):
+        coarser_tiles(counts, 6, 4)

@@ -172,10 +172,11 @@ class LaunchArgs:
 
     def _tile_counts(self, block_m: int, block_n: int) -> TileCounts:
         """The mask's allowed pairs per tile. Kernels launched with these arguments share
-        one pass over the mask: dk/dv's wider key tiles sum dq's (same rows per block)."""
+        one pass over the mask: coarser tiles (dq's against dk/dv's rows, dk/dv's against
+        dq's keys) sum the finer tiles' counts, so the finest should be asked for first."""
         for (rows, keys), counts in self._counted.items():
-            if rows == block_m and block_n % keys == 0:
-                return wider_key_tiles(counts, block_n)
+            if block_m % rows == 0 and block_n % keys == 0:
+                return coarser_tiles(counts, block_m, block_n)
         counts = allowed_per_tile(self.attn_mask[0].view(torch.bool), block_m, block_n)
         self._counted[(block_m, block_n)] = counts
         return counts
@@ -228,17 +229,18 @@ def allowed_per_tile(mask: torch.Tensor, block_m: int, block_n: int) -> TileCoun
     return TileCounts(allowed, block_m, block_n, rows_broadcast, keys_broadcast)
 
 
-def wider_key_tiles(counts: TileCounts, block_n: int) -> TileCounts:
-    """`counts` for key tiles of `block_n` keys, a multiple of counts.block_n: each wide
-    tile sums its narrow ones (O(tiles); no pass over the mask)."""
-    if block_n % counts.block_n:
-        raise ValueError(f"block_n {block_n} is not a multiple of {counts.block_n}")
-    if block_n == counts.block_n:
-        return counts
+def coarser_tiles(counts: TileCounts, block_m: int, block_n: int) -> TileCounts:
+    """`counts` for tiles of `block_m` rows and `block_n` keys, multiples of counts' own:
+    each coarse tile sums its fine ones (O(tiles); no pass over the mask)."""
+    if block_m % counts.block_m or block_n % counts.block_n:
+        raise ValueError(f"tiles of {block_m} x {block_n} are not made of "
+                         f"{counts.block_m} x {counts.block_n} tiles")
     allowed = counts.allowed
-    if not counts.keys_broadcast:
+    if not counts.rows_broadcast and block_m != counts.block_m:
+        allowed = _sum_per_block(allowed, 2, block_m // counts.block_m, torch.int32)
+    if not counts.keys_broadcast and block_n != counts.block_n:
         allowed = _sum_per_block(allowed, 3, block_n // counts.block_n, torch.int32)
-    return counts._replace(allowed=allowed, block_n=block_n)
+    return counts._replace(allowed=allowed, block_m=block_m, block_n=block_n)
 
 
 class TileLists(NamedTuple):
