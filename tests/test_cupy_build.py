@@ -84,6 +84,28 @@ def test_host_fields_fill_every_params_field():
     assert np.isclose(packed["scale"][0], 64 ** -0.5)
 
 
+@pytest.mark.parametrize("kernel, by_key", [("dma_forward", False),
+                                             ("dma_backward_dq", False),
+                                             ("dma_backward_dkdv", True)])
+def test_mask_tile_lists_are_owned_by_the_arguments_that_reach_the_launch(kernel, by_key):
+    # The fields hold bare pointers to the lists: the arguments returned beside them must own
+    # the lists (a dropped owner let the allocator reuse them before the launch).
+    doc = torch.arange(24) // 7
+    mask = (doc[:, None] == doc[None, :])[None, None]
+    problem, inputs = _problem(causal=True, attn_mask=mask)
+    listed, fields = cupy_backend._kernel_fields(kernel, problem, LaunchArgs(problem, inputs, None),
+                                                 by_key)
+    lists, counts = listed.candidates[:2]
+    assert fields["tile_list"] == 1
+    assert fields["candidates"] == lists.data_ptr()
+    assert fields["candidate_count"] == counts.data_ptr()
+    assert fields["full_count"] == listed.full_count.data_ptr()
+    block_m, block_n = cupy_kernels.tiles(kernel, problem.dtype, 64)
+    assert fields["plan_block"] == block_m
+    tiles_of = -(-24 // (block_n if by_key else block_m))  # lists per row block or key tile
+    assert counts.shape[-1] == tiles_of
+
+
 def test_pack_params_matches_a_field_by_field_struct():
     # The one-call struct packing against numpy setting each field of the structured dtype.
     problem, inputs = _problem(causal=True, softcap=30.0, scale=0.1)

@@ -2,9 +2,10 @@
 
 An independent second implementation of the GPU path, mirroring the triton backend: the same
 launch arguments (gpu_launch.py), the same tiles (candidate keys per query block in the DMA
-case, dense tiles with per-element masks otherwise) and the same backward order (dq over query
-blocks; dk/dv over candidate tiles with float32 atomics by default, or over consecutive keys
-with one writer per element in deterministic mode and the dense case).
+case; under an explicit mask its live tiles, listed per block; dense tiles with per-element
+masks otherwise) and the same backward order (dq over query blocks; dk/dv over candidate tiles
+with float32 atomics by default, or over consecutive keys with one writer per element in
+deterministic mode and the dense case).
 """
 
 from __future__ import annotations
@@ -74,10 +75,24 @@ def _fields(problem: Problem, launch: LaunchArgs) -> dict:
         coarse_rows=COARSE_ROWS, programs_per_batch=0, heads_per_program=0, key_split=1,
         causal=flags["CAUSAL"], has_kb=flags["HAS_KB"], has_ab=flags["HAS_AB"],
         has_am=flags["HAS_AM"], has_pad=flags["HAS_PAD"], has_softcap=flags["SOFTCAP"],
-        interval=flags["INTERVAL"], need_dab=0, need_dkb=0, candidate_tiles=0,
+        interval=flags["INTERVAL"], tile_list=flags["TILE_LIST"], need_dab=0, need_dkb=0,
+        candidate_tiles=0,
         vector_loads=_vector_loads(problem, (launch.q, launch.k, launch.v)),
         scale=launch.scale, softcap=launch.softcap,
     )
+
+
+def _kernel_fields(kernel: str, problem: Problem, launch: LaunchArgs, by_key: bool = False):
+    """(arguments, fields) for one kernel: `launch` with an explicit mask's live tiles
+    listed for that kernel's own tiles (forward and dq: per block of rows; dk/dv, `by_key`:
+    per tile of keys), and its `_fields`. The fields hold bare pointers, so the arguments
+    (which own the lists) must reach the launch."""
+    block_m, block_n = cupy_kernels.tiles(kernel, problem.dtype, launch.dims["D_PAD"])
+    listed = launch.with_live_tiles(block_m, block_n, by_key)
+    fields = _fields(problem, listed)
+    if listed.flags["TILE_LIST"]:
+        fields["plan_block"] = block_m  # the lists' blocks are the kernel's own
+    return listed, fields
 
 
 class CupyBackend(Backend):
@@ -119,7 +134,7 @@ class CupyBackend(Backend):
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        fields = _fields(problem, launch)
+        launch, fields = _kernel_fields("dma_forward", problem, launch)
         fields.update(out=out.data_ptr(), lse=lse.data_ptr(), so_b=out.stride(0),
                       so_s=out.stride(1), so_h=out.stride(2), slse_b=lse.stride(0),
                       slse_h=lse.stride(1))
@@ -132,22 +147,28 @@ class CupyBackend(Backend):
         bufs = backward_buffers(problem, launch, plan, lse, do, delta)
         b, h = problem.batch, problem.heads
         need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
-        fields = _fields(problem, launch)
-        fields.update(
+        # dk/dv's tile lists first: dq's taller row blocks then sum its counts, so an explicit
+        # mask is read once for both.
+        dkdv_launch, dkdv_fields = _kernel_fields("dma_backward_dkdv", problem, launch,
+                                                  by_key=True)
+        dq_launch, dq_fields = _kernel_fields("dma_backward_dq", problem, launch)
+        gradients = dict(
             dout=bufs.do.data_ptr(), lse=bufs.lse.data_ptr(), delta=bufs.delta.data_ptr(),
             slse_b=bufs.lse.stride(0), slse_h=bufs.lse.stride(1),
             dq=bufs.dq.data_ptr(), dk=bufs.dk.data_ptr(), dv=bufs.dv.data_ptr(),
             sdk_b=bufs.dk.stride(0), sdk_s=bufs.dk.stride(1), sdk_h=bufs.dk.stride(2),
             dkb=_pointer(bufs.dkb), need_dkb=need_kb, dab=_pointer(bufs.dab), need_dab=need_ab,
-            vector_loads=fields["vector_loads"] and _vector_loads(problem, (bufs.do,)),
+            vector_loads=dq_fields["vector_loads"] and _vector_loads(problem, (bufs.do,)),
         )
         if need_kb:
-            fields.update(sdkb_b=bufs.dkb.stride(0), sdkb_h=bufs.dkb.stride(1))
+            gradients.update(sdkb_b=bufs.dkb.stride(0), sdkb_h=bufs.dkb.stride(1))
         if need_ab:
-            fields.update(sdab_b=bufs.dab.stride(0), sdab_h=bufs.dab.stride(1),
-                          sdab_r=bufs.dab.stride(2))
-        self._launch("dma_backward_dq", problem, launch,
-                     (self._query_blocks("dma_backward_dq", problem, launch), b * h), fields)
+            gradients.update(sdab_b=bufs.dab.stride(0), sdab_h=bufs.dab.stride(1),
+                             sdab_r=bufs.dab.stride(2))
+        dq_fields.update(gradients)
+        dkdv_fields.update(gradients)
+        self._launch("dma_backward_dq", problem, dq_launch,
+                     (self._query_blocks("dma_backward_dq", problem, launch), b * h), dq_fields)
 
         if bufs.atomics:
             shared = plan.heads < h or problem.group_size == 1
@@ -157,7 +178,7 @@ class CupyBackend(Backend):
             n_blocks = cand.shape[2]
             key_split = candidate_key_split(problem, n_blocks * b * programs_per_batch)
             batched = plan.batch > 1
-            fields.update(
+            dkdv_fields.update(
                 candidate_tiles=1, candidates=cand.data_ptr(), candidate_count=count.data_ptr(),
                 scand_b=cand.stride(0) if batched else 0, scand_h=cand.stride(1),
                 scand_blk=cand.stride(2), scnt_b=count.stride(0) if batched else 0,
@@ -167,7 +188,7 @@ class CupyBackend(Backend):
         else:
             _, keys = cupy_kernels.tiles("dma_backward_dkdv", problem.dtype, launch.dims["D_PAD"])
             grid = (cdiv(problem.seqlen_k, keys), b * problem.kv_heads)
-        self._launch("dma_backward_dkdv", problem, launch, grid, fields)
+        self._launch("dma_backward_dkdv", problem, dkdv_launch, grid, dkdv_fields)
         return finish_backward(problem, inputs, bufs)
 
     @staticmethod
@@ -179,5 +200,7 @@ class CupyBackend(Backend):
 
     @staticmethod
     def _launch(kernel, problem, launch, grid, fields):
+        """Launch `kernel` with `fields`, whose pointers `launch` (the arguments they were
+        read from) keeps alive until the launch is queued."""
         cupy_kernels.launch(kernel, problem.dtype, launch.dims["D_PAD"], grid, problem.device,
                             fields)

@@ -3,12 +3,15 @@
 // * forward and dq: one program per (query block of BLOCK_M rows, batch x head); warp w owns
 //   WARP_M rows from WARP_M * w (16 in dq, 16 or 32 in the forward) and walks key tiles of
 //   BLOCK_N keys: the block's candidate keys from the selection plan, gathered from K and V
-//   (DMA case, p.interval), or consecutive keys with masks and biases applied per element
-//   (broadcast dims read at stride 0). Each tile picks its keep test (with_keep_test).
+//   (DMA case, p.interval), the live tiles of an explicit mask listed per block (p.tile_list;
+//   tiles whose mask is all false are never visited), or consecutive keys, with masks and
+//   biases applied per element (broadcast dims read at stride 0). Each tile picks its keep
+//   test (with_keep_test).
 // * dk/dv: one program per tile of keys, warp w owning keys 16w..16w+15, walking the query
-//   rows that may keep them. Two modes, as in the triton backend: consecutive keys with one
-//   writer per output element (deterministic; dense case), or the candidate keys of a coarse
-//   block of rows, added with float32 atomics (DMA case, default).
+//   row tiles that may keep them (under an explicit mask, the live ones listed per key tile).
+//   Two modes, as in the triton backend: consecutive keys with one writer per output element
+//   (deterministic; dense case), or the candidate keys of a coarse block of rows, added with
+//   float32 atomics (DMA case, default).
 //
 // Scores go through masked_score (dma_common.cuh); softmax runs in base 2 with the
 // natural-log lse stored for the SPEC. Shared tiles are rows of D_PAD + SMEM_PAD elements.
@@ -33,10 +36,10 @@ struct TileKeys {
     int id;
     KeyFacts facts;
 
-    DMA_DEVICE void fetch(const ScoreInputs<E>& in, const int* cand, long long start,
-                          long long n_slots) {
+    DMA_DEVICE void fetch(const Params& p, const ScoreInputs<E>& in, const int* list,
+                          long long start, long long n_slots) {
         if (threadIdx.x < BLOCK_N) {
-            id = key_tile_id(cand, start, threadIdx.x, n_slots);
+            id = key_tile_id<BLOCK_N>(p, list, start, threadIdx.x, n_slots);
             facts = key_facts(in, id);
         }
     }
@@ -106,11 +109,11 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
     float m[MF][2], l[MF][2];
 #pragma unroll
     for (int mf = 0; mf < MF; ++mf) m[mf][0] = m[mf][1] = neg_inf(), l[mf][0] = l[mf][1] = 0.f;
-    const long long n_slots = tile_count(p, b, h, row0, BLOCK_M);
-    const long long n_full = full_tile_slots(p, b, h, row0);
-    const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
+    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
+    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
+    const int* list = query_block_list(p, b, h, row0);
     TileKeys<E, BLOCK_N> next;
-    next.fetch(in, cand, 0, n_slots);
+    next.fetch(p, in, list, 0, n_slots);
     next.publish(key_ids[0], facts[0]);
     load_tile<E, BLOCK_M, D_PAD, THREADS, false>(
         q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, nullptr, row0,
@@ -124,7 +127,7 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         __syncthreads();  // K(i) and Q landed; every warp is done with V(i - 1)
         load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur], 0, 0, p);
         const bool more = start + BLOCK_N < n_slots;
-        if (more) next.fetch(in, cand, start + BLOCK_N, n_slots);
+        if (more) next.fetch(p, in, list, start + BLOCK_N, n_slots);
 
         float s[MF][NT][4];
         zero(s);
@@ -284,11 +287,11 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
 
     float dq[DT][4];
     zero(dq);
-    const long long n_slots = tile_count(p, b, h, row0, BLOCK_M);
-    const long long n_full = full_tile_slots(p, b, h, row0);
-    const int* cand = p.interval ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
+    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
+    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
+    const int* list = query_block_list(p, b, h, row0);
     TileKeys<E, BLOCK_N> next;
-    next.fetch(in, cand, 0, n_slots);
+    next.fetch(p, in, list, 0, n_slots);
     next.publish(key_ids[0], facts[0]);
     load_tile<E, BLOCK_M, D_PAD, THREADS, false>(q_s, static_cast<const T*>(p.q) + q_off, p.sq_s,
                                                  nullptr, row0, p.seqlen_q, p);
@@ -303,7 +306,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
         __syncthreads();  // V(i), Q and dO landed; every warp is done with K(i - 1)
         load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur], 0, 0, p);
         const bool more = start + BLOCK_N < n_slots;
-        if (more) next.fetch(in, cand, start + BLOCK_N, n_slots);
+        if (more) next.fetch(p, in, list, start + BLOCK_N, n_slots);
 
         float s[NT][4], dp[NT][4];
         zero(dp);
@@ -355,6 +358,19 @@ DMA_DEVICE void dkdv_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb
             dpt[mt][e] = in.softcap ? ds * (1.f - th * th) : ds;  // d score
         }
 }
+
+// The row tiles a dk/dv key tile walks: `count` tiles of BLOCK_M rows, consecutive from row
+// `lo`, or listed (an explicit mask's live row tiles, the first `whole` of them kept whole:
+// listed_whole_tiles).
+template <int BLOCK_M>
+struct RowTiles {
+    const int* list = nullptr;
+    long long lo = 0, count = 0, whole = 0;
+
+    DMA_DEVICE long long start(long long j) const {
+        return list ? (long long)list[j] * BLOCK_M : lo + j * BLOCK_M;
+    }
+};
 
 // Q and dO rows row0.. of one head into a dk/dv row buffer (dO right after Q), left in flight.
 template <class E, int BLOCK_M, int D_PAD, int THREADS>
@@ -420,7 +436,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
     for (long long start = first_tile; start < n_slots; start += tile_step) {
         __syncthreads();
         for (int i = threadIdx.x; i < BLOCK_N; i += THREADS)
-            key_ids[i] = key_tile_id(cand, start, i, n_slots);
+            key_ids[i] = key_tile_id<BLOCK_N>(p, cand, start, i, n_slots);
         __syncthreads();
         load_tile<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, key_ids, 0, 0, p);
         load_tile<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, key_ids, 0, 0, p);
@@ -433,34 +449,42 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
             __syncthreads();  // the tile's key ids (and K, V) are written
             const KeyFacts mine[2] = {key_facts(in, key_ids[warp * 16 + frag_row(0)]),
                                       key_facts(in, key_ids[warp * 16 + frag_row(2)])};
-            // The rows that may keep a key of this tile.
-            long long row_lo = 0, row_hi = p.seqlen_q;
-            if (p.interval) {
-                __syncthreads();
-                if (threadIdx.x == 0) {
-                    row_range[0] = (int)p.seqlen_q;
-                    row_range[1] = 0;
-                }
-                __syncthreads();
-                for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
-                    const int key = key_ids[i];
-                    if (key < 0) continue;
-                    const int first = p.causal ? key - (int)p.causal_offset : 0;
-                    const int end = in.end_row[key];
-                    if (end > first) {
-                        atomicMin(&row_range[0], first);
-                        atomicMax(&row_range[1], end);
+            // The row tiles that may keep a key of this tile.
+            RowTiles<BLOCK_M> rows;
+            if (p.tile_list) {  // listed per key tile, those kept whole first
+                rows.list = candidate_list(p, b, h, blockIdx.x);
+                rows.count = block_count(p, p.candidate_count, b, h, blockIdx.x);
+                rows.whole = listed_whole_tiles(p, b, h, blockIdx.x);
+            } else {
+                long long row_lo = 0, row_hi = p.seqlen_q;
+                if (p.interval) {
+                    __syncthreads();
+                    if (threadIdx.x == 0) {
+                        row_range[0] = (int)p.seqlen_q;
+                        row_range[1] = 0;
                     }
+                    __syncthreads();
+                    for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
+                        const int key = key_ids[i];
+                        if (key < 0) continue;
+                        const int first = p.causal ? key - (int)p.causal_offset : 0;
+                        const int end = in.end_row[key];
+                        if (end > first) {
+                            atomicMin(&row_range[0], first);
+                            atomicMax(&row_range[1], end);
+                        }
+                    }
+                    __syncthreads();
+                    row_lo = row_range[0];
+                    row_hi = row_range[1];
+                } else if (p.causal) {
+                    row_lo = lmax(start - p.causal_offset, 0);
                 }
-                __syncthreads();
-                row_lo = row_range[0];
-                row_hi = row_range[1];
-            } else if (p.causal) {
-                row_lo = lmax(start - p.causal_offset, 0);
+                row_lo = lmax(row_lo, row_base);
+                row_hi = lmin(row_hi, row_end);
+                rows.lo = row_base + ((row_lo - row_base) / BLOCK_M) * BLOCK_M;
+                rows.count = row_hi > rows.lo ? (row_hi - rows.lo + BLOCK_M - 1) / BLOCK_M : 0;
             }
-            row_lo = lmax(row_lo, row_base);
-            row_hi = lmin(row_hi, row_end);
-            row_lo = row_base + ((row_lo - row_base) / BLOCK_M) * BLOCK_M;
 
             float dkb[2] = {0.f, 0.f};
             const long long q_off = b * p.sq_b + h * p.sq_h;
@@ -470,26 +494,28 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
             // one row buffer: after it, behind a second barrier).
             float next_lse, next_delta;
             __syncthreads();  // every warp is done with the previous head's buffers
-            if (row_lo < row_hi) {
-                load_rows<E, BLOCK_M, D_PAD, THREADS>(q_buf, q, dout, row_lo, p);
+            if (rows.count > 0) {
+                load_rows<E, BLOCK_M, D_PAD, THREADS>(q_buf, q, dout, rows.start(0), p);
                 if (threadIdx.x < BLOCK_M) {
-                    row_stats(p, b, h, row_lo + threadIdx.x, next_lse, next_delta);
+                    row_stats(p, b, h, rows.start(0) + threadIdx.x, next_lse, next_delta);
                     lse_s[0][threadIdx.x] = next_lse;
                     delta_s[0][threadIdx.x] = next_delta;
                 }
             }
-            for (long long row0 = row_lo, j = 0; row0 < row_hi; row0 += BLOCK_M, ++j) {
+            for (long long j = 0; j < rows.count; ++j) {
+                const long long row0 = rows.start(j);
                 const int cur = j & 1, buf = ROW_BUFFERS == 2 ? cur : 0;
                 const T* q_s = q_buf + 2 * buf * BLOCK_M * LD;
                 const T* do_s = q_s + BLOCK_M * LD;
                 T* q_next = q_buf + 2 * (ROW_BUFFERS == 2 ? cur ^ 1 : 0) * BLOCK_M * LD;
                 cp_async_wait<0>();
                 __syncthreads();  // tile j landed; every warp is done with tile j - 1's buffer
-                const bool more = row0 + BLOCK_M < row_hi;
+                const bool more = j + 1 < rows.count;
+                const long long next_row0 = more ? rows.start(j + 1) : 0;
                 if (more && threadIdx.x < BLOCK_M)
-                    row_stats(p, b, h, row0 + BLOCK_M + threadIdx.x, next_lse, next_delta);
+                    row_stats(p, b, h, next_row0 + threadIdx.x, next_lse, next_delta);
                 if (more && ROW_BUFFERS == 2)
-                    load_rows<E, BLOCK_M, D_PAD, THREADS>(q_next, q, dout, row0 + BLOCK_M, p);
+                    load_rows<E, BLOCK_M, D_PAD, THREADS>(q_next, q, dout, next_row0, p);
 
                 float st[MT][4], dpt[MT][4];  // transposed: rows are keys, columns query rows
                 zero(st);
@@ -501,7 +527,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                     0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
                                      && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
                                      && !in.attn_bias && !in.attn_mask);
-                with_keep_test(in, all_kept, [&](auto test) {
+                with_keep_test(in, all_kept || j < rows.whole, [&](auto test) {
                     dkdv_scores<E, MT, decltype(test)::value>(st, dpt, dkb, in, (int)row0, mine,
                                                               lse_s[cur], delta_s[cur]);
                 });
@@ -509,7 +535,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 warp_mma_scores<E, MT, DT, false>(dk, dpt, pt_w, LDT, q_s, LD);
                 if (more && ROW_BUFFERS == 1) {
                     __syncthreads();  // every warp is done with the one buffer
-                    load_rows<E, BLOCK_M, D_PAD, THREADS>(q_next, q, dout, row0 + BLOCK_M, p);
+                    load_rows<E, BLOCK_M, D_PAD, THREADS>(q_next, q, dout, next_row0, p);
                 }
                 if (more && threadIdx.x < BLOCK_M) {  // published by the next barrier
                     lse_s[cur ^ 1][threadIdx.x] = next_lse;

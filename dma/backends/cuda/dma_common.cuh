@@ -321,30 +321,47 @@ DMA_DEVICE void load_tile(typename E::T* dst, const typename E::T* base, long lo
     }
 }
 
-// Key id of slot `start + i` of a tile: an entry of a candidate list, or consecutive keys
-// below `limit`; -1 past the end.
-DMA_DEVICE int key_tile_id(const int* candidates, long long start, int i, long long limit) {
+// Key id of slot `start + i` of a tile: an entry of a candidate list, a key of the listed
+// live tile (tile_list: the list holds tiles of BLOCK_N keys), or consecutive keys below
+// `limit`; -1 past the end.
+template <int BLOCK_N>
+DMA_DEVICE int key_tile_id(const Params& p, const int* list, long long start, int i,
+                           long long limit) {
     const long long slot = start + i;
-    return slot >= limit ? -1 : (candidates ? candidates[slot] : (int)slot);
+    if (slot >= limit) return -1;
+    if (!list) return (int)slot;
+    if (!p.tile_list) return list[slot];
+    const long long key = (long long)list[start / BLOCK_N] * BLOCK_N + i;
+    return key < p.seqlen_k ? (int)key : -1;
 }
 
+// A block's list: its candidate keys, or its live tiles (tile_list; per mask head).
 DMA_DEVICE const int* candidate_list(const Params& p, long long b, long long h,
                                      long long block) {
     return static_cast<const int*>(p.candidates) + b * p.scand_b + (h / p.plan_hdiv) * p.scand_h
            + block * p.scand_blk;
 }
 
-// Entry `block` of one of the plan's per-block counts (candidate_count, full_count: the same
+// The list of a forward or dq program's query block, or null when it walks consecutive keys.
+DMA_DEVICE const int* query_block_list(const Params& p, long long b, long long h,
+                                       long long row0) {
+    return p.interval || p.tile_list ? candidate_list(p, b, h, row0 / p.plan_block) : nullptr;
+}
+
+// Entry `block` of one of the per-block counts (candidate_count, full_count: the same
 // strides).
 DMA_DEVICE long long block_count(const Params& p, const void* counts, long long b, long long h,
                                  long long block) {
     return static_cast<const int*>(counts)[b * p.scnt_b + (h / p.plan_hdiv) * p.scnt_h + block];
 }
 
-// How many key slots a query block walks: its candidate count, or its causal limit.
+// How many key slots a query block walks: its candidate count, its live tiles' keys, or its
+// causal limit.
+template <int BLOCK_N>
 DMA_DEVICE long long tile_count(const Params& p, long long b, long long h, long long row0,
                                 int block_m) {
     if (p.interval) return block_count(p, p.candidate_count, b, h, row0 / p.plan_block);
+    if (p.tile_list) return block_count(p, p.candidate_count, b, h, row0 / p.plan_block) * BLOCK_N;
     long long n = p.seqlen_k;
     if (p.causal) {
         const long long last_row = lmin(row0 + block_m, p.seqlen_q) - 1;
@@ -353,13 +370,24 @@ DMA_DEVICE long long tile_count(const Params& p, long long b, long long h, long 
     return n;
 }
 
+// How many of an explicit mask's listed tiles, those it lists first, every row keeps: the
+// tiles that the mask and causality allow whole, unless key padding or attn_bias still
+// need the per-pair test there (which also keeps attn_bias loads inside the rows).
+DMA_DEVICE long long listed_whole_tiles(const Params& p, long long b, long long h,
+                                        long long block) {
+    return p.has_pad || p.has_ab ? 0 : block_count(p, p.full_count, b, h, block);
+}
+
 // How many of those slots every row of the block keeps, so that their tiles skip the
 // per-pair test (only whole tiles below this count do): the plan's fully kept candidates,
-// which it lists first; otherwise the keys at or left of the block's first causal diagonal
-// when nothing else masks them. Rows past seqlen_q see such tiles as kept too; their outputs
-// are never written and the backward's p is 0 there (row_stats).
+// which it lists first; an explicit mask's whole live tiles (listed_whole_tiles);
+// otherwise the keys at or left of the block's first causal diagonal when nothing else
+// masks them. Rows past seqlen_q see such tiles as kept too; their outputs are never
+// written and the backward's p is 0 there (row_stats).
+template <int BLOCK_N>
 DMA_DEVICE long long full_tile_slots(const Params& p, long long b, long long h, long long row0) {
     if (p.interval) return block_count(p, p.full_count, b, h, row0 / p.plan_block);
+    if (p.tile_list) return listed_whole_tiles(p, b, h, row0 / p.plan_block) * BLOCK_N;
     if (p.has_pad || p.has_am || p.has_ab) return 0;
     return p.causal ? lmax(lmin(p.seqlen_k, row0 + p.causal_offset + 1), 0) : p.seqlen_k;
 }
@@ -377,6 +405,7 @@ struct ScoreInputs {
     long long sab_r, sab_c, sam_r, sam_c;
     int seqlen_q, causal_offset;
     bool causal, softcap;
+
     // Scores run in base 2 (log2(e) * s of SPEC section 2), so softmax needs a bare exp2:
     // qk * scale_log2 without softcap, softcap_log2 * tanh(qk * scale_over_cap) with it.
     float scale_log2, scale_over_cap, softcap_log2;

@@ -25,9 +25,13 @@ struct Params {
     const void* attn_mask;
     const void* padding;
     const void* end_row;
+    // Per block: the selection plan's candidate keys (DMA case), or with tile_list the live
+    // tiles of an explicit mask (forward, dq: key tiles per block of plan_block rows; dk/dv:
+    // row tiles per key tile), counted by candidate_count, of which full_count are listed
+    // first (fully kept candidates; tiles the mask and causality allow whole).
     const void* candidates;
     const void* candidate_count;
-    const void* full_count;  // per block, with candidate_count's strides
+    const void* full_count;  // with candidate_count's strides
     // Strides of q (also dq and dout), k, v, out, lse (also delta), dk/dv, dkb, dab.
     long long sq_b;
     long long sq_s;
@@ -98,6 +102,7 @@ struct Params {
     long long has_pad;
     long long has_softcap;
     long long interval;
+    long long tile_list;
     long long need_dab;
     long long need_dkb;
     long long candidate_tiles;
