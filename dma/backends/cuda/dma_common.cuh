@@ -361,7 +361,8 @@ template <int BLOCK_N>
 DMA_DEVICE long long tile_count(const Params& p, long long b, long long h, long long row0,
                                 int block_m) {
     if (p.interval) return block_count(p, p.candidate_count, b, h, row0 / p.plan_block);
-    if (p.tile_list) return block_count(p, p.candidate_count, b, h, row0 / p.plan_block) * BLOCK_N;
+    if (p.tile_list)
+        return block_count(p, p.candidate_count, b, h, row0 / p.plan_block) * BLOCK_N;
     long long n = p.seqlen_k;
     if (p.causal) {
         const long long last_row = lmin(row0 + block_m, p.seqlen_q) - 1;
@@ -405,7 +406,6 @@ struct ScoreInputs {
     long long sab_r, sab_c, sam_r, sam_c;
     int seqlen_q, causal_offset;
     bool causal, softcap;
-
     // Scores run in base 2 (log2(e) * s of SPEC section 2), so softmax needs a bare exp2:
     // qk * scale_log2 without softcap, softcap_log2 * tanh(qk * scale_over_cap) with it.
     float scale_log2, scale_over_cap, softcap_log2;
