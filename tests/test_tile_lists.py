@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from dma.backends.gpu_launch import allowed_per_tile, coarser_tiles, live_tile_lists
+from dma.tile_lists import allowed_per_tile, coarser_tiles, live_tile_lists
 from dma.validation import validate
 
 
