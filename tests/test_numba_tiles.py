@@ -1,6 +1,7 @@
 """Numba paths the small conformance cases do not reach: dk/dv key chunks larger than one
-tile product (SUB_TILE), the two-pass backward (deterministic mode), the scipy BLAS fallback
-and the gemm wrapper itself."""
+tile product (SUB_TILE), the two-pass backward (deterministic mode), packed documents long
+enough for tiles that the mask allows whole, the scipy BLAS fallback and the gemm wrapper
+itself."""
 
 import numpy as np
 import pytest
@@ -15,6 +16,14 @@ CASES = [
          window=200, key_bias=(1, 1)),
     Case("masked_long", batch=1, seqlen_q=200, seqlen_k=260, heads=2, kv_heads=2, head_dim=16,
          attn_bias=(1, 2, 200, 260), key_padding=True, softcap=4.0),
+    # Documents of 300 tokens, so boundaries fall inside tiles: the forward's 64 x 128 tiles
+    # and dk/dv's key chunks hold tiles that the mask and causality allow whole (walked
+    # without reading the mask) beside tiles that need the per-pair test.
+    Case("packed_documents_long", batch=1, seqlen_q=600, seqlen_k=600, heads=2, kv_heads=1,
+         head_dim=32, attn_mask=(1, 1, 600, 600), mask_documents=2),
+    Case("packed_documents_bias_long", batch=1, seqlen_q=600, seqlen_k=600, heads=2,
+         kv_heads=1, head_dim=32, attn_mask=(1, 1, 600, 600), mask_documents=2,
+         attn_bias=(1, 2, 600, 600), key_padding=True),
 ]
 
 
@@ -26,6 +35,25 @@ def test_numba_key_chunks(case, chunk, monkeypatch):
     assert chunk < numba_kernels.SUB_TILE or chunk > 2 * numba_kernels.SUB_TILE
     monkeypatch.setattr(numba_backend, "_key_chunk", lambda problem: chunk)
     check_case(case, "numba", "cpu")
+
+
+@pytest.mark.parametrize("by_key, keys", [(False, 128), (True, 64)])
+def test_packed_documents_long_hold_whole_tiles(by_key, keys):
+    # The long packed-document cases above must reach the whole-tile path of every kernel
+    # (forward and dq: 128-key tiles; dk/dv: 64-key chunks; the 1024-key chunk spans both
+    # documents, so it has none).
+    import torch
+
+    from dma.backends import numba_backend
+    from dma.tile_lists import allowed_per_tile, live_tile_lists
+    from dma.validation import validate
+
+    doc = torch.arange(600) * 2 // 600
+    mask = (doc[:, None] == doc[None, :])[None, None]
+    q = torch.randn(1, 600, 2, 32)
+    problem, _ = validate(q, q[:, :, :1], q[:, :, :1], attn_mask=mask, causal=True)
+    counts = allowed_per_tile(mask, numba_backend.BLOCK_M, keys)
+    assert live_tile_lists(problem, counts, by_key).full_counts.sum() > 0
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

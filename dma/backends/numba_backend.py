@@ -10,11 +10,14 @@ seconds); compiled code is cached on disk (`cache=True`) for later processes.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ..layout import reduce_bias_grad
 from ..selection import rowwise_keep_all
+from ..tile_lists import TileCounter, live_tile_lists
 from ..validation import SUPPORTED_DTYPES, Inputs, Problem
 from .base import Backend, Capabilities, deterministic_mode, missing_packages, new_output
 
@@ -124,8 +127,25 @@ class _Arrays:
             self.plan_m = np.array([0, h], np.int64)
         self.masks = (self.kb, self.kb_m, self.ab, self.ab_m, self.am, self.am_m, self.pad,
                       self.has_pad)
+        # An explicit mask outside the DMA case: the kernels walk its live tiles only.
+        self.problem = problem
+        self.mask_tiles = TileCounter(mask) if mask is not None and plan is None else None
         self.scalars = (problem.causal, problem.causal_offset, problem.scale,
                         problem.softcap if problem.softcap is not None else 0.0)
+
+
+    def walk(self, block_n: int, by_key: bool = False) -> tuple:
+        """What a kernel walks, as its (cand, count, full, plan_m, interval, tile_list)
+        arguments: the plan's candidates, an explicit mask's live tiles of BLOCK_M rows by
+        `block_n` keys (per block of rows, or `by_key` per tile of keys; `full` says how many
+        of them, listed first, the mask allows whole), or neither (consecutive keys)."""
+        if self.mask_tiles is None:
+            return self.cand, self.count, self.count, self.plan_m, self.interval, False
+        lists = live_tile_lists(self.problem, self.mask_tiles.counts(BLOCK_M, block_n), by_key)
+        batched, mask_heads = lists.tiles.shape[0] > 1, lists.tiles.shape[1]
+        list_m = np.array([int(batched), self.problem.heads // mask_heads], np.int64)
+        return (lists.tiles.numpy(), lists.counts.numpy(), lists.full_counts.numpy(), list_m,
+                False, True)
 
 
 class NumbaBackend(Backend):
@@ -151,7 +171,7 @@ class NumbaBackend(Backend):
         with blas.single_threaded_blas():
             _kernels().forward_kernel(
                 blas.gemm_function(a.q.dtype), a.q, a.k, a.v, out, lse, *a.masks, a.first, a.end,
-                a.cand, a.count, a.plan_m, a.interval, *a.scalars, BLOCK_M)
+                *a.walk(_kernels().BLOCK_N), *a.scalars, BLOCK_M)
         return out, lse
 
     def forward(self, problem: Problem, inputs: Inputs, plan):
@@ -169,6 +189,9 @@ class NumbaBackend(Backend):
         b, h, hkv = problem.batch, problem.heads, problem.kv_heads
         sq, sk = problem.seqlen_q, problem.seqlen_k
         dtype = a.q.dtype
+        key_chunk = _key_chunk(problem)
+        if a.mask_tiles is not None:  # the finest tiles first: every kernel's tiles sum them
+            a.mask_tiles.counts(BLOCK_M, math.gcd(kern.BLOCK_N, key_chunk))
         if dtype == np.float64:  # the float32 lse would cost float64 gradients precision
             _, lse_np = self._forward_arrays(problem, arrays)
         else:
@@ -186,11 +209,11 @@ class NumbaBackend(Backend):
             if not one_pass:
                 dq = np.empty_like(a.q)
                 kern.dq_kernel(gemm, a.q, a.k, a.v, do_np, lse_np, delta_np, dq, dab, need_ab,
-                               *a.masks, a.first, a.end, a.cand, a.count, a.plan_m, a.interval,
-                               *a.scalars, BLOCK_M)
+                               *a.masks, a.first, a.end, *a.walk(kern.BLOCK_N), *a.scalars,
+                               BLOCK_M)
             kern.dkdv_kernel(gemm, a.q, a.k, a.v, do_np, lse_np, delta_np, dk, dv, dkb, dq_parts,
-                             one_pass, dab, need_ab, *a.masks, a.first, a.end, a.cand, a.count,
-                             a.plan_m, a.interval, *a.scalars, BLOCK_M, _key_chunk(problem))
+                             one_pass, dab, need_ab, *a.masks, a.first, a.end,
+                             *a.walk(key_chunk, by_key=True), *a.scalars, BLOCK_M, key_chunk)
         if one_pass:
             dq = dq_parts.sum(axis=0)
             dq *= problem.scale

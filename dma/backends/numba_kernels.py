@@ -1,9 +1,11 @@
 """Numba kernels of the numba backend (CPU).
 
 They follow the triton kernels' structure: a forward and a dq pass over query blocks, each
-walking key tiles (the block's candidate keys from the selection plan in the DMA case,
-consecutive keys up to the causal limit otherwise), and a dk/dv pass over chunks of keys,
-which by default computes dq too (one-pass backward; dq_kernel serves deterministic mode).
+walking key tiles (the block's candidate keys from the selection plan in the DMA case, the
+live tiles of an explicit mask listed per block (tile_list; dma/tile_lists.py), consecutive
+keys up to the causal limit otherwise), and a dk/dv pass over chunks of keys (under an
+explicit mask, over each chunk's listed live row blocks), which by default computes dq too
+(one-pass backward; dq_kernel serves deterministic mode).
 Tile products go through BLAS (`numba_blas.matmul`, one single-threaded gemm call per
 product, accumulating in place where it can), so the per-pair work is vectorised; the
 elementwise parts (scores, masks, softmax) are plain loops that LLVM vectorises, with an exp
@@ -89,9 +91,11 @@ def _key_facts(b, h, keys, n, first, end, kbv, kb, kb_m, pad, has_pad, plan_firs
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _mask_scores(st, th, b, h, row0, keys, first, end, kbv, ab, ab_m, am, am_m, scale, softcap):
+def _mask_scores(st, th, b, h, row0, keys, first, end, kbv, ab, ab_m, am, am_m, scale, softcap,
+                 whole):
     """st (keys x rows, k.q products) becomes scores with -inf where not kept; th gets
-    tanh(t / softcap) for the softcap gradient (softcap <= 0: none)."""
+    tanh(t / softcap) for the softcap gradient (softcap <= 0: none). `whole`: a tile that the
+    explicit mask allows whole, whose mask is not read."""
     n, rows = st.shape
     for c in range(n):
         col = st[c]
@@ -107,23 +111,40 @@ def _mask_scores(st, th, b, h, row0, keys, first, end, kbv, ab, ab_m, am, am_m, 
         for r in range(rows):  # branch-free, so it vectorises
             keep = (lo <= r) & (r < hi)
             col[r] = col[r] * multiplier + bias if keep else -np.inf
-        if ab_m[4] or am_m[4]:
+        test_mask = am_m[4] and not whole
+        if ab_m[4] or test_mask:
             j = keys[c]
             for r in range(rows):
                 if col[r] == -np.inf:
                     continue
                 i = row0 + r
-                if am_m[4] and not am[b * am_m[0], h // am_m[1], i * am_m[2], j * am_m[3]]:
+                if test_mask and not am[b * am_m[0], h // am_m[1], i * am_m[2], j * am_m[3]]:
                     col[r] = -np.inf
                 elif ab_m[4]:
                     col[r] += ab[b * ab_m[0], h // ab_m[1], i * ab_m[2], j * ab_m[3]]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m):
-    """Key ids of slots start..start+n: the block's candidates, or consecutive keys."""
+def _tile_keys(keys, b, h, block, start, n_slots, seqlen_k, cand, plan_m, interval, tile_list):
+    """Key ids of a query block's tile at slot `start` (of n_slots): the block's candidates,
+    the keys of its listed live tile (tile_list: `cand` lists tiles of BLOCK_N keys), or
+    consecutive keys. Returns (how many keys, the first key when they are consecutive, else
+    -1: gathered)."""
+    if tile_list:
+        key0 = cand[b * plan_m[0], h // plan_m[1], block, start // BLOCK_N] * BLOCK_N
+        n = min(BLOCK_N, seqlen_k - key0)
+    else:
+        key0, n = start, min(BLOCK_N, n_slots - start)
     for c in range(n):
-        keys[c] = cand[b * plan_m[0], h // plan_m[1], block, start + c] if interval else start + c
+        keys[c] = cand[b * plan_m[0], h // plan_m[1], block, start + c] if interval else key0 + c
+    return n, -1 if interval else key0
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _whole_tile(b, h, block, start, full, plan_m, tile_list):
+    """Whether a query block's tile at slot `start` is one that the explicit mask (and
+    causality) allow whole: the first full[block] listed tiles."""
+    return tile_list and start // BLOCK_N < full[b * plan_m[0], h // plan_m[1], block]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -138,11 +159,11 @@ def _gather(dst, src, keys, n):
 @njit(cache=True, fastmath=FASTMATH)  # a plain call: numba cannot inline this many arguments
 def _scored_tile(gemm, st, th, qb, k_head, v_head, keys, n, start, k_buf, v_buf, kfirst, kend,
                  kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m,
-                 interval, causal, causal_offset, seqlen_q, scale, softcap):
+                 interval, causal, causal_offset, seqlen_q, scale, softcap, whole):
     """One key tile of every kernel: the keys' facts, their K and V rows ((n, D) views of
     k_head and v_head from `start` when the keys are consecutive, i.e. start >= 0, else
-    gathered into k_buf and v_buf) and the tile's masked scores, key-major, in st (n x rows).
-    Returns (kt, vt)."""
+    gathered into k_buf and v_buf) and the tile's masked scores, key-major, in st (n x rows),
+    the mask unread on a `whole` tile. Returns (kt, vt)."""
     _key_facts(b, h, keys, n, kfirst, kend, kbv, kb, kb_m, pad, has_pad, first, end, plan_m,
                interval, causal, causal_offset, seqlen_q)
     if start >= 0:
@@ -150,16 +171,20 @@ def _scored_tile(gemm, st, th, qb, k_head, v_head, keys, n, start, k_buf, v_buf,
     else:
         kt, vt = _gather(k_buf, k_head, keys, n), _gather(v_buf, v_head, keys, n)
     matmul(gemm, kt, False, qb, True, st, False)
-    _mask_scores(st, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m, scale, softcap)
+    _mask_scores(st, th, b, h, row0, keys, kfirst, kend, kbv, ab, ab_m, am, am_m, scale, softcap,
+                 whole)
     return kt, vt
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q, seqlen_k,
-                 count, plan_m):
-    """How many key slots a query block walks: its candidate count, or its causal limit."""
+def _block_slots(b, h, block, block_m, interval, tile_list, causal, causal_offset, seqlen_q,
+                 seqlen_k, count, plan_m):
+    """How many key slots a query block walks: its candidate count, its live tiles' keys, or
+    its causal limit."""
     if interval:
         return count[b * plan_m[0], h // plan_m[1], block]
+    if tile_list:
+        return count[b * plan_m[0], h // plan_m[1], block] * BLOCK_N
     if causal:
         last_row = min(seqlen_q, (block + 1) * block_m) - 1
         return max(0, min(seqlen_k, last_row + causal_offset + 1))
@@ -168,8 +193,8 @@ def _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def forward_kernel(gemm, q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first,
-                   end, cand, count, plan_m, interval, causal, causal_offset, scale, softcap,
-                   block_m):
+                   end, cand, count, full, plan_m, interval, tile_list, causal, causal_offset,
+                   scale, softcap, block_m):
     batch, heads, seqlen_q, dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -194,18 +219,18 @@ def forward_kernel(gemm, q, k, v, out, lse, kb, kb_m, ab, ab_m, am, am_m, pad, h
         th_buf = np.empty(rows * BLOCK_N, q.dtype)
         bits = np.empty(rows, np.int32)
         k_buf, v_buf = np.empty(BLOCK_N * dim, q.dtype), np.empty(BLOCK_N * dim, q.dtype)
-        n_slots = _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q,
-                               seqlen_k, count, plan_m)
+        n_slots = _block_slots(b, h, block, block_m, interval, tile_list, causal, causal_offset,
+                               seqlen_q, seqlen_k, count, plan_m)
         for start in range(0, n_slots, BLOCK_N):
-            n = min(BLOCK_N, n_slots - start)
-            _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
-            view_from = -1 if interval else start  # gathered candidates, or consecutive keys
+            n, view_from = _tile_keys(keys, b, h, block, start, n_slots, seqlen_k, cand, plan_m,
+                                      interval, tile_list)
             st = s_buf[:n * rows].reshape(n, rows)
             kt, vt = _scored_tile(
                 gemm, st, th_buf[:n * rows].reshape(n, rows), qb, k[b, hk], v[b, hk], keys, n,
                 view_from, k_buf, v_buf, kfirst, kend, kbv, b, h, row0, kb,
                 kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, plan_m, interval, causal,
-                causal_offset, seqlen_q, scale, softcap)
+                causal_offset, seqlen_q, scale, softcap,
+                _whole_tile(b, h, block, start, full, plan_m, tile_list))
             # Online softmax, key-major: running max, then probabilities shifted by it.
             m_new[:] = m
             for c in range(n):
@@ -257,8 +282,8 @@ def _probabilities_and_grads(st, th, lse_rows, delta_rows, dp, softcap, bits):
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def dq_kernel(gemm, q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab_m, am, am_m,
-              pad, has_pad, first, end, cand, count, plan_m, interval, causal, causal_offset, scale,
-              softcap, block_m):
+              pad, has_pad, first, end, cand, count, full, plan_m, interval, tile_list, causal,
+              causal_offset, scale, softcap, block_m):
     """dq, and d attn_bias at full (B, H, Sq, Sk) size when needed, over query blocks."""
     batch, heads, seqlen_q, dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
@@ -285,19 +310,19 @@ def dq_kernel(gemm, q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab
         dp_buf = np.empty(rows * BLOCK_N, q.dtype)
         bits = np.empty(rows, np.int32)
         k_buf, v_buf = np.empty(BLOCK_N * dim, q.dtype), np.empty(BLOCK_N * dim, q.dtype)
-        n_slots = _block_slots(b, h, block, block_m, interval, causal, causal_offset, seqlen_q,
-                               seqlen_k, count, plan_m)
+        n_slots = _block_slots(b, h, block, block_m, interval, tile_list, causal, causal_offset,
+                               seqlen_q, seqlen_k, count, plan_m)
         for start in range(0, n_slots, BLOCK_N):
-            n = min(BLOCK_N, n_slots - start)
-            _tile_keys(keys, b, h, block, start, n, interval, cand, plan_m)
-            view_from = -1 if interval else start  # gathered candidates, or consecutive keys
+            n, view_from = _tile_keys(keys, b, h, block, start, n_slots, seqlen_k, cand, plan_m,
+                                      interval, tile_list)
             st = s_buf[:n * rows].reshape(n, rows)
             th = th_buf[:n * rows].reshape(n, rows)
             dp = dp_buf[:n * rows].reshape(n, rows)
             kt, vt = _scored_tile(
                 gemm, st, th, qb, k[b, hk], v[b, hk], keys, n, view_from, k_buf,
                 v_buf, kfirst, kend, kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
-                first, end, plan_m, interval, causal, causal_offset, seqlen_q, scale, softcap)
+                first, end, plan_m, interval, causal, causal_offset, seqlen_q, scale, softcap,
+                _whole_tile(b, h, block, start, full, plan_m, tile_list))
             matmul(gemm, vt, False, dob, True, dp, False)
             _probabilities_and_grads(st, th, lse_rows, delta_rows, dp, softcap, bits)
             if need_dab:
@@ -310,11 +335,12 @@ def dq_kernel(gemm, q, k, v, do, lse, delta, dq, dab, need_dab, kb, kb_m, ab, ab
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def dkdv_kernel(gemm, q, k, v, do, lse, delta, dk, dv, dkb, dq_parts, with_dq, dab, need_dab,
-                kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, cand, count, plan_m,
-                interval, causal, causal_offset, scale, softcap, block_m, key_chunk):
+                kb, kb_m, ab, ab_m, am, am_m, pad, has_pad, first, end, cand, count, full, plan_m,
+                interval, tile_list, causal, causal_offset, scale, softcap, block_m, key_chunk):
     """dk, dv (summed over each kv group) and d key_bias per query head, one chunk of
     `key_chunk` consecutive keys per task: each query block contributes its candidates inside
-    the chunk (larger chunks mean fewer, larger tile products per block).
+    the chunk (larger chunks mean fewer, larger tile products per block). tile_list: `cand`
+    lists per chunk the live row blocks of an explicit mask, those it allows whole first.
 
     with_dq (one-pass backward): the same tiles also add ds @ K into this thread's slice of
     dq_parts (threads, B, H, Sq, D; unscaled) and write d attn_bias when need_dab, so dq_kernel
@@ -327,7 +353,8 @@ def dkdv_kernel(gemm, q, k, v, do, lse, delta, dk, dv, dkb, dq_parts, with_dq, d
     for task in prange(batch * kv_heads * n_chunks):
         b = task // (kv_heads * n_chunks)
         hk = (task // n_chunks) % kv_heads
-        key0 = (task % n_chunks) * key_chunk
+        chunk = task % n_chunks
+        key0 = chunk * key_chunk
         key1 = min(seqlen_k, key0 + key_chunk)
         dk_acc = np.zeros((key1 - key0, dim), q.dtype)
         dv_acc = np.zeros((key1 - key0, dim), q.dtype)
@@ -344,7 +371,7 @@ def dkdv_kernel(gemm, q, k, v, do, lse, delta, dk, dv, dkb, dq_parts, with_dq, d
         for g in range(group):
             h = hk * group + g
             dkb_acc[:] = 0.0
-            # Blocks whose rows may keep a key of the chunk.
+            # Blocks whose rows may keep a key of the chunk: listed, or a range of them.
             row_lo, row_hi = 0, seqlen_q
             if interval:
                 row_lo, row_hi = seqlen_q, 0
@@ -355,7 +382,16 @@ def dkdv_kernel(gemm, q, k, v, do, lse, delta, dk, dv, dkb, dq_parts, with_dq, d
                         row_lo, row_hi = min(row_lo, f), max(row_hi, e)
             elif causal:
                 row_lo = max(0, key0 - causal_offset)
-            for block in range(row_lo // block_m, (row_hi + block_m - 1) // block_m):
+            first_block, n_walk, n_whole = row_lo // block_m, 0, 0
+            if tile_list:
+                n_walk = count[b * plan_m[0], h // plan_m[1], chunk]
+                n_whole = full[b * plan_m[0], h // plan_m[1], chunk]
+            else:
+                n_walk = max(0, (row_hi + block_m - 1) // block_m - first_block)
+            for walk in range(n_walk):
+                block = first_block + walk
+                if tile_list:
+                    block = cand[b * plan_m[0], h // plan_m[1], chunk, walk]
                 row0 = block * block_m
                 rows = min(seqlen_q, row0 + block_m) - row0
                 if interval:  # the block's candidates inside [key0, key1)
@@ -366,8 +402,8 @@ def dkdv_kernel(gemm, q, k, v, do, lse, delta, dk, dv, dkb, dq_parts, with_dq, d
                     for c in range(n):
                         keys[c] = listed[lo + c]
                 else:
-                    limit = _block_slots(b, h, block, block_m, False, causal, causal_offset,
-                                         seqlen_q, seqlen_k, count, plan_m)
+                    limit = _block_slots(b, h, block, block_m, False, False, causal,
+                                         causal_offset, seqlen_q, seqlen_k, count, plan_m)
                     n = max(0, min(key1, limit) - key0)
                     for c in range(n):
                         keys[c] = key0 + c
@@ -388,7 +424,7 @@ def dkdv_kernel(gemm, q, k, v, do, lse, delta, dk, dv, dkb, dq_parts, with_dq, d
                         gemm, st, th, qb, k[b, hk], v[b, hk], sub, m, view_from, k_buf, v_buf,
                         kfirst, kend, kbv, b, h, row0, kb, kb_m, ab, ab_m, am, am_m, pad, has_pad,
                         first, end, plan_m, interval, causal, causal_offset, seqlen_q, scale,
-                        softcap)
+                        softcap, walk < n_whole)
                     matmul(gemm, vt, False, dob, True, dp, False)
                     _probabilities_and_grads(st, th, lse_rows[:rows],
                                              delta[b, h, row0:row0 + rows], dp, softcap, bits)
