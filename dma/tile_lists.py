@@ -4,7 +4,7 @@ An explicit attn_mask (packed documents, say) leaves many tiles of the score mat
 One pass over the mask, at its own broadcast shape, counts each tile's allowed pairs; from
 those counts each kernel gets, per block of rows (or per tile of keys), the list of tiles
 that hold a pair both the mask and causality allow, those allowed whole first (the kernels
-skip the per-pair test there). O(tiles) memory beyond the mask itself.
+read no mask there). O(tiles) memory beyond the mask itself.
 """
 
 from __future__ import annotations
