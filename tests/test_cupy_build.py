@@ -13,6 +13,7 @@ import torch
 
 from dma.backends import cupy_backend, cupy_kernels
 from dma.backends.gpu_launch import LaunchArgs
+from dma.benchmarking import document_ids, document_mask
 from dma.validation import validate
 
 NVCC = shutil.which("nvcc")
@@ -90,8 +91,7 @@ def test_host_fields_fill_every_params_field():
 def test_mask_tile_lists_are_owned_by_the_arguments_that_reach_the_launch(kernel, by_key):
     # The fields hold bare pointers to the lists: the arguments returned beside them must own
     # the lists (a dropped owner let the allocator reuse them before the launch).
-    doc = torch.arange(24) // 7
-    mask = (doc[:, None] == doc[None, :])[None, None]
+    mask = document_mask(document_ids(24, 3, "cpu"))
     problem, inputs = _problem(causal=True, attn_mask=mask)
     listed, fields = cupy_backend._kernel_fields(kernel, problem, LaunchArgs(problem, inputs, None),
                                                  by_key)

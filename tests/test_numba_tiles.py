@@ -6,7 +6,7 @@ itself."""
 import numpy as np
 import pytest
 
-from harness import Case, check_case
+from harness import Case, check_case, make_inputs
 
 pytest.importorskip("numba")
 
@@ -42,16 +42,15 @@ def test_packed_documents_long_hold_whole_tiles(by_key, keys):
     # The long packed-document cases above must reach the whole-tile path of every kernel
     # (forward and dq: 128-key tiles; dk/dv: 64-key chunks; the 1024-key chunk spans both
     # documents, so it has none).
-    import torch
-
     from dma.backends import numba_backend
     from dma.tile_lists import allowed_per_tile, live_tile_lists
     from dma.validation import validate
 
-    doc = torch.arange(600) * 2 // 600
-    mask = (doc[:, None] == doc[None, :])[None, None]
-    q = torch.randn(1, 600, 2, 32)
-    problem, _ = validate(q, q[:, :, :1], q[:, :, :1], attn_mask=mask, causal=True)
+    case = next(c for c in CASES if c.name == "packed_documents_long")
+    tensors, _, _ = make_inputs(case, "cpu")
+    mask = tensors["attn_mask"]
+    problem, _ = validate(tensors["q"], tensors["k"], tensors["v"], attn_mask=mask,
+                          causal=case.causal)
     counts = allowed_per_tile(mask, numba_backend.BLOCK_M, keys)
     assert live_tile_lists(problem, counts, by_key).full_counts.sum() > 0
 
