@@ -60,7 +60,8 @@ def triton(session):
 @nox.session
 def cupy(session):
     """On a GPU: the conformance suite for cupy. Without one: every kernel source compiled
-    with nvcc for sm_80 and sm_90, and the launcher's host-side checks."""
+    with nvcc for sm_80 and sm_90 (the warpgroup forward for sm_90a), and the launcher's
+    host-side checks."""
     install(session, "test")
     if HAS_GPU:
         session.install(".[cupy13]")

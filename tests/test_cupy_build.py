@@ -19,25 +19,27 @@ from dma.validation import validate
 NVCC = shutil.which("nvcc")
 
 
-def _instantiations(d_pads):
+def _instantiations(kernels):
     lines = [f'#include "{cupy_kernels.KERNEL_HEADER}"',
              f"static_assert(sizeof(Params) == {8 * len(cupy_kernels.params_fields())}, "
              '"Params layout differs from the one the launcher reads");']
-    for kernel, dtype, d_pad in cupy_kernels.all_instantiations():
-        if d_pad in d_pads:
-            name = cupy_kernels.instantiation(kernel, dtype, d_pad)
-            lines.append(f"template __global__ void {name}(const Params);")
+    for kernel, dtype, d_pad in kernels:
+        name = cupy_kernels.instantiation(kernel, dtype, d_pad)
+        lines.append(f"template __global__ void {name}(const Params);")
     return "\n".join(lines) + "\n"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     # Every kernel and element type, at the smallest head dim and at 256 (the 32-row tiles);
-    # the head dims between differ only in a template constant.
-    source = tmp_path / "instantiations.cu"
-    source.write_text(_instantiations({16, 256}))
+    # the head dims between differ only in a template constant. The warpgroup forward (every
+    # instantiation) compiles for sm_90a, the only target it runs on.
+    common = [k for k in cupy_kernels.all_instantiations() if k[2] in (16, 256)]
+    targets = {"80": common, "90": common, "90a": cupy_kernels.wgmma_instantiations()}
     builds = {}
-    for arch in ("80", "90"):  # both at once: ptxas is the slow part
+    for arch, kernels in targets.items():  # all at once: ptxas is the slow part
+        source = tmp_path / f"instantiations_{arch}.cu"
+        source.write_text(_instantiations(kernels))
         cubin = tmp_path / f"sm{arch}.cubin"
         cmd = [NVCC, "-std=c++17", "-cubin", f"-arch=sm_{arch}",
                f"-I{cupy_kernels.source_dir()}", "-o", str(cubin), str(source)]
@@ -63,7 +65,7 @@ def test_host_constants_match_the_sources():
     pad = re.search(r"constexpr int SMEM_PAD = (\d+);", common)
     assert pad and int(pad.group(1)) == cupy_kernels.SMEM_PAD  # shared-memory sizes agree
     kernels = (cupy_kernels.source_dir() / cupy_kernels.KERNEL_HEADER).read_text()
-    for name in cupy_kernels.KERNELS:  # every kernel the launcher names exists
+    for name in (*cupy_kernels.KERNELS, cupy_kernels.WGMMA_FORWARD):  # every kernel named exists
         assert f" {name}(const Params p)" in kernels
 
 
@@ -86,6 +88,7 @@ def test_host_fields_fill_every_params_field():
 
 
 @pytest.mark.parametrize("kernel, by_key", [("dma_forward", False),
+                                             ("dma_forward_wgmma", False),
                                              ("dma_backward_dq", False),
                                              ("dma_backward_dkdv", True)])
 def test_mask_tile_lists_are_owned_by_the_arguments_that_reach_the_launch(kernel, by_key):
@@ -136,6 +139,34 @@ def test_tiles_fit_every_supported_card():
         for tile in cupy_kernels.tiles(kernel, dtype, d_pad):
             assert tile in (32, 64, 128) and cupy_backend.COARSE_ROWS % tile == 0
             assert cupy_backend.BLOCK_M % tile == 0  # a tile never straddles two plan blocks
+
+
+def test_warpgroup_forward_fits_hopper_and_covers_its_tiles():
+    # 227 KiB of shared memory per block on sm_90; two warpgroups of 64 rows, and at least
+    # one thread per key stages a tile's facts; tiles of whole plan blocks.
+    for kernel, dtype, d_pad in cupy_kernels.wgmma_instantiations():
+        block_m, block_n = cupy_kernels.tiles(kernel, dtype, d_pad)
+        assert cupy_kernels.shared_bytes(kernel, dtype, d_pad) <= 227 * 1024
+        assert block_m == cupy_backend.BLOCK_M and cupy_backend.COARSE_ROWS % block_n == 0
+        threads = cupy_kernels.threads(kernel, dtype, d_pad)
+        assert threads == 2 * 128 and threads >= block_n
+        assert (threads % (d_pad // 8) == 0
+                and block_n % (threads // (d_pad // 8)) == 0)  # CopyRows: whole rows a pass
+
+
+def test_forward_kernel_picks_the_warpgroup_forward_only_where_it_serves(monkeypatch):
+    pick = cupy_kernels.forward_kernel
+    monkeypatch.delenv("DMA_CUPY_WGMMA", raising=False)
+    assert pick(torch.bfloat16, 128, (9, 0), True) == "dma_forward_wgmma"
+    assert pick(torch.float16, 64, (9, 0), True) == "dma_forward_wgmma"
+    assert pick(torch.bfloat16, 128, (8, 0), True) == "dma_forward"  # no warpgroup products
+    assert pick(torch.bfloat16, 128, (10, 0), True) == "dma_forward"  # sm_90a code only
+    assert pick(torch.float32, 128, (9, 0), True) == "dma_forward"
+    assert pick(torch.bfloat16, 256, (9, 0), True) == "dma_forward"
+    assert pick(torch.bfloat16, 32, (9, 0), True) == "dma_forward"
+    assert pick(torch.bfloat16, 128, (9, 0), False) == "dma_forward"  # unaligned rows
+    monkeypatch.setenv("DMA_CUPY_WGMMA", "0")
+    assert pick(torch.bfloat16, 128, (9, 0), True) == "dma_forward"
 
 
 def test_warps_cover_their_tiles():

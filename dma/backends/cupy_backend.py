@@ -134,12 +134,15 @@ class CupyBackend(Backend):
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        launch, fields = _kernel_fields("dma_forward", problem, launch)
+        kernel = cupy_kernels.forward_kernel(
+            problem.dtype, launch.dims["D_PAD"], device_capability(problem.device),
+            _vector_loads(problem, (launch.q, launch.k, launch.v)))
+        launch, fields = _kernel_fields(kernel, problem, launch)
         fields.update(out=out.data_ptr(), lse=lse.data_ptr(), so_b=out.stride(0),
                       so_s=out.stride(1), so_h=out.stride(2), slse_b=lse.stride(0),
                       slse_h=lse.stride(1))
-        self._launch("dma_forward", problem, launch,
-                     (self._query_blocks("dma_forward", problem, launch), b * h), fields)
+        self._launch(kernel, problem, launch,
+                     (self._query_blocks(kernel, problem, launch), b * h), fields)
         return out, lse
 
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):

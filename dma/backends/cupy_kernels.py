@@ -26,6 +26,12 @@ PARAMS_HEADER = "dma_params.cuh"
 KERNELS = ("dma_forward", "dma_backward_dq", "dma_backward_dkdv")
 ELEMENT_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 HEAD_DIM_PADS = (16, 32, 64, 128, 256)
+# The forward on Hopper's warpgroup products (compiled for sm_90a; dma_attention.cuh): 16-bit
+# types at these padded head dims, rows of whole 16-byte vectors.
+WGMMA_FORWARD = "dma_forward_wgmma"
+WGMMA_DTYPES = (torch.float16, torch.bfloat16)
+WGMMA_HEAD_DIM_PADS = (64, 128)
+WGMMA_ALIGNMENT = 1024  # its swizzled tiles start 1024-byte aligned (slack in shared_bytes)
 SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
 _FIELD = re.compile(r"^\s*(const void\*|void\*|const float\*|float\*|long long|double)\s+(\w+);",
                     re.M)
@@ -91,9 +97,11 @@ def warp_rows(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
 
 def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
     """(BLOCK_M, BLOCK_N) of a kernel: rows and keys per tile. The forward with 32-row warps
-    takes 128 rows and 32-key tiles (64 keys would spill its registers). dk/dv walk rows 32 at
-    a time from head dim 64 up: its transposed score tiles then fit in registers beside dk
-    and dv."""
+    takes 128 rows and 32-key tiles (64 keys would spill its registers); the warpgroup
+    forward 128 rows (two groups of 64) and 64-key tiles. dk/dv walk rows 32 at a time from
+    head dim 64 up: its transposed score tiles then fit in registers beside dk and dv."""
+    if kernel == WGMMA_FORWARD:
+        return 128, 64
     if warp_rows(kernel, dtype, d_pad) == 32:
         return 128, 32
     tile = tile_size(dtype, d_pad)
@@ -104,8 +112,11 @@ def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
 
 @lru_cache(maxsize=None)  # read on every launch
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
-    """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv)."""
+    """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv); the warpgroup
+    forward one warp per 16 rows."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
+    if kernel == WGMMA_FORWARD:
+        return block_m // 16 * 32
     if kernel == "dma_backward_dkdv":
         return 2 * block_n
     return block_m // warp_rows(kernel, dtype, d_pad) * 32
@@ -121,6 +132,8 @@ def dkdv_row_buffers(dtype: torch.dtype, d_pad: int) -> int:
 def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """Dynamic shared memory of one program: the tiles its kernel declares."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
+    if kernel == WGMMA_FORWARD:  # q; two buffers of k and v, unpadded (swizzled)
+        return (block_m + 4 * block_n) * d_pad * dtype.itemsize + WGMMA_ALIGNMENT
     rows = d_pad + SMEM_PAD
     # float32 stages its score tiles in shared memory on their way to a product (the
     # tensor-core types keep them in registers): p (forward), ds (dq), p and ds transposed
@@ -139,14 +152,31 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
 
 def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
     block_m, block_n = tiles(kernel, dtype, d_pad)
+    if kernel == WGMMA_FORWARD:
+        return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_n}>"
     rows = f", {warp_rows(kernel, dtype, d_pad)}" if kernel == "dma_forward" else ""
     return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}{rows}>"
 
 
 def all_instantiations():
-    """Every (kernel, dtype, padded head dim) the backend can launch."""
+    """Every (kernel, dtype, padded head dim) the backend can launch on any target."""
     return [(kernel, dtype, d_pad) for kernel in KERNELS for dtype in ELEMENT_TYPES
             for d_pad in HEAD_DIM_PADS]
+
+
+def wgmma_instantiations():
+    """Every (kernel, dtype, padded head dim) of the warpgroup forward (sm_90a only)."""
+    return [(WGMMA_FORWARD, dtype, d_pad) for dtype in WGMMA_DTYPES
+            for d_pad in WGMMA_HEAD_DIM_PADS]
+
+
+def forward_kernel(dtype: torch.dtype, d_pad: int, capability: tuple, vector_loads: bool) -> str:
+    """The forward kernel for a problem: the warpgroup forward on compute capability 9.0
+    where it serves (DMA_CUPY_WGMMA=0 turns it off), else the mma.sync forward."""
+    if (capability == (9, 0) and dtype in WGMMA_DTYPES and d_pad in WGMMA_HEAD_DIM_PADS
+            and vector_loads and os.environ.get("DMA_CUPY_WGMMA", "1") != "0"):
+        return WGMMA_FORWARD
+    return "dma_forward"
 
 
 @lru_cache(maxsize=1)
@@ -167,6 +197,51 @@ def _extra_options() -> tuple:
     return tuple(os.environ.get("DMA_CUPY_OPTIONS", "").split())
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+
+
+def _hopper_function(name: str):
+    """One kernel compiled for sm_90a through NVRTC directly (cupy.RawModule adds its own
+    -arch for the device, sm_90, and refuses a second one; warpgroup products need the
+    architecture-specific target). Cached on disk by the sources, options and NVRTC
+    version, as cupy caches its own."""
+    import cupy
+
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError:  # older layouts
+        from cupy.cuda import nvrtc
+
+    options = ["--std=c++17", f"-I{source_dir()}", "-arch=sm_90a", "-default-device",
+               *_extra_options()]
+    key = hashlib.sha256("\n".join([_program(), name, *options, str(nvrtc.getVersion())])
+                         .encode()).hexdigest()
+    path = _cache_dir() / f"dma_{key}.bin"
+    if path.exists():
+        lowered, cubin = path.read_bytes().split(b"\0", 1)
+        lowered = lowered.decode()
+    else:
+        program = nvrtc.createProgram(_program(), "dma_program.cu", [], [])
+        try:
+            nvrtc.addNameExpression(program, name)
+            try:
+                nvrtc.compileProgram(program, options)
+            except nvrtc.NVRTCError as error:
+                raise RuntimeError(f"NVRTC could not compile {name}:\n"
+                                   f"{nvrtc.getProgramLog(program)}") from error
+            lowered, cubin = nvrtc.getLoweredName(program, name), nvrtc.getCUBIN(program)
+        finally:
+            nvrtc.destroyProgram(program)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}")
+        partial.write_bytes(lowered.encode() + b"\0" + cubin)
+        partial.replace(path)  # atomic: concurrent writers leave one whole file
+    module = cupy.cuda.function.Module()
+    module.load(cubin)
+    return module, module.get_function(lowered)
+
+
 def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
     key = (device_index, kernel, dtype, d_pad)
     if key not in _functions:
@@ -174,9 +249,13 @@ def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
 
         name = instantiation(kernel, dtype, d_pad)
         with cupy.cuda.Device(device_index):
-            module = cupy.RawModule(code=_program(), name_expressions=[name],
-                                    options=("--std=c++17", f"-I{source_dir()}", *_extra_options()))
-            function = module.get_function(name)
+            if kernel == WGMMA_FORWARD:
+                module, function = _hopper_function(name)
+            else:
+                module = cupy.RawModule(code=_program(), name_expressions=[name],
+                                        options=("--std=c++17", f"-I{source_dir()}",
+                                                 *_extra_options()))
+                function = module.get_function(name)
             # Over 48 KiB of dynamic shared memory needs the function's limit raised.
             smem = shared_bytes(kernel, dtype, d_pad)
             try:
@@ -185,8 +264,8 @@ def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
                 driver = cupy.cuda.driver
                 driver.funcSetAttribute(
                     function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-        _functions[key] = function
-    return _functions[key]
+        _functions[key] = (module, function)  # the module owns the function's code
+    return _functions[key][1]
 
 
 @lru_cache(maxsize=64)

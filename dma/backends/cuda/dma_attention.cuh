@@ -17,6 +17,7 @@
 // natural-log lse stored for the SPEC. Shared tiles are rows of D_PAD + SMEM_PAD elements.
 #pragma once
 #include "dma_common.cuh"
+#include "dma_wgmma.cuh"
 
 // Programs per multiprocessor that the registers must allow (occupancy against spills; tuned
 // for bf16, head dim 128; forwards with 32-row warps need two, for 255 registers). Override
@@ -49,27 +50,116 @@ struct TileKeys {
             all[threadIdx.x] = facts;
         }
     }
+    DMA_DEVICE void publish(KeyFacts* all) const {
+        if (threadIdx.x < BLOCK_N) all[threadIdx.x] = facts;
+    }
 };
 
-// How far (in base 2) a row's scores may rise above the forward's running max before it
-// moves: p stays below 2^8.
-constexpr float RESCALE_SLACK = 8.f;
-
-// Scores of one warp's WARP_M x BLOCK_N tile in place (base 2), and each row's maximum.
+// Scores of one warp's WARP_M x BLOCK_N tile (base 2) from its products qk (which may be s
+// itself), and each row's maximum; tile_max starts at -inf.
 template <class E, int MF, int NT, int TEST>
-DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
-                               const ScoreInputs<E>& in, int row_w, const KeyFacts* facts) {
+DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], const float (&qk)[MF][NT][4],
+                               float (&tile_max)[MF][2], const ScoreInputs<E>& in, int row_w,
+                               const KeyFacts* facts) {
 #pragma unroll
-    for (int mf = 0; mf < MF; ++mf)
+    for (int mf = 0; mf < MF; ++mf) {
+        tile_max[mf][0] = tile_max[mf][1] = neg_inf();
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float th;
                 s[mf][nt][e] = masked_score<E, TEST>(in, row_w + 16 * mf + frag_row(e),
-                                                     facts[frag_col(nt, e)], s[mf][nt][e], th);
+                                                     facts[frag_col(nt, e)], qk[mf][nt][e], th);
                 tile_max[mf][e >> 1] = fmaxf(tile_max[mf][e >> 1], s[mf][nt][e]);
             }
+    }
+}
+
+// How far (in base 2) a row's scores may rise above the forward's running max before it
+// moves: p stays below 2^8.
+constexpr float RESCALE_SLACK = 8.f;
+
+// One tile of the forward's online softmax, on a warp's scores s (base 2) and their rows'
+// maxima: s becomes p = exp2(s - m), l gains p's row sums, and o is rescaled when m moves.
+// The rescale is lazy: the running max m moves (and o, l are rescaled to it) only when some
+// row of the warp gains more than RESCALE_SLACK on it; until then p = exp2(s - m) stays
+// below 2^RESCALE_SLACK, harmless in float32 and in the 16-bit p of the product. o and l
+// share m, so o / l and lse are exact either way.
+template <int MF, int NT, int DT>
+DMA_DEVICE void online_softmax(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
+                               float (&m)[MF][2], float (&l)[MF][2], float (&o)[MF][DT][4]) {
+    bool grows = false;
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tile_max[mf][r] = quad_max(tile_max[mf][r]);
+            grows |= tile_max[mf][r] > m[mf][r] + RESCALE_SLACK;
+        }
+    if (__any_sync(0xffffffffu, grows)) {
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+            float alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float m_new = fmaxf(m[mf][r], tile_max[mf][r]);
+                alpha[r] = m_new == neg_inf() ? 1.f : fast_exp2(m[mf][r] - m_new);
+                m[mf][r] = m_new;
+                l[mf][r] *= alpha[r];
+            }
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[mf][dt][e] *= alpha[e >> 1];
+        }
+    }
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf) {
+        // Rows that kept nothing so far have m = -inf and s = -inf: p = exp2(-inf) = 0.
+        const float m_safe[2] = {m[mf][0] == neg_inf() ? 0.f : m[mf][0],
+                                 m[mf][1] == neg_inf() ? 0.f : m[mf][1]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[mf][nt][e] = fast_exp2(s[mf][nt][e] - m_safe[e >> 1]);  // p
+                l[mf][e >> 1] += s[mf][nt][e];
+            }
+    }
+}
+
+// The forward's outputs of a warp's rows (from row_w, MF fragments of 16): o / l, and the
+// natural-log lse of the base-2 running max and sum; empty rows (l = 0) write 0 and -inf.
+template <class E, int MF, int DT>
+DMA_DEVICE void store_forward_rows(const Params& p, long long b, long long h, int row_w,
+                                   const float (&o)[MF][DT][4], float (&m)[MF][2],
+                                   float (&l)[MF][2]) {
+    typename E::T* out = static_cast<typename E::T*>(p.out) + b * p.so_b + h * p.so_h;
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf) {
+        l[mf][0] = quad_sum(l[mf][0]);
+        l[mf][1] = quad_sum(l[mf][1]);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const long long row = row_w + 16 * mf + frag_row(e);
+                const int d = frag_col(dt, e);
+                const float denom = l[mf][e >> 1] == 0.f ? 1.f : l[mf][e >> 1];
+                if (row < p.seqlen_q && d < p.head_dim)
+                    out[row * p.so_s + d] = E::from_f32(o[mf][dt][e] / denom);
+            }
+        if ((threadIdx.x & 3) == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const long long row = row_w + 16 * mf + frag_row(2 * r);
+                if (row < p.seqlen_q)
+                    p.lse[b * p.slse_b + h * p.slse_h + row] =
+                        l[mf][r] == 0.f ? neg_inf() : (m[mf][r] + log2f(l[mf][r])) * LN2;
+            }
+        }
+    }
 }
 
 // Key tiles are single-buffered and software-pipelined: V(i) is copied while the scores of
@@ -133,53 +223,11 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         zero(s);
         warp_mma<E, D_PAD, NT, true, true, MF>(s, q_w, LD, k_s, LD);
         float tile_max[MF][2];
-#pragma unroll
-        for (int mf = 0; mf < MF; ++mf) tile_max[mf][0] = tile_max[mf][1] = neg_inf();
         with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
-            forward_scores<E, MF, NT, decltype(test)::value>(s, tile_max, in, row_w, facts[cur]);
+            forward_scores<E, MF, NT, decltype(test)::value>(s, s, tile_max, in, row_w,
+                                                             facts[cur]);
         });
-        // Online softmax with a lazy rescale: the running max m moves (and o, l are rescaled
-        // to it) only when some row of the warp gains more than RESCALE_SLACK on it; until
-        // then p = exp2(s - m) stays below 2^RESCALE_SLACK, harmless in float32 and in the
-        // 16-bit p of the product. o and l share m, so o / l and lse are exact either way.
-        bool grows = false;
-#pragma unroll
-        for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                tile_max[mf][r] = quad_max(tile_max[mf][r]);
-                grows |= tile_max[mf][r] > m[mf][r] + RESCALE_SLACK;
-            }
-        if (__any_sync(0xffffffffu, grows)) {
-#pragma unroll
-            for (int mf = 0; mf < MF; ++mf) {
-                float alpha[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const float m_new = fmaxf(m[mf][r], tile_max[mf][r]);
-                    alpha[r] = m_new == neg_inf() ? 1.f : fast_exp2(m[mf][r] - m_new);
-                    m[mf][r] = m_new;
-                    l[mf][r] *= alpha[r];
-                }
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[mf][dt][e] *= alpha[e >> 1];
-            }
-        }
-#pragma unroll
-        for (int mf = 0; mf < MF; ++mf) {
-            // Rows that kept nothing so far have m = -inf and s = -inf: p = exp2(-inf) = 0.
-            const float m_safe[2] = {m[mf][0] == neg_inf() ? 0.f : m[mf][0],
-                                     m[mf][1] == neg_inf() ? 0.f : m[mf][1]};
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[mf][nt][e] = fast_exp2(s[mf][nt][e] - m_safe[e >> 1]);  // p
-                    l[mf][e >> 1] += s[mf][nt][e];
-                }
-        }
+        online_softmax(s, tile_max, m, l, o);
         if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
         cp_async_wait<0>();
         __syncthreads();  // V(i) landed; every warp is done with K(i); tile i + 1's ids
@@ -189,31 +237,190 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
     }
     cp_async_wait<0>();  // nothing left in flight when no tile ran
 
-    T* out = static_cast<T*>(p.out) + b * p.so_b + h * p.so_h;
+    store_forward_rows<E>(p, b, h, row_w, o, m, l);
+}
+
+// The forward on Hopper's warpgroup products (sm_90a; bf16 and fp16 at head dims 64 and 128,
+// rows of whole 16-byte vectors): the same tiles, tests and online softmax as dma_forward,
+// on 128-row blocks of two warpgroups of 64 rows and key tiles of BLOCK_N keys.
+// * Q, K and V live in swizzled shared tiles (dma_wgmma.cuh) that the products read
+//   directly: S = Q K^T from shared memory, O += P V with P from registers.
+// * The products run while the warpgroup computes (FlashAttention-3's overlap within a
+//   warpgroup): tile i + 1's S = Q K^T while tile i's softmax runs, and tile i's P V while
+//   tile i + 1's scores are tested. So K runs one tile ahead of V: iteration i reads K(i + 1)
+//   and V(i), and copies K(i + 2) and V(i + 1) (cp.async, two buffers each) into the buffers
+//   that iteration i - 1 finished with. One barrier per tile.
+// * Each thread fetches the key ids of its copy rows two tiles ahead, and the first BLOCK_N
+//   threads the keys' facts (published to shared memory two tiles ahead, two buffers).
+constexpr int WGMMA_BLOCK_M = 128, WGMMA_THREADS = 256;
+
+template <class E, int D_PAD, int BLOCK_N>
+__global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    typedef typename E::T T;
+    constexpr int BLOCK_M = WGMMA_BLOCK_M, THREADS = WGMMA_THREADS;
+    constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8, K_STEPS = D_PAD / 16;
+    constexpr unsigned Q_BYTES = BLOCK_M * D_PAD * 2, KV_BYTES = BLOCK_N * D_PAD * 2;
+    typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
+    typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
+    extern __shared__ __align__(16) unsigned char smem[];
+    // The tiles start on a 1024-byte boundary (the launcher adds the slack).
+    const unsigned q_s = (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1)
+                         & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
+    const unsigned k_s = q_s + Q_BYTES, v_s = k_s + 2 * KV_BYTES;  // two buffers each
+    __shared__ KeyFacts facts[2][BLOCK_N];
+
+    const int warp = threadIdx.x / 32, group = warp / 4;
+    const long long row0 = last_first_block() * BLOCK_M;
+    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
+    const ScoreInputs<E> in(p, b, h);
+    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
+    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    const int row_w = (int)row0 + warp * 16;
+    const int head_dim = (int)p.head_dim;
+    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
+    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
+    const int* list = query_block_list(p, b, h, row0);
+    const long long n_tiles = (n_slots + BLOCK_N - 1) / BLOCK_N;
+
+    // Copies and products of tile t (its slots from t * BLOCK_N).
+    int v_ids[KeyRows::COUNT], k_ids[KeyRows::COUNT];  // copy rows of V(t + 1), K(t + 2)
+    auto fetch_ids = [&](int (&ids)[KeyRows::COUNT], long long t) {
 #pragma unroll
-    for (int mf = 0; mf < MF; ++mf) {
-        l[mf][0] = quad_sum(l[mf][0]);
-        l[mf][1] = quad_sum(l[mf][1]);
+        for (int j = 0; j < KeyRows::COUNT; ++j)
+            ids[j] = key_tile_id<BLOCK_N>(p, list, t * BLOCK_N, KeyRows::row(j), n_slots);
+    };
+    auto copy_k = [&](long long t, const int (&ids)[KeyRows::COUNT]) {
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + (t & 1) * KV_BYTES, k, p.sk_s, ids,
+                                                  head_dim);
+    };
+    auto copy_v = [&](long long t, const int (&ids)[KeyRows::COUNT]) {
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + (t & 1) * KV_BYTES, v, p.sv_s, ids,
+                                                  head_dim);
+    };
+    TileKeys<E, BLOCK_N> next;  // facts of tile t + 2
+    auto scores = [&](float (&s)[1][NT][4], const float (&qk)[1][NT][4],
+                      float (&tile_max)[1][2], long long t) {
+        with_keep_test(in, (t + 1) * BLOCK_N <= n_full, [&](auto test) {
+            forward_scores<E, 1, NT, decltype(test)::value>(s, qk, tile_max, in, row_w,
+                                                            facts[t & 1]);
+        });
+    };
+    // S = Q K(t)^T for the group's 64 rows: K_STEPS products of 16 dims, four per panel of 64.
+    auto issue_scores = [&](float (&qk)[1][NT][4], long long t) {
+        const unsigned k_t = k_s + (t & 1) * KV_BYTES;
+        wgmma_fence();
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const long long row = row_w + 16 * mf + frag_row(e);
-                const int d = frag_col(dt, e);
-                const float denom = l[mf][e >> 1] == 0.f ? 1.f : l[mf][e >> 1];  // empty rows: 0
-                if (row < p.seqlen_q && d < p.head_dim)
-                    out[row * p.so_s + d] = E::from_f32(o[mf][dt][e] / denom);
-            }
-        if ((threadIdx.x & 3) == 0) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const long long row = row_w + 16 * mf + frag_row(2 * r);
-                if (row < p.seqlen_q)  // natural-log lse of the base-2 running max and sum
-                    p.lse[b * p.slse_b + h * p.slse_h + row] =
-                        l[mf][r] == 0.f ? neg_inf() : (m[mf][r] + log2f(l[mf][r])) * LN2;
-            }
+        for (int ks = 0; ks < K_STEPS; ++ks) {
+            const unsigned panel = ks / 4, within = (ks % 4) * 32;
+            wgmma_shared<E, BLOCK_N>(
+                qk[0],
+                smem_descriptor(q_s + panel * BLOCK_M * SWIZZLE_ROW_BYTES
+                                + group * 64 * SWIZZLE_ROW_BYTES + within, 16),
+                smem_descriptor(k_t + panel * BLOCK_N * SWIZZLE_ROW_BYTES + within, 16),
+                ks > 0);
         }
+        wgmma_commit();
+    };
+
+    float o[1][DT][4], s[1][NT][4], qk[1][NT][4], tile_max[1][2];
+    zero(o);
+    zero(qk);  // defined inputs for the first product, which overwrites them
+    float m[1][2] = {{neg_inf(), neg_inf()}}, l[1][2] = {{0.f, 0.f}};
+
+    // Prologue: Q, K(0), V(0), K(1) and the facts of tiles 0 and 1; then tile 0's scores.
+    {
+        int q_ids[QRows::COUNT];
+#pragma unroll
+        for (int j = 0; j < QRows::COUNT; ++j) {
+            const long long row = row0 + QRows::row(j);
+            q_ids[j] = row < p.seqlen_q ? (int)row : -1;
+        }
+        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(
+            q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, q_ids, head_dim);
     }
+    fetch_ids(k_ids, 0);
+    copy_k(0, k_ids);
+    copy_v(0, k_ids);
+    fetch_ids(v_ids, 1);
+    if (n_tiles > 1) copy_k(1, v_ids);
+    next.fetch(p, in, list, 0, n_slots);
+    next.publish(facts[0]);
+    next.fetch(p, in, list, BLOCK_N, n_slots);
+    next.publish(facts[1]);
+    fetch_ids(k_ids, 2);
+    next.fetch(p, in, list, 2 * BLOCK_N, n_slots);
+    cp_async_wait<0>();
+    fence_async_shared();
+    __syncthreads();
+    if (n_tiles > 0) {
+        issue_scores(qk, 0);
+        wgmma_wait<0>();
+        hold_accumulator(qk[0]);
+        scores(s, qk, tile_max, 0);
+    }
+    __syncthreads();  // every warp read tile 0's facts before tile 2's replace them
+
+    // Tile t's softmax, and its P V issued: O += P V(t), where each 16 keys of p (two
+    // column tiles of the accumulator) are one register A operand, and V's rows of those keys
+    // start 16 rows further down its tile.
+    auto softmax_issue_pv = [&](long long t) {
+        online_softmax(s, tile_max, m, l, o);
+        unsigned pa[BLOCK_N / 16][4];
+#pragma unroll
+        for (int kt = 0; kt < BLOCK_N / 16; ++kt) {
+            pa[kt][0] = pack2<E>(s[0][2 * kt][0], s[0][2 * kt][1]);
+            pa[kt][1] = pack2<E>(s[0][2 * kt][2], s[0][2 * kt][3]);
+            pa[kt][2] = pack2<E>(s[0][2 * kt + 1][0], s[0][2 * kt + 1][1]);
+            pa[kt][3] = pack2<E>(s[0][2 * kt + 1][2], s[0][2 * kt + 1][3]);
+        }
+        const unsigned v_t = v_s + (t & 1) * KV_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kt = 0; kt < BLOCK_N / 16; ++kt)
+            wgmma_registers<E, D_PAD>(
+                o[0], pa[kt],
+                smem_descriptor(v_t + kt * 16 * SWIZZLE_ROW_BYTES,
+                                BLOCK_N * SWIZZLE_ROW_BYTES));
+        wgmma_commit();
+    };
+
+    // Every tile but the last; the products are issued on every path (a product issued under
+    // a condition makes the compiler serialise them all).
+    for (long long t = 0; t + 1 < n_tiles; ++t) {
+        // K(t + 1), V(t) and the facts of tile t + 1 are in shared memory; the buffers of
+        // K(t), V(t - 1) and tile t's facts are free.
+        if (t + 2 < n_tiles) {
+            copy_k(t + 2, k_ids);
+            next.publish(facts[t & 1]);
+        }
+        copy_v(t + 1, v_ids);
+#pragma unroll
+        for (int j = 0; j < KeyRows::COUNT; ++j) v_ids[j] = k_ids[j];
+        if (t + 3 < n_tiles) {
+            fetch_ids(k_ids, t + 3);
+            next.fetch(p, in, list, (t + 3) * BLOCK_N, n_slots);
+        }
+        issue_scores(qk, t + 1);  // runs during tile t's softmax
+        softmax_issue_pv(t);
+        wgmma_wait<1>();  // tile t + 1's scores while P V(t) runs
+        hold_accumulator(qk[0]);
+        scores(s, qk, tile_max, t + 1);
+        wgmma_wait<0>();
+        hold_accumulator(o[0]);
+        cp_async_wait<0>();
+        fence_async_shared();
+        __syncthreads();  // K(t + 2), V(t + 1) landed; every warp is done with K(t + 1), V(t)
+    }
+    if (n_tiles > 0) {
+        softmax_issue_pv(n_tiles - 1);
+        wgmma_wait<0>();
+        hold_accumulator(o[0]);
+    }
+    store_forward_rows<E>(p, b, h, row_w, o, m, l);
+#else
+    __trap();  // compiled for another target: the launcher never runs it there
+#endif
 }
 
 // lse (in base 2, as the scores) and delta of one row for the backward: empty rows

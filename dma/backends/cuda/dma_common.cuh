@@ -41,6 +41,7 @@ constexpr int SMEM_PAD = 8;  // elements added to each shared-memory row against
 struct F16 {
     typedef unsigned short T;
     static constexpr bool TENSOR = true;
+    static constexpr bool BF16_BITS = false;  // picks the type of warpgroup products
     static DMA_DEVICE float to_f32(T x) {
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
@@ -63,6 +64,7 @@ struct F16 {
 struct BF16 {
     typedef unsigned short T;
     static constexpr bool TENSOR = true;
+    static constexpr bool BF16_BITS = true;
     static DMA_DEVICE float to_f32(T x) { return __uint_as_float(((unsigned)x) << 16); }
     static DMA_DEVICE T from_f32(float f) {
         T x;

@@ -1,0 +1,163 @@
+// Hopper building blocks (sm_90a) for the warpgroup forward in dma_attention.cuh: shared tiles
+// in the 128-byte swizzled layout that warpgroup products read, their descriptors, and the
+// products themselves (wgmma.mma_async, fp32 accumulation).
+//
+// A warpgroup is four warps; its m64nNk16 product multiplies 64 rows (warp w of the group
+// owning rows 16w..16w + 15) by N columns. Its accumulator is, per warp, exactly the C layout
+// of mma.sync (dma_common.cuh): d[nt][e] is row g + 8 * (e / 2), column 8 nt + 2 t + e % 2,
+// so the score and softmax code of the mma.sync kernels reads it unchanged; and two adjacent
+// column tiles of it, packed to 16 bits, are the register A operand of the next product.
+//
+// Everything here is inline PTX for sm_90a; the kernels that use it compile for that target
+// only (the launcher compiles them with -arch=sm_90a) and trap elsewhere.
+#pragma once
+#include "dma_common.cuh"
+
+// ---------------------------------------------------------------------------------------
+// Swizzled tiles. A tile of ROWS rows of 16-bit elements is stored as panels of 64 columns
+// (128 bytes a row), panel after panel; inside a panel the 16-byte chunk c of row r sits at
+// chunk c ^ (r % 8), which spreads any column's 8 consecutive rows over all banks. Tiles
+// start 1024-byte aligned (the swizzle repeats every 8 rows of 128 bytes).
+constexpr int SWIZZLE_ROW_BYTES = 128;
+constexpr int SWIZZLE_ATOM_BYTES = 8 * SWIZZLE_ROW_BYTES;
+
+template <int ROWS>
+DMA_DEVICE unsigned swizzled_offset(int row, int col) {
+    const int chunk = (col % 64) / 8;
+    return (col / 64) * ROWS * SWIZZLE_ROW_BYTES + row * SWIZZLE_ROW_BYTES
+           + ((chunk ^ (row % 8)) * 16) + (col % 8) * 2;
+}
+
+// The rows of a ROWS x D_PAD tile that this thread copies, 16 bytes (8 elements) at a time:
+// all threads take one chunk column each (threadIdx.x % CHUNKS) and every STEP-th row from
+// threadIdx.x / CHUNKS, so each thread needs the ids of COUNT rows only.
+template <int ROWS, int D_PAD, int THREADS>
+struct CopyRows {
+    static constexpr int CHUNKS = D_PAD / 8, STEP = THREADS / CHUNKS, COUNT = ROWS / STEP;
+    static_assert(THREADS % CHUNKS == 0 && ROWS % STEP == 0, "whole rows per pass");
+    static DMA_DEVICE int row(int j) { return (int)threadIdx.x / CHUNKS + j * STEP; }
+    static DMA_DEVICE int col() { return ((int)threadIdx.x % CHUNKS) * 8; }
+};
+
+// Asynchronous copies of a tile's rows into its swizzled shared tile `dst` (a shared-space
+// address): row `row(j)` of the tile is row ids[j] of `base` (negative: absent, zero-filled),
+// as are columns at or past head_dim. Closes the group of copies; the caller waits for it.
+template <class E, int ROWS, int D_PAD, int THREADS>
+DMA_DEVICE void copy_swizzled(unsigned dst, const typename E::T* base, long long row_stride,
+                              const int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT],
+                              int head_dim) {
+    typedef CopyRows<ROWS, D_PAD, THREADS> Rows;
+    const int col = Rows::col();
+#pragma unroll
+    for (int j = 0; j < Rows::COUNT; ++j) {
+        const bool ok = ids[j] >= 0 && col < head_dim;
+        const typename E::T* src = ok ? base + ids[j] * row_stride + col : base;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     :: "r"(dst + swizzled_offset<ROWS>(Rows::row(j), col)), "l"(src),
+                        "r"(ok ? 16 : 0));
+    }
+    cp_async_commit();
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared-memory matrix descriptor of a swizzled tile (128-byte swizzle): its start address,
+// the byte stride between 64-column panels (`leading`: read only for an operand whose rows
+// are the product's k dimension and whose N columns span several panels, as V in P V; the
+// operands with k contiguous pass 16, by convention) and between 8-row groups (one swizzle
+// atom). Each product's k step of 16 then starts 32 bytes further along a row (k
+// contiguous) or 16 rows further down (rows along k).
+DMA_DEVICE unsigned long long smem_descriptor(unsigned address, unsigned leading) {
+    return (unsigned long long)((address & 0x3FFFF) >> 4)
+           | ((unsigned long long)(leading >> 4) << 16)
+           | ((unsigned long long)(SWIZZLE_ATOM_BYTES >> 4) << 32)
+           | (1ull << 62);  // 128-byte swizzle
+}
+
+// Ordering of the asynchronous products: `wgmma_fence` before a product reads registers that
+// other instructions wrote (its accumulator, a register A operand); `commit` closes the group
+// of products issued so far, `wait` blocks until at most N groups are in flight. Shared tiles
+// written by ordinary stores or cp.async must pass `fence_async_shared` (then a barrier)
+// before a product reads them.
+DMA_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+DMA_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+DMA_DEVICE void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory");
+}
+DMA_DEVICE void fence_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// The compiler sees a product's accumulator written when the product is issued; this keeps
+// every later read of it behind the wait (an empty asm on each register, ordered after the
+// wait's).
+template <int NT>
+DMA_DEVICE void hold_accumulator(float (&d)[NT][4]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[nt][e]) :: "memory");
+}
+
+// The accumulator operands of one product, eight registers (two column tiles) at a time.
+#define DMA_ACC2(d, nt)                                                                   \
+    "+f"(d[nt][0]), "+f"(d[nt][1]), "+f"(d[nt][2]), "+f"(d[nt][3]), "+f"(d[nt + 1][0]),   \
+        "+f"(d[nt + 1][1]), "+f"(d[nt + 1][2]), "+f"(d[nt + 1][3])
+#define DMA_ACC8(d, nt) DMA_ACC2(d, nt), DMA_ACC2(d, nt + 2), DMA_ACC2(d, nt + 4), DMA_ACC2(d, nt + 6)
+#define DMA_REGS32                                                                        \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
+    "%23,%24,%25,%26,%27,%28,%29,%30,%31}"
+#define DMA_REGS64                                                                        \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
+    "%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,"  \
+    "%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+
+// d[64 x N] (+)= A[64 x 16] B[16 x N], A and B both in shared memory with k contiguous
+// (as Q and K): the score product. `accumulate` false overwrites d.
+template <class E, int N>
+DMA_DEVICE void wgmma_shared(float (&d)[N / 8][4], unsigned long long a, unsigned long long b,
+                             bool accumulate) {
+    static_assert(N == 64, "score tiles of 64 keys");
+#define DMA_WGMMA_SS(type)                                                                 \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " DMA_REGS32 \
+                 ", %32, %33, p, 1, 1, 0, 0; }"                                            \
+                 : DMA_ACC8(d, 0)                                                          \
+                 : "l"(a), "l"(b), "r"((int)accumulate))
+    if constexpr (E::BF16_BITS) DMA_WGMMA_SS("bf16");
+    else DMA_WGMMA_SS("f16");
+#undef DMA_WGMMA_SS
+}
+
+// d[64 x N] += A[64 x 16] B[16 x N], A in registers (four 16-bit pairs in mma.sync's A
+// layout) and B in shared memory with its N columns contiguous (as V in P V: rows are keys).
+template <class E, int N>
+DMA_DEVICE void wgmma_registers(float (&d)[N / 8][4], const unsigned (&a)[4],
+                                unsigned long long b) {
+    static_assert(N == 64 || N == 128, "head dims of 64 and 128");
+    if constexpr (N == 64) {
+#define DMA_WGMMA_RS64(type)                                                                 \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " DMA_REGS32   \
+                 ", {%32,%33,%34,%35}, %36, p, 1, 1, 1; }"                                   \
+                 : DMA_ACC8(d, 0)                                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+        if constexpr (E::BF16_BITS) DMA_WGMMA_RS64("bf16");
+        else DMA_WGMMA_RS64("f16");
+#undef DMA_WGMMA_RS64
+    } else {
+#define DMA_WGMMA_RS128(type)                                                                \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " " DMA_REGS64  \
+                 ", {%64,%65,%66,%67}, %68, p, 1, 1, 1; }"                                   \
+                 : DMA_ACC8(d, 0), DMA_ACC8(d, 8)                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+        if constexpr (E::BF16_BITS) DMA_WGMMA_RS128("bf16");
+        else DMA_WGMMA_RS128("f16");
+#undef DMA_WGMMA_RS128
+    }
+}
+#undef DMA_ACC2
+#undef DMA_ACC8
+#undef DMA_REGS32
+#undef DMA_REGS64
