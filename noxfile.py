@@ -59,11 +59,12 @@ def triton(session):
 
 @nox.session
 def cupy(session):
-    """On a GPU: the conformance suite for cupy. Without one: every kernel source compiled
-    with nvcc for sm_80 and sm_90 (the warpgroup forward for sm_90a), and the launcher's
-    host-side checks."""
+    """On a GPU: the conformance suite for cupy (and on compute capability 9.0 its cases again
+    through the warpgroup kernels). Without one: every kernel source compiled with nvcc for
+    sm_80 and sm_90 (the warpgroup kernels for sm_90a), and the launcher's host-side checks."""
     install(session, "test")
     if HAS_GPU:
         session.install(".[cupy13]")
     session.run("pytest", "-q", "tests/conformance", "tests/test_cupy_build.py",
-                "tests/test_gpu_modes.py", "tests/test_nn.py", "-k", "cupy", *session.posargs)
+                "tests/test_cupy_wgmma.py", "tests/test_gpu_modes.py", "tests/test_nn.py",
+                "-k", "cupy or warpgroup", *session.posargs)
