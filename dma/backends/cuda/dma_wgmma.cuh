@@ -103,7 +103,8 @@ DMA_DEVICE void hold_accumulator(float (&d)[NT][4]) {
 #define DMA_ACC2(d, nt)                                                                   \
     "+f"(d[nt][0]), "+f"(d[nt][1]), "+f"(d[nt][2]), "+f"(d[nt][3]), "+f"(d[nt + 1][0]),   \
         "+f"(d[nt + 1][1]), "+f"(d[nt + 1][2]), "+f"(d[nt + 1][3])
-#define DMA_ACC8(d, nt) DMA_ACC2(d, nt), DMA_ACC2(d, nt + 2), DMA_ACC2(d, nt + 4), DMA_ACC2(d, nt + 6)
+#define DMA_ACC8(d, nt) \
+    DMA_ACC2(d, nt), DMA_ACC2(d, nt + 2), DMA_ACC2(d, nt + 4), DMA_ACC2(d, nt + 6)
 #define DMA_REGS32                                                                        \
     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,"  \
     "%23,%24,%25,%26,%27,%28,%29,%30,%31}"
