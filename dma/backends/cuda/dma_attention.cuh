@@ -283,6 +283,11 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     const int* list = query_block_list(p, b, h, row0);
     const long long n_tiles = (n_slots + BLOCK_N - 1) / BLOCK_N;
 
+    float o[1][DT][4], s[1][NT][4], qk[1][NT][4], tile_max[1][2];
+    zero(o);
+    zero(qk);  // defined inputs for the first product, which overwrites them
+    float m[1][2] = {{neg_inf(), neg_inf()}}, l[1][2] = {{0.f, 0.f}};
+
     // Copies and products of tile t (its slots from t * BLOCK_N).
     int v_ids[KeyRows::COUNT], k_ids[KeyRows::COUNT];  // copy rows of V(t + 1), K(t + 2)
     auto fetch_ids = [&](int (&ids)[KeyRows::COUNT], long long t) {
@@ -299,15 +304,15 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
                                                   head_dim);
     };
     TileKeys<E, BLOCK_N> next;  // facts of tile t + 2
-    auto scores = [&](float (&s)[1][NT][4], const float (&qk)[1][NT][4],
-                      float (&tile_max)[1][2], long long t) {
+    auto scores = [&](long long t) {  // tile t's scores in s from its products in qk
         with_keep_test(in, (t + 1) * BLOCK_N <= n_full, [&](auto test) {
             forward_scores<E, 1, NT, decltype(test)::value>(s, qk, tile_max, in, row_w,
                                                             facts[t & 1]);
         });
     };
-    // S = Q K(t)^T for the group's 64 rows: K_STEPS products of 16 dims, four per panel of 64.
-    auto issue_scores = [&](float (&qk)[1][NT][4], long long t) {
+    // qk = Q K(t)^T for the group's 64 rows: K_STEPS products of 16 dims, four per panel
+    // of 64.
+    auto issue_scores = [&](long long t) {
         const unsigned k_t = k_s + (t & 1) * KV_BYTES;
         wgmma_fence();
 #pragma unroll
@@ -322,11 +327,6 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
         }
         wgmma_commit();
     };
-
-    float o[1][DT][4], s[1][NT][4], qk[1][NT][4], tile_max[1][2];
-    zero(o);
-    zero(qk);  // defined inputs for the first product, which overwrites them
-    float m[1][2] = {{neg_inf(), neg_inf()}}, l[1][2] = {{0.f, 0.f}};
 
     // Prologue: Q, K(0), V(0), K(1) and the facts of tiles 0 and 1; then tile 0's scores.
     {
@@ -354,10 +354,10 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     fence_async_shared();
     __syncthreads();
     if (n_tiles > 0) {
-        issue_scores(qk, 0);
+        issue_scores(0);
         wgmma_wait<0>();
         hold_accumulator(qk[0]);
-        scores(s, qk, tile_max, 0);
+        scores(0);
     }
     __syncthreads();  // every warp read tile 0's facts before tile 2's replace them
 
@@ -368,12 +368,8 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
         online_softmax(s, tile_max, m, l, o);
         unsigned pa[BLOCK_N / 16][4];
 #pragma unroll
-        for (int kt = 0; kt < BLOCK_N / 16; ++kt) {
-            pa[kt][0] = pack2<E>(s[0][2 * kt][0], s[0][2 * kt][1]);
-            pa[kt][1] = pack2<E>(s[0][2 * kt][2], s[0][2 * kt][3]);
-            pa[kt][2] = pack2<E>(s[0][2 * kt + 1][0], s[0][2 * kt + 1][1]);
-            pa[kt][3] = pack2<E>(s[0][2 * kt + 1][2], s[0][2 * kt + 1][3]);
-        }
+        for (int kt = 0; kt < BLOCK_N / 16; ++kt)
+            pack_k_step<E>(pa[kt], s[0][2 * kt], s[0][2 * kt + 1]);
         const unsigned v_t = v_s + (t & 1) * KV_BYTES;
         wgmma_fence();
 #pragma unroll
@@ -401,11 +397,11 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
             fetch_ids(k_ids, t + 3);
             next.fetch(p, in, list, (t + 3) * BLOCK_N, n_slots);
         }
-        issue_scores(qk, t + 1);  // runs during tile t's softmax
+        issue_scores(t + 1);  // runs during tile t's softmax
         softmax_issue_pv(t);
         wgmma_wait<1>();  // tile t + 1's scores while P V(t) runs
         hold_accumulator(qk[0]);
-        scores(s, qk, tile_max, t + 1);
+        scores(t + 1);
         wgmma_wait<0>();
         hold_accumulator(o[0]);
         cp_async_wait<0>();

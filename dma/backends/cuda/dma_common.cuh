@@ -86,6 +86,17 @@ DMA_DEVICE unsigned pack2(float lo, float hi) {
     return (unsigned)E::from_f32(lo) | ((unsigned)E::from_f32(hi) << 16);
 }
 
+// One 16-wide k step of an A operand from two adjacent 8-column tiles of an accumulator
+// (lo: columns 0-7, hi: 8-15), packed to 16 bits: mma.sync's A layout, which is also, per
+// warp, the register A layout of a warpgroup product.
+template <class E>
+DMA_DEVICE void pack_k_step(unsigned (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+    a[0] = pack2<E>(lo[0], lo[1]);
+    a[1] = pack2<E>(lo[2], lo[3]);
+    a[2] = pack2<E>(hi[0], hi[1]);
+    a[3] = pack2<E>(hi[2], hi[3]);
+}
+
 struct F32 {
     typedef float T;
     static constexpr bool TENSOR = false;
@@ -212,12 +223,7 @@ DMA_DEVICE void warp_mma_scores(float (&c)[MF][NT][4], const float (&f)[MF][KT][
         for (int kt = 0; kt < KT; kt += 2) {
             unsigned af[MF][4];
 #pragma unroll
-            for (int mf = 0; mf < MF; ++mf) {
-                af[mf][0] = pack2<E>(f[mf][kt][0], f[mf][kt][1]);
-                af[mf][1] = pack2<E>(f[mf][kt][2], f[mf][kt][3]);
-                af[mf][2] = pack2<E>(f[mf][kt + 1][0], f[mf][kt + 1][1]);
-                af[mf][3] = pack2<E>(f[mf][kt + 1][2], f[mf][kt + 1][3]);
-            }
+            for (int mf = 0; mf < MF; ++mf) pack_k_step<E>(af[mf], f[mf][kt], f[mf][kt + 1]);
             mma_step<E, MF, NT, B_KC>(c, af, b, ldb, kt * 8);
         }
     } else {
