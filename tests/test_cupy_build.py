@@ -3,6 +3,7 @@ and the launcher's host side (Params layout, argument packing, tile sizes) is co
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -65,7 +66,7 @@ def test_host_constants_match_the_sources():
     pad = re.search(r"constexpr int SMEM_PAD = (\d+);", common)
     assert pad and int(pad.group(1)) == cupy_kernels.SMEM_PAD  # shared-memory sizes agree
     kernels = (cupy_kernels.source_dir() / cupy_kernels.KERNEL_HEADER).read_text()
-    for name in (*cupy_kernels.KERNELS, cupy_kernels.WGMMA_FORWARD):  # every kernel named exists
+    for name in (*cupy_kernels.KERNELS, *cupy_kernels.WGMMA_KERNELS.values()):  # all exist
         assert f" {name}(const Params p)" in kernels
 
 
@@ -89,6 +90,8 @@ def test_host_fields_fill_every_params_field():
 
 @pytest.mark.parametrize("kernel, by_key", [("dma_forward", False),
                                              ("dma_forward_wgmma", False),
+                                             ("dma_backward_dq_wgmma", False),
+                                             ("dma_backward_dkdv_wgmma", True),
                                              ("dma_backward_dq", False),
                                              ("dma_backward_dkdv", True)])
 def test_mask_tile_lists_are_owned_by_the_arguments_that_reach_the_launch(kernel, by_key):
@@ -107,6 +110,25 @@ def test_mask_tile_lists_are_owned_by_the_arguments_that_reach_the_launch(kernel
     assert fields["plan_block"] == block_m
     tiles_of = -(-24 // (block_n if by_key else block_m))  # lists per row block or key tile
     assert counts.shape[-1] == tiles_of
+
+
+@pytest.mark.parametrize("hopper", [False, True])
+def test_the_backward_counts_an_explicit_mask_once(hopper):
+    # dq's and dk/dv's tiles differ (the warpgroup kernels' even transpose each other): the
+    # backward counts the mask at their common tile, and both kernels' lists sum it.
+    mask = document_mask(document_ids(300, 3, "cpu"))
+    problem, inputs = _problem(causal=True, attn_mask=mask[:, :, :24, :24])
+    launch = LaunchArgs(problem, inputs, None)
+    pick = {k: (cupy_kernels.WGMMA_KERNELS[k] if hopper else k)
+            for k in ("dma_backward_dq", "dma_backward_dkdv")}
+    dq = cupy_kernels.tiles(pick["dma_backward_dq"], torch.float16, 64)
+    dkdv = cupy_kernels.tiles(pick["dma_backward_dkdv"], torch.float16, 64)
+    launch.count_mask_tiles(*map(math.gcd, dq, dkdv))
+    by_key = launch.with_live_tiles(*dkdv, by_key=True)
+    by_row = launch.with_live_tiles(*dq)
+    assert len(launch._mask_tiles._counted) == 1
+    assert by_key.candidates[1].shape[-1] == -(-24 // dkdv[1])
+    assert by_row.candidates[1].shape[-1] == -(-24 // dq[0])
 
 
 def test_pack_params_matches_a_field_by_field_struct():
@@ -141,32 +163,36 @@ def test_tiles_fit_every_supported_card():
             assert cupy_backend.BLOCK_M % tile == 0  # a tile never straddles two plan blocks
 
 
-def test_warpgroup_forward_fits_hopper_and_covers_its_tiles():
-    # 227 KiB of shared memory per block on sm_90; two warpgroups of 64 rows, and at least
-    # one thread per key stages a tile's facts; tiles of whole plan blocks.
+def test_warpgroup_kernels_fit_hopper_and_cover_their_tiles():
+    # 227 KiB of shared memory per block on sm_90; two warpgroups of 64 rows (forward, dq) or
+    # 64 keys (dk/dv); one thread per key or row stages a tile's facts or row stats; each
+    # thread copies whole rows (CopyRows); tiles of whole plan and coarse blocks.
     for kernel, dtype, d_pad in cupy_kernels.wgmma_instantiations():
         block_m, block_n = cupy_kernels.tiles(kernel, dtype, d_pad)
         assert cupy_kernels.shared_bytes(kernel, dtype, d_pad) <= 227 * 1024
-        assert block_m == cupy_backend.BLOCK_M and cupy_backend.COARSE_ROWS % block_n == 0
         threads = cupy_kernels.threads(kernel, dtype, d_pad)
-        assert threads == 2 * 128 and threads >= block_n
-        assert (threads % (d_pad // 8) == 0
-                and block_n % (threads // (d_pad // 8)) == 0)  # CopyRows: whole rows a pass
+        groups_of = block_n if kernel == cupy_kernels.WGMMA_DKDV else block_m
+        assert threads == 256 and groups_of == 2 * 64 and threads >= max(block_m, block_n)
+        assert cupy_backend.BLOCK_M % block_m == 0 and cupy_backend.COARSE_ROWS % block_m == 0
+        for rows in (block_m, block_n):
+            assert threads % (d_pad // 8) == 0 and rows % (threads // (d_pad // 8)) == 0
 
 
-def test_forward_kernel_picks_the_warpgroup_forward_only_where_it_serves(monkeypatch):
-    pick = cupy_kernels.forward_kernel
+@pytest.mark.parametrize("kernel", ["dma_forward", "dma_backward_dq", "dma_backward_dkdv"])
+def test_hopper_kernel_picks_the_warpgroup_kernels_only_where_they_serve(kernel, monkeypatch):
+    pick = cupy_kernels.hopper_kernel
+    wgmma = cupy_kernels.WGMMA_KERNELS[kernel]
     monkeypatch.delenv("DMA_CUPY_WGMMA", raising=False)
-    assert pick(torch.bfloat16, 128, (9, 0), True) == "dma_forward_wgmma"
-    assert pick(torch.float16, 64, (9, 0), True) == "dma_forward_wgmma"
-    assert pick(torch.bfloat16, 128, (8, 0), True) == "dma_forward"  # no warpgroup products
-    assert pick(torch.bfloat16, 128, (10, 0), True) == "dma_forward"  # sm_90a code only
-    assert pick(torch.float32, 128, (9, 0), True) == "dma_forward"
-    assert pick(torch.bfloat16, 256, (9, 0), True) == "dma_forward"
-    assert pick(torch.bfloat16, 32, (9, 0), True) == "dma_forward"
-    assert pick(torch.bfloat16, 128, (9, 0), False) == "dma_forward"  # unaligned rows
+    assert pick(kernel, torch.bfloat16, 128, (9, 0), True) == wgmma
+    assert pick(kernel, torch.float16, 64, (9, 0), True) == wgmma
+    assert pick(kernel, torch.bfloat16, 128, (8, 0), True) == kernel  # no warpgroup products
+    assert pick(kernel, torch.bfloat16, 128, (10, 0), True) == kernel  # sm_90a code only
+    assert pick(kernel, torch.float32, 128, (9, 0), True) == kernel
+    assert pick(kernel, torch.bfloat16, 256, (9, 0), True) == kernel
+    assert pick(kernel, torch.bfloat16, 32, (9, 0), True) == kernel
+    assert pick(kernel, torch.bfloat16, 128, (9, 0), False) == kernel  # unaligned rows
     monkeypatch.setenv("DMA_CUPY_WGMMA", "0")
-    assert pick(torch.bfloat16, 128, (9, 0), True) == "dma_forward"
+    assert pick(kernel, torch.bfloat16, 128, (9, 0), True) == kernel
 
 
 def test_warps_cover_their_tiles():

@@ -10,6 +10,8 @@ deterministic mode and the dense case).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..selection import coarse_candidate_lists
@@ -82,6 +84,14 @@ def _fields(problem: Problem, launch: LaunchArgs) -> dict:
     )
 
 
+def _kernel_for(kernel: str, problem: Problem, launch: LaunchArgs, tensors) -> str:
+    """`kernel`, or its warpgroup version where that serves (cupy_kernels.hopper_kernel);
+    `tensors` are the ones it loads 16 bytes at a time."""
+    return cupy_kernels.hopper_kernel(kernel, problem.dtype, launch.dims["D_PAD"],
+                                      device_capability(problem.device),
+                                      _vector_loads(problem, tensors))
+
+
 def _kernel_fields(kernel: str, problem: Problem, launch: LaunchArgs, by_key: bool = False):
     """(arguments, fields) for one kernel: `launch` with an explicit mask's live tiles
     listed for that kernel's own tiles (forward and dq: per block of rows; dk/dv, `by_key`:
@@ -134,9 +144,7 @@ class CupyBackend(Backend):
         b, h, sq, d = problem.batch, problem.heads, problem.seqlen_q, problem.head_dim
         out = new_output((b, sq, h, d), problem.dtype, problem.device)
         lse = new_output((b, h, sq), torch.float32, problem.device)
-        kernel = cupy_kernels.forward_kernel(
-            problem.dtype, launch.dims["D_PAD"], device_capability(problem.device),
-            _vector_loads(problem, (launch.q, launch.k, launch.v)))
+        kernel = _kernel_for("dma_forward", problem, launch, (launch.q, launch.k, launch.v))
         launch, fields = _kernel_fields(kernel, problem, launch)
         fields.update(out=out.data_ptr(), lse=lse.data_ptr(), so_b=out.stride(0),
                       so_s=out.stride(1), so_h=out.stride(2), slse_b=lse.stride(0),
@@ -150,11 +158,17 @@ class CupyBackend(Backend):
         bufs = backward_buffers(problem, launch, plan, lse, do, delta)
         b, h = problem.batch, problem.heads
         need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
-        # dk/dv's tile lists first: dq's taller row blocks then sum its counts, so an explicit
-        # mask is read once for both.
-        dkdv_launch, dkdv_fields = _kernel_fields("dma_backward_dkdv", problem, launch,
-                                                  by_key=True)
-        dq_launch, dq_fields = _kernel_fields("dma_backward_dq", problem, launch)
+        loaded = (launch.q, launch.k, launch.v, bufs.do)
+        dq_kernel = _kernel_for("dma_backward_dq", problem, launch, loaded)
+        dkdv_kernel = _kernel_for("dma_backward_dkdv", problem, launch, loaded)
+        # An explicit mask's tiles are counted once, at the tiles both kernels' tiles are
+        # multiples of; each kernel's lists sum those counts.
+        d_pad = launch.dims["D_PAD"]
+        dq_tiles = cupy_kernels.tiles(dq_kernel, problem.dtype, d_pad)
+        dkdv_tiles = cupy_kernels.tiles(dkdv_kernel, problem.dtype, d_pad)
+        launch.count_mask_tiles(*map(math.gcd, dq_tiles, dkdv_tiles))
+        dkdv_launch, dkdv_fields = _kernel_fields(dkdv_kernel, problem, launch, by_key=True)
+        dq_launch, dq_fields = _kernel_fields(dq_kernel, problem, launch)
         gradients = dict(
             dout=bufs.do.data_ptr(), lse=bufs.lse.data_ptr(), delta=bufs.delta.data_ptr(),
             slse_b=bufs.lse.stride(0), slse_h=bufs.lse.stride(1),
@@ -170,8 +184,8 @@ class CupyBackend(Backend):
                              sdab_r=bufs.dab.stride(2))
         dq_fields.update(gradients)
         dkdv_fields.update(gradients)
-        self._launch("dma_backward_dq", problem, dq_launch,
-                     (self._query_blocks("dma_backward_dq", problem, launch), b * h), dq_fields)
+        self._launch(dq_kernel, problem, dq_launch,
+                     (self._query_blocks(dq_kernel, problem, launch), b * h), dq_fields)
 
         if bufs.atomics:
             shared = plan.heads < h or problem.group_size == 1
@@ -189,9 +203,8 @@ class CupyBackend(Backend):
                 heads_per_program=heads_per_program, key_split=key_split)
             grid = (n_blocks, b * programs_per_batch, key_split)
         else:
-            _, keys = cupy_kernels.tiles("dma_backward_dkdv", problem.dtype, launch.dims["D_PAD"])
-            grid = (cdiv(problem.seqlen_k, keys), b * problem.kv_heads)
-        self._launch("dma_backward_dkdv", problem, dkdv_launch, grid, dkdv_fields)
+            grid = (cdiv(problem.seqlen_k, dkdv_tiles[1]), b * problem.kv_heads)
+        self._launch(dkdv_kernel, problem, dkdv_launch, grid, dkdv_fields)
         return finish_backward(problem, inputs, bufs)
 
     @staticmethod

@@ -26,9 +26,14 @@ PARAMS_HEADER = "dma_params.cuh"
 KERNELS = ("dma_forward", "dma_backward_dq", "dma_backward_dkdv")
 ELEMENT_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 HEAD_DIM_PADS = (16, 32, 64, 128, 256)
-# The forward on Hopper's warpgroup products (compiled for sm_90a; dma_attention.cuh): 16-bit
-# types at these padded head dims, rows of whole 16-byte vectors.
+# The kernels on Hopper's warpgroup products (compiled for sm_90a; dma_attention.cuh), by the
+# kernel they stand in for: 16-bit types at these padded head dims, rows of whole
+# 16-byte vectors.
 WGMMA_FORWARD = "dma_forward_wgmma"
+WGMMA_DQ = "dma_backward_dq_wgmma"
+WGMMA_DKDV = "dma_backward_dkdv_wgmma"
+WGMMA_KERNELS = {"dma_forward": WGMMA_FORWARD, "dma_backward_dq": WGMMA_DQ,
+                 "dma_backward_dkdv": WGMMA_DKDV}
 WGMMA_DTYPES = (torch.float16, torch.bfloat16)
 WGMMA_HEAD_DIM_PADS = (64, 128)
 WGMMA_ALIGNMENT = 1024  # its swizzled tiles start 1024-byte aligned (slack in shared_bytes)
@@ -98,9 +103,12 @@ def warp_rows(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
 def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
     """(BLOCK_M, BLOCK_N) of a kernel: rows and keys per tile. The forward with 32-row warps
     takes 128 rows and 32-key tiles (64 keys would spill its registers); the warpgroup
-    forward 128 rows (two groups of 64) and 64-key tiles. dk/dv walk rows 32 at a time from
+    forward and dq 128 rows (two groups of 64) and 64-key tiles, the warpgroup dk/dv 128 keys
+    (two groups of 64) and 64-row tiles. dk/dv walk rows 32 at a time from
     head dim 64 up: its transposed score tiles then fit in registers beside dk and dv."""
-    if kernel == WGMMA_FORWARD:
+    if kernel == WGMMA_DKDV:
+        return 64, 128
+    if kernel in WGMMA_KERNELS.values():
         return 128, 64
     if warp_rows(kernel, dtype, d_pad) == 32:
         return 128, 32
@@ -113,10 +121,10 @@ def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
 @lru_cache(maxsize=None)  # read on every launch
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv); the warpgroup
-    forward one warp per 16 rows."""
+    kernels two warpgroups."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
-    if kernel == WGMMA_FORWARD:
-        return block_m // 16 * 32
+    if kernel in WGMMA_KERNELS.values():
+        return 256
     if kernel == "dma_backward_dkdv":
         return 2 * block_n
     return block_m // warp_rows(kernel, dtype, d_pad) * 32
@@ -132,8 +140,11 @@ def dkdv_row_buffers(dtype: torch.dtype, d_pad: int) -> int:
 def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """Dynamic shared memory of one program: the tiles its kernel declares."""
     block_m, block_n = tiles(kernel, dtype, d_pad)
-    if kernel == WGMMA_FORWARD:  # q; two buffers of k and v, unpadded (swizzled)
-        return (block_m + 4 * block_n) * d_pad * dtype.itemsize + WGMMA_ALIGNMENT
+    if kernel in WGMMA_KERNELS.values():  # unpadded (swizzled) tiles
+        rows = {WGMMA_FORWARD: block_m + 4 * block_n,  # q; two buffers of k and v
+                WGMMA_DQ: 2 * block_m + 4 * block_n,  # q, do; two buffers of k and v
+                WGMMA_DKDV: 2 * block_n + 4 * block_m}[kernel]  # k, v; two of q and do
+        return rows * d_pad * dtype.itemsize + WGMMA_ALIGNMENT
     rows = d_pad + SMEM_PAD
     # float32 stages its score tiles in shared memory on their way to a product (the
     # tensor-core types keep them in registers): p (forward), ds (dq), p and ds transposed
@@ -152,7 +163,9 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
 
 def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
     block_m, block_n = tiles(kernel, dtype, d_pad)
-    if kernel == WGMMA_FORWARD:
+    if kernel == WGMMA_DKDV:
+        return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}>"
+    if kernel in WGMMA_KERNELS.values():
         return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_n}>"
     rows = f", {warp_rows(kernel, dtype, d_pad)}" if kernel == "dma_forward" else ""
     return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}{rows}>"
@@ -165,18 +178,21 @@ def all_instantiations():
 
 
 def wgmma_instantiations():
-    """Every (kernel, dtype, padded head dim) of the warpgroup forward (sm_90a only)."""
-    return [(WGMMA_FORWARD, dtype, d_pad) for dtype in WGMMA_DTYPES
-            for d_pad in WGMMA_HEAD_DIM_PADS]
+    """Every (kernel, dtype, padded head dim) of the warpgroup kernels (sm_90a only)."""
+    return [(kernel, dtype, d_pad) for kernel in WGMMA_KERNELS.values()
+            for dtype in WGMMA_DTYPES for d_pad in WGMMA_HEAD_DIM_PADS]
 
 
-def forward_kernel(dtype: torch.dtype, d_pad: int, capability: tuple, vector_loads: bool) -> str:
-    """The forward kernel for a problem: the warpgroup forward on compute capability 9.0
-    where it serves (DMA_CUPY_WGMMA=0 turns it off), else the mma.sync forward."""
-    if (capability == (9, 0) and dtype in WGMMA_DTYPES and d_pad in WGMMA_HEAD_DIM_PADS
-            and vector_loads and os.environ.get("DMA_CUPY_WGMMA", "1") != "0"):
-        return WGMMA_FORWARD
-    return "dma_forward"
+def hopper_kernel(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple,
+                  vector_loads: bool) -> str:
+    """The kernel that runs `kernel` (any of WGMMA_KERNELS' keys) for a problem: its
+    warpgroup version on compute capability 9.0 where that serves (DMA_CUPY_WGMMA=0 turns
+    them off), else `kernel` itself."""
+    if (kernel in WGMMA_KERNELS and capability == (9, 0) and dtype in WGMMA_DTYPES
+            and d_pad in WGMMA_HEAD_DIM_PADS and vector_loads
+            and os.environ.get("DMA_CUPY_WGMMA", "1") != "0"):
+        return WGMMA_KERNELS[kernel]
+    return kernel
 
 
 @lru_cache(maxsize=1)
@@ -249,7 +265,7 @@ def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
 
         name = instantiation(kernel, dtype, d_pad)
         with cupy.cuda.Device(device_index):
-            if kernel == WGMMA_FORWARD:
+            if kernel in WGMMA_KERNELS.values():
                 module, function = _hopper_function(name)
             else:
                 module = cupy.RawModule(code=_program(), name_expressions=[name],

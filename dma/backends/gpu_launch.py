@@ -150,6 +150,13 @@ class LaunchArgs:
         return (*self.key_bias, *self.attn_bias, *self.attn_mask, *self.padding,
                 *self.plan_rows)
 
+    def count_mask_tiles(self, block_m: int, block_n: int) -> None:
+        """Count an explicit mask's tiles of this size now, so that every multiple of it
+        that `with_live_tiles` asks for later sums these counts (one pass over the mask for
+        kernels whose tiles differ: ask for the finest common tile first)."""
+        if self.flags["HAS_AM"] and not self.flags["INTERVAL"]:
+            self._mask_tiles.counts(block_m, block_n)
+
     def with_live_tiles(self, block_m: int, block_n: int, by_key: bool = False) -> LaunchArgs:
         """These arguments, with the candidate slots listing per block of `block_m` rows (by
         key: per tile of `block_n` keys) the tiles that the explicit mask and causality leave

@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
     constexpr int BLOCK_M = WGMMA_BLOCK_M, THREADS = WGMMA_THREADS;
-    constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8, K_STEPS = D_PAD / 16;
+    constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
     constexpr unsigned Q_BYTES = BLOCK_M * D_PAD * 2, KV_BYTES = BLOCK_N * D_PAD * 2;
     typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
     typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
@@ -310,21 +310,11 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
                                                             facts[t & 1]);
         });
     };
-    // qk = Q K(t)^T for the group's 64 rows: K_STEPS products of 16 dims, four per panel
-    // of 64.
+    // qk = Q K(t)^T for the group's 64 rows.
     auto issue_scores = [&](long long t) {
-        const unsigned k_t = k_s + (t & 1) * KV_BYTES;
         wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < K_STEPS; ++ks) {
-            const unsigned panel = ks / 4, within = (ks % 4) * 32;
-            wgmma_shared<E, BLOCK_N>(
-                qk[0],
-                smem_descriptor(q_s + panel * BLOCK_M * SWIZZLE_ROW_BYTES
-                                + group * 64 * SWIZZLE_ROW_BYTES + within, 16),
-                smem_descriptor(k_t + panel * BLOCK_N * SWIZZLE_ROW_BYTES + within, 16),
-                ks > 0);
-        }
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(qk[0], q_s, group * 64,
+                                                       k_s + (t & 1) * KV_BYTES);
         wgmma_commit();
     };
 
@@ -361,23 +351,13 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     }
     __syncthreads();  // every warp read tile 0's facts before tile 2's replace them
 
-    // Tile t's softmax, and its P V issued: O += P V(t), where each 16 keys of p (two
-    // column tiles of the accumulator) are one register A operand, and V's rows of those keys
-    // start 16 rows further down its tile.
+    // Tile t's softmax, and its P V issued: O += P V(t).
     auto softmax_issue_pv = [&](long long t) {
         online_softmax(s, tile_max, m, l, o);
         unsigned pa[BLOCK_N / 16][4];
-#pragma unroll
-        for (int kt = 0; kt < BLOCK_N / 16; ++kt)
-            pack_k_step<E>(pa[kt], s[0][2 * kt], s[0][2 * kt + 1]);
-        const unsigned v_t = v_s + (t & 1) * KV_BYTES;
+        pack_operand<E>(pa, s[0]);
         wgmma_fence();
-#pragma unroll
-        for (int kt = 0; kt < BLOCK_N / 16; ++kt)
-            wgmma_registers<E, D_PAD>(
-                o[0], pa[kt],
-                smem_descriptor(v_t + kt * 16 * SWIZZLE_ROW_BYTES,
-                                BLOCK_N * SWIZZLE_ROW_BYTES));
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(o[0], pa, v_s + (t & 1) * KV_BYTES);
         wgmma_commit();
     };
 
@@ -455,6 +435,23 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
         }
 }
 
+// dq of a warp's 16 rows (from row_w), times the softmax scale (the scores' product was
+// unscaled).
+template <class E, int DT>
+DMA_DEVICE void store_dq_rows(const Params& p, long long q_off, int row_w,
+                              const float (&dq)[DT][4]) {
+    typename E::T* dq_out = static_cast<typename E::T*>(p.dq) + q_off;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const long long row = row_w + frag_row(e);
+            const int d = frag_col(dt, e);
+            if (row < p.seqlen_q && d < p.head_dim)
+                dq_out[row * p.sq_s + d] = E::from_f32(dq[dt][e] * (float)p.scale);
+        }
+}
+
 // The forward's pipeline with V used first: K(i) is copied while dp = dO V(i)^T runs, V(i + 1)
 // while the scores, d scores and dq of tile i are computed.
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
@@ -528,17 +525,122 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
         warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
     }
     cp_async_wait<0>();
+    store_dq_rows<E>(p, q_off, row_w, dq);
+}
 
-    T* dq_out = static_cast<T*>(p.dq) + q_off;
+// dq on Hopper's warpgroup products (sm_90a; the shapes of dma_forward_wgmma): the walk,
+// tests and d scores of dma_backward_dq on the warpgroup forward's blocks (128 rows, two
+// warpgroups) and 64-key tiles. Per tile, S = Q K^T and dP = dO V^T from shared memory, then
+// dq += dS K with dS from registers. K/V tiles are double-buffered: tile i + 1's are copied
+// while tile i is computed. One barrier per tile.
+template <class E, int D_PAD, int BLOCK_N>
+__global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    typedef typename E::T T;
+    constexpr int BLOCK_M = WGMMA_BLOCK_M, THREADS = WGMMA_THREADS;
+    constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
+    constexpr unsigned ROWS_BYTES = BLOCK_M * D_PAD * 2, KV_BYTES = BLOCK_N * D_PAD * 2;
+    typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
+    typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const unsigned q_s = (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1)
+                         & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
+    const unsigned do_s = q_s + ROWS_BYTES, k_s = do_s + ROWS_BYTES;
+    const unsigned v_s = k_s + 2 * KV_BYTES;  // two buffers of K and of V
+    __shared__ KeyFacts facts[2][BLOCK_N];
+
+    const int warp = threadIdx.x / 32, group = warp / 4;
+    const long long row0 = last_first_block() * BLOCK_M;
+    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
+    const ScoreInputs<E> in(p, b, h);
+    const long long q_off = b * p.sq_b + h * p.sq_h;
+    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
+    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    const int row_w = (int)row0 + warp * 16;
+    const int head_dim = (int)p.head_dim;
+    float lse[2], delta[2];
+    row_stats(p, b, h, row_w + frag_row(0), lse[0], delta[0]);
+    row_stats(p, b, h, row_w + frag_row(2), lse[1], delta[1]);
+    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
+    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
+    const int* list = query_block_list(p, b, h, row0);
+
+    int ids[KeyRows::COUNT];  // this thread's copy rows of the next tile
+    auto fetch_ids = [&](long long start) {
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
+        for (int j = 0; j < KeyRows::COUNT; ++j)
+            ids[j] = key_tile_id<BLOCK_N>(p, list, start, KeyRows::row(j), n_slots);
+    };
+    auto copy_tile = [&](int buffer) {
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + buffer * KV_BYTES, k, p.sk_s, ids,
+                                                  head_dim);
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + buffer * KV_BYTES, v, p.sv_s, ids,
+                                                  head_dim);
+    };
+    {
+        int q_ids[QRows::COUNT];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const long long row = row_w + frag_row(e);
-            const int d = frag_col(dt, e);
-            if (row < p.seqlen_q && d < p.head_dim)
-                dq_out[row * p.sq_s + d] = E::from_f32(dq[dt][e] * (float)p.scale);
+        for (int j = 0; j < QRows::COUNT; ++j) {
+            const long long row = row0 + QRows::row(j);
+            q_ids[j] = row < p.seqlen_q ? (int)row : -1;
         }
+        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + q_off,
+                                                  p.sq_s, q_ids, head_dim);
+        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(do_s, static_cast<const T*>(p.dout) + q_off,
+                                                  p.sq_s, q_ids, head_dim);
+    }
+    TileKeys<E, BLOCK_N> next;
+    next.fetch(p, in, list, 0, n_slots);
+    next.publish(facts[0]);
+    fetch_ids(0);
+    copy_tile(0);
+    if (BLOCK_N < n_slots) {
+        next.fetch(p, in, list, BLOCK_N, n_slots);
+        fetch_ids(BLOCK_N);
+    }
+
+    float dq[DT][4], s[NT][4], dp[NT][4];
+    zero(dq);
+    zero(s);  // defined inputs for the first products, which overwrite them
+    zero(dp);
+    for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
+        const int cur = tile & 1;
+        cp_async_wait<0>();
+        fence_async_shared();
+        __syncthreads();  // tile i's K, V (and Q, dO) landed; every warp is done with tile i - 1
+        if (start + BLOCK_N < n_slots) {
+            next.publish(facts[cur ^ 1]);
+            copy_tile(cur ^ 1);
+            if (start + 2 * BLOCK_N < n_slots) {
+                next.fetch(p, in, list, start + 2 * BLOCK_N, n_slots);
+                fetch_ids(start + 2 * BLOCK_N);
+            }
+        }
+        wgmma_fence();
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s, q_s, group * 64, k_s + cur * KV_BYTES);
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(dp, do_s, group * 64,
+                                                       v_s + cur * KV_BYTES);
+        wgmma_commit();
+        wgmma_wait<0>();
+        hold_accumulator(s);
+        hold_accumulator(dp);
+        with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
+            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, b, h, row_w, facts[cur], lse,
+                                                    delta);
+        });
+        unsigned ds[BLOCK_N / 16][4];
+        pack_operand<E>(ds, s);
+        wgmma_fence();
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(dq, ds, k_s + cur * KV_BYTES);
+        wgmma_commit();
+        wgmma_wait<0>();
+        hold_accumulator(dq);
+    }
+    cp_async_wait<0>();  // nothing left in flight when no tile ran
+    store_dq_rows<E>(p, q_off, row_w, dq);
+#else
+    __trap();  // compiled for another target: the launcher never runs it there
+#endif
 }
 
 // Probabilities (in st) and d scores (in dpt) of one warp's transposed 16-key x BLOCK_M-row
@@ -575,6 +677,97 @@ struct RowTiles {
     }
 };
 
+// The row tiles that may keep a key of a dk/dv key tile (its ids in key_ids) for head h:
+// listed per key tile under an explicit mask (those kept whole first); else consecutive
+// tiles of BLOCK_M rows (aligned to row_base) over the rows that keep some key of the tile:
+// the union of the keys' plan intervals (DMA case; reduced in `row_range`, shared), or the
+// rows from the tile's first causal row, within [row_base, row_end). Every thread calls it.
+template <int BLOCK_M, int BLOCK_N, int THREADS, class E>
+DMA_DEVICE RowTiles<BLOCK_M> key_tile_rows(const Params& p, const ScoreInputs<E>& in,
+                                           long long b, long long h, long long start,
+                                           const int* key_ids, long long row_base,
+                                           long long row_end, int* row_range) {
+    RowTiles<BLOCK_M> rows;
+    if (p.tile_list) {
+        rows.list = candidate_list(p, b, h, blockIdx.x);
+        rows.count = block_count(p, p.candidate_count, b, h, blockIdx.x);
+        rows.whole = listed_whole_tiles(p, b, h, blockIdx.x);
+        return rows;
+    }
+    long long row_lo = 0, row_hi = p.seqlen_q;
+    if (p.interval) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            row_range[0] = (int)p.seqlen_q;
+            row_range[1] = 0;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
+            const int key = key_ids[i];
+            if (key < 0) continue;
+            const int first = p.causal ? key - (int)p.causal_offset : 0;
+            const int end = in.end_row[key];
+            if (end > first) {
+                atomicMin(&row_range[0], first);
+                atomicMax(&row_range[1], end);
+            }
+        }
+        __syncthreads();
+        row_lo = row_range[0];
+        row_hi = row_range[1];
+    } else if (p.causal) {
+        row_lo = lmax(start - p.causal_offset, 0);
+    }
+    row_lo = lmax(row_lo, row_base);
+    row_hi = lmin(row_hi, row_end);
+    rows.lo = row_base + ((row_lo - row_base) / BLOCK_M) * BLOCK_M;
+    rows.count = row_hi > rows.lo ? (row_hi - rows.lo + BLOCK_M - 1) / BLOCK_M : 0;
+    return rows;
+}
+
+// d key_bias of head h for a warp's 16 keys (ids from `keys`): dkb[r] holds the lane's share
+// for key frag_row(2 r), summed over the quad here; added with atomics in the candidate
+// mode (several programs share a key), else written.
+DMA_DEVICE void store_dkb(const Params& p, long long b, long long h, const int* keys,
+                          float (&dkb)[2]) {
+    dkb[0] = quad_sum(dkb[0]);
+    dkb[1] = quad_sum(dkb[1]);
+    if (p.need_dkb && (threadIdx.x & 3) == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int key = keys[frag_row(2 * r)];
+            if (key < 0) continue;
+            float* at = p.dkb + b * p.sdkb_b + h * p.sdkb_h + key;
+            if (p.candidate_tiles) atomicAdd(at, dkb[r]);
+            else *at = dkb[r];
+        }
+    }
+}
+
+// dk (times the softmax scale) and dv of a warp's 16 keys: float32 atomics into the float32
+// buffers in the candidate mode, else written in the input type (one writer per element).
+template <class E, int DT>
+DMA_DEVICE void store_dkdv(const Params& p, long long b, long long hk, const int* keys,
+                           const float (&dk)[DT][4], const float (&dv)[DT][4]) {
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = keys[frag_row(e)];
+            const int d = frag_col(dt, e);
+            if (key < 0 || d >= p.head_dim) continue;
+            const long long at = b * p.sdk_b + hk * p.sdk_h + key * p.sdk_s + d;
+            const float dk_val = dk[dt][e] * (float)p.scale;
+            if (p.candidate_tiles) {
+                atomicAdd(static_cast<float*>(p.dk) + at, dk_val);
+                atomicAdd(static_cast<float*>(p.dv) + at, dv[dt][e]);
+            } else {
+                static_cast<typename E::T*>(p.dk)[at] = E::from_f32(dk_val);
+                static_cast<typename E::T*>(p.dv)[at] = E::from_f32(dv[dt][e]);
+            }
+        }
+}
+
 // Q and dO rows row0.. of one head into a dk/dv row buffer (dO right after Q), left in flight.
 template <class E, int BLOCK_M, int D_PAD, int THREADS>
 DMA_DEVICE void load_rows(typename E::T* dst, const typename E::T* q, const typename E::T* dout,
@@ -605,7 +798,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
     __shared__ float lse_s[2][BLOCK_M], delta_s[2][BLOCK_M];
     __shared__ int row_range[2];
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x / 32;
     long long b, h0, n_heads, n_slots, first_tile, tile_step, row_base, row_end;
     const int* cand = nullptr;
     if (p.candidate_tiles) {  // candidates of a coarse block of rows, split over blockIdx.z
@@ -652,43 +845,9 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
             __syncthreads();  // the tile's key ids (and K, V) are written
             const KeyFacts mine[2] = {key_facts(in, key_ids[warp * 16 + frag_row(0)]),
                                       key_facts(in, key_ids[warp * 16 + frag_row(2)])};
-            // The row tiles that may keep a key of this tile.
-            RowTiles<BLOCK_M> rows;
-            if (p.tile_list) {  // listed per key tile, those kept whole first
-                rows.list = candidate_list(p, b, h, blockIdx.x);
-                rows.count = block_count(p, p.candidate_count, b, h, blockIdx.x);
-                rows.whole = listed_whole_tiles(p, b, h, blockIdx.x);
-            } else {
-                long long row_lo = 0, row_hi = p.seqlen_q;
-                if (p.interval) {
-                    __syncthreads();
-                    if (threadIdx.x == 0) {
-                        row_range[0] = (int)p.seqlen_q;
-                        row_range[1] = 0;
-                    }
-                    __syncthreads();
-                    for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
-                        const int key = key_ids[i];
-                        if (key < 0) continue;
-                        const int first = p.causal ? key - (int)p.causal_offset : 0;
-                        const int end = in.end_row[key];
-                        if (end > first) {
-                            atomicMin(&row_range[0], first);
-                            atomicMax(&row_range[1], end);
-                        }
-                    }
-                    __syncthreads();
-                    row_lo = row_range[0];
-                    row_hi = row_range[1];
-                } else if (p.causal) {
-                    row_lo = lmax(start - p.causal_offset, 0);
-                }
-                row_lo = lmax(row_lo, row_base);
-                row_hi = lmin(row_hi, row_end);
-                rows.lo = row_base + ((row_lo - row_base) / BLOCK_M) * BLOCK_M;
-                rows.count = row_hi > rows.lo ? (row_hi - rows.lo + BLOCK_M - 1) / BLOCK_M : 0;
-            }
-
+            const RowTiles<BLOCK_M> rows =
+                key_tile_rows<BLOCK_M, BLOCK_N, THREADS>(p, in, b, h, start, key_ids, row_base,
+                                                         row_end, row_range);
             float dkb[2] = {0.f, 0.f};
             const long long q_off = b * p.sq_b + h * p.sq_h;
             const T* q = static_cast<const T*>(p.q) + q_off;
@@ -746,36 +905,170 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 }
             }
             cp_async_wait<0>();
-            // d key_bias of head h: one value per key, summed over the quad's columns.
-            dkb[0] = quad_sum(dkb[0]);
-            dkb[1] = quad_sum(dkb[1]);
-            if (p.need_dkb && (lane & 3) == 0) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int key = key_ids[warp * 16 + frag_row(2 * r)];
-                    if (key < 0) continue;
-                    float* at = p.dkb + b * p.sdkb_b + h * p.sdkb_h + key;
-                    if (p.candidate_tiles) atomicAdd(at, dkb[r]);
-                    else *at = dkb[r];
-                }
-            }
+            store_dkb(p, b, h, key_ids + warp * 16, dkb);
         }
+        store_dkdv<E>(p, b, hk, key_ids + warp * 16, dk, dv);
+    }
+}
+
+// dk/dv on Hopper's warpgroup products (sm_90a; the shapes of dma_forward_wgmma): the walk,
+// modes and tests of dma_backward_dkdv on key tiles of BLOCK_N = 128 keys (two warpgroups
+// of 64, warp w owning keys 16w..16w + 15) and row tiles of BLOCK_M = 64. Per row tile,
+// S^T = K Q^T and dP^T = V dO^T from shared memory, then dv += P^T dO and dk += dS^T Q with
+// P^T and dS^T from registers. Row tiles (Q, dO, lse, delta) are double-buffered: tile j + 1's
+// are copied while tile j is computed.
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
+__global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    typedef typename E::T T;
+    constexpr int THREADS = WGMMA_THREADS;
+    constexpr int DT = D_PAD / 8, MT = BLOCK_M / 8;
+    constexpr unsigned KV_BYTES = BLOCK_N * D_PAD * 2, ROWS_BYTES = BLOCK_M * D_PAD * 2;
+    static_assert(BLOCK_N == THREADS / 2 && THREADS >= BLOCK_M, "64 keys a warpgroup");
+    typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
+    typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const unsigned k_s = (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1)
+                         & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
+    const unsigned v_s = k_s + KV_BYTES;
+    const unsigned rows_s = v_s + KV_BYTES;  // buffer i: Q at rows_s + 2 i ROWS_BYTES, then dO
+    __shared__ int key_ids[BLOCK_N];
+    __shared__ float lse_s[2][BLOCK_M], delta_s[2][BLOCK_M];
+    __shared__ int row_range[2];
+
+    const int warp = threadIdx.x / 32, group = warp / 4;
+    long long b, h0, n_heads, n_slots, first_tile, tile_step, row_base, row_end;
+    const int* cand = nullptr;
+    if (p.candidate_tiles) {  // candidates of a coarse block of rows, split over blockIdx.z
+        const long long block = blockIdx.x;
+        b = blockIdx.y / p.programs_per_batch;
+        h0 = (blockIdx.y % p.programs_per_batch) * p.heads_per_program;
+        n_heads = p.heads_per_program;
+        row_base = block * p.coarse_rows;
+        row_end = lmin(row_base + p.coarse_rows, p.seqlen_q);
+        cand = candidate_list(p, b, h0, block);
+        n_slots = block_count(p, p.candidate_count, b, h0, block);
+        first_tile = (long long)blockIdx.z * BLOCK_N;
+        tile_step = p.key_split * BLOCK_N;
+    } else {  // one tile of consecutive keys, every query head of its kv head
+        b = blockIdx.y / p.kv_heads;
+        h0 = (blockIdx.y % p.kv_heads) * p.group;
+        n_heads = p.group;
+        row_base = 0;
+        row_end = p.seqlen_q;
+        n_slots = p.seqlen_k;
+        first_tile = (long long)blockIdx.x * BLOCK_N;
+        tile_step = p.seqlen_k;
+    }
+    const long long hk = h0 / p.group;
+    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
+    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    const int head_dim = (int)p.head_dim;
+
+    for (long long start = first_tile; start < n_slots; start += tile_step) {
+        __syncthreads();  // every warp is done with the previous key tile
+        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS)
+            key_ids[i] = key_tile_id<BLOCK_N>(p, cand, start, i, n_slots);
+        {
+            int ids[KeyRows::COUNT];
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
+            for (int j = 0; j < KeyRows::COUNT; ++j)
+                ids[j] = key_tile_id<BLOCK_N>(p, cand, start, KeyRows::row(j), n_slots);
+            copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, ids, head_dim);
+            copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, ids, head_dim);
+        }
+        float dk[DT][4], dv[DT][4], st[MT][4], dpt[MT][4];
+        zero(dk);
+        zero(dv);
+        zero(st);  // defined inputs for the first products, which overwrite them
+        zero(dpt);
+        for (long long hh = 0; hh < n_heads; ++hh) {
+            const long long h = h0 + hh;
+            const ScoreInputs<E> in(p, b, h);
+            __syncthreads();  // the tile's key ids are written
+            const KeyFacts mine[2] = {key_facts(in, key_ids[warp * 16 + frag_row(0)]),
+                                      key_facts(in, key_ids[warp * 16 + frag_row(2)])};
+            const RowTiles<BLOCK_M> rows =
+                key_tile_rows<BLOCK_M, BLOCK_N, THREADS>(p, in, b, h, start, key_ids, row_base,
+                                                         row_end, row_range);
+            float dkb[2] = {0.f, 0.f};
+            const long long q_off = b * p.sq_b + h * p.sq_h;
+            const T* q = static_cast<const T*>(p.q) + q_off;
+            const T* dout = static_cast<const T*>(p.dout) + q_off;
+            auto copy_rows = [&](int buffer, long long row0) {
+                int ids[QRows::COUNT];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = key_ids[warp * 16 + frag_row(e)];
-                const int d = frag_col(dt, e);
-                if (key < 0 || d >= p.head_dim) continue;
-                const long long at = b * p.sdk_b + hk * p.sdk_h + key * p.sdk_s + d;
-                const float dk_val = dk[dt][e] * (float)p.scale;
-                if (p.candidate_tiles) {
-                    atomicAdd(static_cast<float*>(p.dk) + at, dk_val);
-                    atomicAdd(static_cast<float*>(p.dv) + at, dv[dt][e]);
-                } else {
-                    static_cast<T*>(p.dk)[at] = E::from_f32(dk_val);
-                    static_cast<T*>(p.dv)[at] = E::from_f32(dv[dt][e]);
+                for (int j = 0; j < QRows::COUNT; ++j) {
+                    const long long row = row0 + QRows::row(j);
+                    ids[j] = row < p.seqlen_q ? (int)row : -1;
+                }
+                const unsigned q_buf = rows_s + 2 * buffer * ROWS_BYTES;
+                copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_buf, q, p.sq_s, ids, head_dim);
+                copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_buf + ROWS_BYTES, dout, p.sq_s, ids,
+                                                          head_dim);
+            };
+            float next_lse, next_delta;
+            __syncthreads();  // every warp is done with the previous head's buffers
+            if (rows.count > 0) {
+                copy_rows(0, rows.start(0));
+                if (threadIdx.x < BLOCK_M) {
+                    row_stats(p, b, h, rows.start(0) + threadIdx.x, next_lse, next_delta);
+                    lse_s[0][threadIdx.x] = next_lse;
+                    delta_s[0][threadIdx.x] = next_delta;
                 }
             }
+            for (long long j = 0; j < rows.count; ++j) {
+                const long long row0 = rows.start(j);
+                const int cur = j & 1;
+                const unsigned q_cur = rows_s + 2 * cur * ROWS_BYTES, do_cur = q_cur + ROWS_BYTES;
+                cp_async_wait<0>();
+                fence_async_shared();
+                __syncthreads();  // tile j (and K, V) landed; every warp is done with tile j - 1
+                const bool more = j + 1 < rows.count;
+                const long long next_row0 = more ? rows.start(j + 1) : 0;
+                if (more) {
+                    if (threadIdx.x < BLOCK_M)
+                        row_stats(p, b, h, next_row0 + threadIdx.x, next_lse, next_delta);
+                    copy_rows(cur ^ 1, next_row0);
+                }
+                // Transposed tiles: rows are the warpgroup's 64 keys, columns the query rows.
+                wgmma_fence();
+                wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(st, k_s, group * 64, q_cur);
+                wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(dpt, v_s, group * 64, do_cur);
+                wgmma_commit();
+                wgmma_wait<0>();
+                hold_accumulator(st);
+                hold_accumulator(dpt);
+                // Whether every row of the tile keeps both keys of every lane of this warp.
+                const bool all_kept = __all_sync(
+                    0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
+                                     && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
+                                     && !in.attn_bias && !in.attn_mask);
+                with_keep_test(in, all_kept || j < rows.whole, [&](auto test) {
+                    dkdv_scores<E, MT, decltype(test)::value>(st, dpt, dkb, in, (int)row0, mine,
+                                                              lse_s[cur], delta_s[cur]);
+                });
+                unsigned pt[BLOCK_M / 16][4], dst[BLOCK_M / 16][4];
+                pack_operand<E>(pt, st);
+                pack_operand<E>(dst, dpt);
+                wgmma_fence();
+                wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dv, pt, do_cur);
+                wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dk, dst, q_cur);
+                wgmma_commit();
+                wgmma_wait<0>();
+                hold_accumulator(dv);
+                hold_accumulator(dk);
+                if (more && threadIdx.x < BLOCK_M) {  // published by the next barrier
+                    lse_s[cur ^ 1][threadIdx.x] = next_lse;
+                    delta_s[cur ^ 1][threadIdx.x] = next_delta;
+                }
+            }
+            cp_async_wait<0>();
+            store_dkb(p, b, h, key_ids + warp * 16, dkb);
+        }
+        store_dkdv<E>(p, b, hk, key_ids + warp * 16, dk, dv);
     }
+#else
+    __trap();  // compiled for another target: the launcher never runs it there
+#endif
 }

@@ -162,3 +162,42 @@ DMA_DEVICE void wgmma_registers(float (&d)[N / 8][4], const unsigned (&a)[4],
 #undef DMA_ACC8
 #undef DMA_REGS32
 #undef DMA_REGS64
+
+// ---------------------------------------------------------------------------------------
+// The products of the attention kernels, for one warpgroup's 64 rows.
+
+// d[64 x N] = A B^T over D_PAD: A is rows a_row0.. of a swizzled A_ROWS-row tile, B a
+// swizzled N-row tile, both with the D_PAD dims contiguous (Q K^T, dO V^T). Issued, not
+// committed.
+template <class E, int D_PAD, int A_ROWS, int N>
+DMA_DEVICE void wgmma_rows_by_rows(float (&d)[N / 8][4], unsigned a_tile, int a_row0,
+                                   unsigned b_tile) {
+#pragma unroll
+    for (int ks = 0; ks < D_PAD / 16; ++ks) {
+        const unsigned panel = ks / 4, within = (ks % 4) * 32;  // four k steps per panel
+        wgmma_shared<E, N>(
+            d,
+            smem_descriptor(a_tile + (panel * A_ROWS + a_row0) * SWIZZLE_ROW_BYTES + within, 16),
+            smem_descriptor(b_tile + panel * N * SWIZZLE_ROW_BYTES + within, 16), ks > 0);
+    }
+}
+
+// A whole accumulator as the register A operand of the next product: each two adjacent
+// column tiles (16 columns) are one k step (pack_k_step).
+template <class E, int NT>
+DMA_DEVICE void pack_operand(unsigned (&a)[NT / 2][4], const float (&f)[NT][4]) {
+#pragma unroll
+    for (int kt = 0; kt < NT / 2; ++kt) pack_k_step<E>(a[kt], f[2 * kt], f[2 * kt + 1]);
+}
+
+// d[64 x D_PAD] += A B over K: A in registers (pack_operand), B a swizzled K-row tile with
+// its D_PAD columns contiguous (P V, dS K): each k step of 16 starts 16 rows further down.
+// Issued, not committed.
+template <class E, int D_PAD, int K>
+DMA_DEVICE void wgmma_registers_by_rows(float (&d)[D_PAD / 8][4], const unsigned (&a)[K / 16][4],
+                                        unsigned b_tile) {
+#pragma unroll
+    for (int kt = 0; kt < K / 16; ++kt)
+        wgmma_registers<E, D_PAD>(
+            d, a[kt], smem_descriptor(b_tile + kt * 16 * SWIZZLE_ROW_BYTES, K * SWIZZLE_ROW_BYTES));
+}
