@@ -264,9 +264,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
     typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
     extern __shared__ __align__(16) unsigned char smem[];
-    // The tiles start on a 1024-byte boundary (the launcher adds the slack).
-    const unsigned q_s = (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1)
-                         & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
+    const unsigned q_s = swizzled_tiles(smem);
     const unsigned k_s = q_s + Q_BYTES, v_s = k_s + 2 * KV_BYTES;  // two buffers each
     __shared__ KeyFacts facts[2][BLOCK_N];
 
@@ -321,11 +319,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     // Prologue: Q, K(0), V(0), K(1) and the facts of tiles 0 and 1; then tile 0's scores.
     {
         int q_ids[QRows::COUNT];
-#pragma unroll
-        for (int j = 0; j < QRows::COUNT; ++j) {
-            const long long row = row0 + QRows::row(j);
-            q_ids[j] = row < p.seqlen_q ? (int)row : -1;
-        }
+        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, row0, p.seqlen_q);
         copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(
             q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, q_ids, head_dim);
     }
@@ -543,8 +537,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
     typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
     extern __shared__ __align__(16) unsigned char smem[];
-    const unsigned q_s = (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1)
-                         & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
+    const unsigned q_s = swizzled_tiles(smem);
     const unsigned do_s = q_s + ROWS_BYTES, k_s = do_s + ROWS_BYTES;
     const unsigned v_s = k_s + 2 * KV_BYTES;  // two buffers of K and of V
     __shared__ KeyFacts facts[2][BLOCK_N];
@@ -579,11 +572,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     };
     {
         int q_ids[QRows::COUNT];
-#pragma unroll
-        for (int j = 0; j < QRows::COUNT; ++j) {
-            const long long row = row0 + QRows::row(j);
-            q_ids[j] = row < p.seqlen_q ? (int)row : -1;
-        }
+        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, row0, p.seqlen_q);
         copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + q_off,
                                                   p.sq_s, q_ids, head_dim);
         copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(do_s, static_cast<const T*>(p.dout) + q_off,
@@ -674,6 +663,39 @@ struct RowTiles {
 
     DMA_DEVICE long long start(long long j) const {
         return list ? (long long)list[j] * BLOCK_M : lo + j * BLOCK_M;
+    }
+};
+
+// What a dk/dv program walks, in its two modes: the candidate keys of a coarse block of rows
+// (blockIdx.x), in tiles split over blockIdx.z, for heads_per_program query heads; or one tile
+// of BLOCK_N consecutive keys for every query head of its kv head.
+template <int BLOCK_N>
+struct DkdvProgram {
+    long long b, h0, n_heads, n_slots, first_tile, tile_step, row_base, row_end;
+    const int* cand = nullptr;  // the block's candidate keys (candidate mode)
+
+    DMA_DEVICE explicit DkdvProgram(const Params& p) {
+        if (p.candidate_tiles) {
+            const long long block = blockIdx.x;
+            b = blockIdx.y / p.programs_per_batch;
+            h0 = (blockIdx.y % p.programs_per_batch) * p.heads_per_program;
+            n_heads = p.heads_per_program;
+            row_base = block * p.coarse_rows;
+            row_end = lmin(row_base + p.coarse_rows, p.seqlen_q);
+            cand = candidate_list(p, b, h0, block);
+            n_slots = block_count(p, p.candidate_count, b, h0, block);
+            first_tile = (long long)blockIdx.z * BLOCK_N;
+            tile_step = p.key_split * BLOCK_N;
+        } else {
+            b = blockIdx.y / p.kv_heads;
+            h0 = (blockIdx.y % p.kv_heads) * p.group;
+            n_heads = p.group;
+            row_base = 0;
+            row_end = p.seqlen_q;
+            n_slots = p.seqlen_k;
+            first_tile = (long long)blockIdx.x * BLOCK_N;
+            tile_step = p.seqlen_k;
+        }
     }
 };
 
@@ -799,29 +821,11 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
     __shared__ int row_range[2];
 
     const int warp = threadIdx.x / 32;
-    long long b, h0, n_heads, n_slots, first_tile, tile_step, row_base, row_end;
-    const int* cand = nullptr;
-    if (p.candidate_tiles) {  // candidates of a coarse block of rows, split over blockIdx.z
-        const long long block = blockIdx.x;
-        b = blockIdx.y / p.programs_per_batch;
-        h0 = (blockIdx.y % p.programs_per_batch) * p.heads_per_program;
-        n_heads = p.heads_per_program;
-        row_base = block * p.coarse_rows;
-        row_end = lmin(row_base + p.coarse_rows, p.seqlen_q);
-        cand = candidate_list(p, b, h0, block);
-        n_slots = block_count(p, p.candidate_count, b, h0, block);
-        first_tile = (long long)blockIdx.z * BLOCK_N;
-        tile_step = p.key_split * BLOCK_N;
-    } else {  // one tile of consecutive keys, every query head of its kv head
-        b = blockIdx.y / p.kv_heads;
-        h0 = (blockIdx.y % p.kv_heads) * p.group;
-        n_heads = p.group;
-        row_base = 0;
-        row_end = p.seqlen_q;
-        n_slots = p.seqlen_k;
-        first_tile = (long long)blockIdx.x * BLOCK_N;
-        tile_step = p.seqlen_k;
-    }
+    const DkdvProgram<BLOCK_N> prog(p);
+    const long long b = prog.b, h0 = prog.h0, n_heads = prog.n_heads, n_slots = prog.n_slots;
+    const long long first_tile = prog.first_tile, tile_step = prog.tile_step;
+    const long long row_base = prog.row_base, row_end = prog.row_end;
+    const int* cand = prog.cand;
     const long long hk = h0 / p.group;
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
@@ -928,8 +932,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
     typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
     typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
     extern __shared__ __align__(16) unsigned char smem[];
-    const unsigned k_s = (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1)
-                         & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
+    const unsigned k_s = swizzled_tiles(smem);
     const unsigned v_s = k_s + KV_BYTES;
     const unsigned rows_s = v_s + KV_BYTES;  // buffer i: Q at rows_s + 2 i ROWS_BYTES, then dO
     __shared__ int key_ids[BLOCK_N];
@@ -937,29 +940,11 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
     __shared__ int row_range[2];
 
     const int warp = threadIdx.x / 32, group = warp / 4;
-    long long b, h0, n_heads, n_slots, first_tile, tile_step, row_base, row_end;
-    const int* cand = nullptr;
-    if (p.candidate_tiles) {  // candidates of a coarse block of rows, split over blockIdx.z
-        const long long block = blockIdx.x;
-        b = blockIdx.y / p.programs_per_batch;
-        h0 = (blockIdx.y % p.programs_per_batch) * p.heads_per_program;
-        n_heads = p.heads_per_program;
-        row_base = block * p.coarse_rows;
-        row_end = lmin(row_base + p.coarse_rows, p.seqlen_q);
-        cand = candidate_list(p, b, h0, block);
-        n_slots = block_count(p, p.candidate_count, b, h0, block);
-        first_tile = (long long)blockIdx.z * BLOCK_N;
-        tile_step = p.key_split * BLOCK_N;
-    } else {  // one tile of consecutive keys, every query head of its kv head
-        b = blockIdx.y / p.kv_heads;
-        h0 = (blockIdx.y % p.kv_heads) * p.group;
-        n_heads = p.group;
-        row_base = 0;
-        row_end = p.seqlen_q;
-        n_slots = p.seqlen_k;
-        first_tile = (long long)blockIdx.x * BLOCK_N;
-        tile_step = p.seqlen_k;
-    }
+    const DkdvProgram<BLOCK_N> prog(p);
+    const long long b = prog.b, h0 = prog.h0, n_heads = prog.n_heads, n_slots = prog.n_slots;
+    const long long first_tile = prog.first_tile, tile_step = prog.tile_step;
+    const long long row_base = prog.row_base, row_end = prog.row_end;
+    const int* cand = prog.cand;
     const long long hk = h0 / p.group;
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
@@ -997,11 +982,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
             const T* dout = static_cast<const T*>(p.dout) + q_off;
             auto copy_rows = [&](int buffer, long long row0) {
                 int ids[QRows::COUNT];
-#pragma unroll
-                for (int j = 0; j < QRows::COUNT; ++j) {
-                    const long long row = row0 + QRows::row(j);
-                    ids[j] = row < p.seqlen_q ? (int)row : -1;
-                }
+                query_row_ids<BLOCK_M, D_PAD, THREADS>(ids, row0, p.seqlen_q);
                 const unsigned q_buf = rows_s + 2 * buffer * ROWS_BYTES;
                 copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_buf, q, p.sq_s, ids, head_dim);
                 copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_buf + ROWS_BYTES, dout, p.sq_s, ids,

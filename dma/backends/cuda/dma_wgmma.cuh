@@ -39,6 +39,23 @@ struct CopyRows {
     static DMA_DEVICE int col() { return ((int)threadIdx.x % CHUNKS) * 8; }
 };
 
+// The shared-space address of a kernel's first swizzled tile: its dynamic shared memory
+// rounded up to the swizzle's 1024 bytes (the launcher adds the slack).
+DMA_DEVICE unsigned swizzled_tiles(const void* smem) {
+    return (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1) & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
+}
+
+// The query rows this thread copies of the ROWS rows from row0 (CopyRows), -1 past seqlen_q.
+template <int ROWS, int D_PAD, int THREADS>
+DMA_DEVICE void query_row_ids(int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT], long long row0,
+                              long long seqlen_q) {
+#pragma unroll
+    for (int j = 0; j < CopyRows<ROWS, D_PAD, THREADS>::COUNT; ++j) {
+        const long long row = row0 + CopyRows<ROWS, D_PAD, THREADS>::row(j);
+        ids[j] = row < seqlen_q ? (int)row : -1;
+    }
+}
+
 // Asynchronous copies of a tile's rows into its swizzled shared tile `dst` (a shared-space
 // address): row `row(j)` of the tile is row ids[j] of `base` (negative: absent, zero-filled),
 // as are columns at or past head_dim. Closes the group of copies; the caller waits for it.
