@@ -55,6 +55,32 @@ struct TileKeys {
     }
 };
 
+// What a forward or dq program works on: the BLOCK_M query rows from row0 of head h (the
+// last block runs first: it has the most keys), its kv head's K and V, and the key slots its
+// tiles walk: n_slots of them (named by `list`, or consecutive when null), the first n_full
+// kept by every row.
+template <class E, int BLOCK_M, int BLOCK_N>
+struct QueryBlock {
+    typedef typename E::T T;
+    long long row0, b, h;
+    ScoreInputs<E> in;
+    const T* k;
+    const T* v;
+    long long q_off;  // of Q, dO and the output
+    long long n_slots, n_full;
+    const int* list;
+
+    DMA_DEVICE explicit QueryBlock(const Params& p)
+        : row0(last_first_block() * BLOCK_M), b(blockIdx.y / p.heads), h(blockIdx.y % p.heads),
+          in(p, b, h),
+          k(static_cast<const T*>(p.k) + b * p.sk_b + (h / p.group) * p.sk_h),
+          v(static_cast<const T*>(p.v) + b * p.sv_b + (h / p.group) * p.sv_h),
+          q_off(b * p.sq_b + h * p.sq_h),
+          n_slots(tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M)),
+          n_full(full_tile_slots<BLOCK_N>(p, b, h, row0)),
+          list(query_block_list(p, b, h, row0)) {}
+};
+
 // Scores of one warp's WARP_M x BLOCK_N tile (base 2) from its products qk (which may be s
 // itself), and each row's maximum; tile_max starts at -inf.
 template <class E, int MF, int NT, int TEST>
@@ -185,45 +211,39 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
     __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32;
-    const long long row0 = last_first_block() * BLOCK_M;
-    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
-    const ScoreInputs<E> in(p, b, h);
-    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
-    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
+    const ScoreInputs<E>& in = blk.in;
     const T* q_w = q_s + warp * WARP_M * LD;
     T* p_w = p_s + warp * WARP_M * LDP;
-    const int row_w = (int)row0 + warp * WARP_M;
+    const int row_w = (int)blk.row0 + warp * WARP_M;
 
     float o[MF][DT][4];
     zero(o);
     float m[MF][2], l[MF][2];
 #pragma unroll
     for (int mf = 0; mf < MF; ++mf) m[mf][0] = m[mf][1] = neg_inf(), l[mf][0] = l[mf][1] = 0.f;
-    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
-    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
-    const int* list = query_block_list(p, b, h, row0);
     TileKeys<E, BLOCK_N> next;
-    next.fetch(p, in, list, 0, n_slots);
+    next.fetch(p, in, blk.list, 0, blk.n_slots);
     next.publish(key_ids[0], facts[0]);
     load_tile<E, BLOCK_M, D_PAD, THREADS, false>(
-        q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, nullptr, row0,
+        q_s, static_cast<const T*>(p.q) + blk.q_off, p.sq_s, nullptr, blk.row0,
         p.seqlen_q, p);
     __syncthreads();  // tile 0's ids
-    if (n_slots > 0)
-        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[0], 0, 0, p);
-    for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
+    if (blk.n_slots > 0)
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, blk.k, p.sk_s, key_ids[0], 0, 0, p);
+    for (long long start = 0, tile = 0; start < blk.n_slots; start += BLOCK_N, ++tile) {
         const int cur = tile & 1;
         cp_async_wait<0>();
         __syncthreads();  // K(i) and Q landed; every warp is done with V(i - 1)
-        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur], 0, 0, p);
-        const bool more = start + BLOCK_N < n_slots;
-        if (more) next.fetch(p, in, list, start + BLOCK_N, n_slots);
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, blk.v, p.sv_s, key_ids[cur], 0, 0, p);
+        const bool more = start + BLOCK_N < blk.n_slots;
+        if (more) next.fetch(p, in, blk.list, start + BLOCK_N, blk.n_slots);
 
         float s[MF][NT][4];
         zero(s);
         warp_mma<E, D_PAD, NT, true, true, MF>(s, q_w, LD, k_s, LD);
         float tile_max[MF][2];
-        with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
+        with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
             forward_scores<E, MF, NT, decltype(test)::value>(s, s, tile_max, in, row_w,
                                                              facts[cur]);
         });
@@ -232,12 +252,13 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         cp_async_wait<0>();
         __syncthreads();  // V(i) landed; every warp is done with K(i); tile i + 1's ids
         if (more)
-            load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur ^ 1], 0, 0, p);
+            load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, blk.k, p.sk_s, key_ids[cur ^ 1], 0,
+                                                         0, p);
         warp_mma_scores<E, NT, DT, false, MF>(o, s, p_w, LDP, v_s, LD);
     }
     cp_async_wait<0>();  // nothing left in flight when no tile ran
 
-    store_forward_rows<E>(p, b, h, row_w, o, m, l);
+    store_forward_rows<E>(p, blk.b, blk.h, row_w, o, m, l);
 }
 
 // The forward on Hopper's warpgroup products (sm_90a; bf16 and fp16 at head dims 64 and 128,
@@ -269,17 +290,11 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32, group = warp / 4;
-    const long long row0 = last_first_block() * BLOCK_M;
-    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
-    const ScoreInputs<E> in(p, b, h);
-    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
-    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
-    const int row_w = (int)row0 + warp * 16;
+    const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
+    const ScoreInputs<E>& in = blk.in;
+    const int row_w = (int)blk.row0 + warp * 16;
     const int head_dim = (int)p.head_dim;
-    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
-    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
-    const int* list = query_block_list(p, b, h, row0);
-    const long long n_tiles = (n_slots + BLOCK_N - 1) / BLOCK_N;
+    const long long n_tiles = (blk.n_slots + BLOCK_N - 1) / BLOCK_N;
 
     float o[1][DT][4], s[1][NT][4], qk[1][NT][4], tile_max[1][2];
     zero(o);
@@ -291,19 +306,19 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     auto fetch_ids = [&](int (&ids)[KeyRows::COUNT], long long t) {
 #pragma unroll
         for (int j = 0; j < KeyRows::COUNT; ++j)
-            ids[j] = key_tile_id<BLOCK_N>(p, list, t * BLOCK_N, KeyRows::row(j), n_slots);
+            ids[j] = key_tile_id<BLOCK_N>(p, blk.list, t * BLOCK_N, KeyRows::row(j), blk.n_slots);
     };
     auto copy_k = [&](long long t, const int (&ids)[KeyRows::COUNT]) {
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + (t & 1) * KV_BYTES, k, p.sk_s, ids,
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + (t & 1) * KV_BYTES, blk.k, p.sk_s, ids,
                                                   head_dim);
     };
     auto copy_v = [&](long long t, const int (&ids)[KeyRows::COUNT]) {
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + (t & 1) * KV_BYTES, v, p.sv_s, ids,
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + (t & 1) * KV_BYTES, blk.v, p.sv_s, ids,
                                                   head_dim);
     };
     TileKeys<E, BLOCK_N> next;  // facts of tile t + 2
     auto scores = [&](long long t) {  // tile t's scores in s from its products in qk
-        with_keep_test(in, (t + 1) * BLOCK_N <= n_full, [&](auto test) {
+        with_keep_test(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
             forward_scores<E, 1, NT, decltype(test)::value>(s, qk, tile_max, in, row_w,
                                                             facts[t & 1]);
         });
@@ -319,21 +334,21 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     // Prologue: Q, K(0), V(0), K(1) and the facts of tiles 0 and 1; then tile 0's scores.
     {
         int q_ids[QRows::COUNT];
-        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, row0, p.seqlen_q);
+        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, blk.row0, p.seqlen_q);
         copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(
-            q_s, static_cast<const T*>(p.q) + b * p.sq_b + h * p.sq_h, p.sq_s, q_ids, head_dim);
+            q_s, static_cast<const T*>(p.q) + blk.q_off, p.sq_s, q_ids, head_dim);
     }
     fetch_ids(k_ids, 0);
     copy_k(0, k_ids);
     copy_v(0, k_ids);
     fetch_ids(v_ids, 1);
     if (n_tiles > 1) copy_k(1, v_ids);
-    next.fetch(p, in, list, 0, n_slots);
+    next.fetch(p, in, blk.list, 0, blk.n_slots);
     next.publish(facts[0]);
-    next.fetch(p, in, list, BLOCK_N, n_slots);
+    next.fetch(p, in, blk.list, BLOCK_N, blk.n_slots);
     next.publish(facts[1]);
     fetch_ids(k_ids, 2);
-    next.fetch(p, in, list, 2 * BLOCK_N, n_slots);
+    next.fetch(p, in, blk.list, 2 * BLOCK_N, blk.n_slots);
     cp_async_wait<0>();
     fence_async_shared();
     __syncthreads();
@@ -369,7 +384,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
         for (int j = 0; j < KeyRows::COUNT; ++j) v_ids[j] = k_ids[j];
         if (t + 3 < n_tiles) {
             fetch_ids(k_ids, t + 3);
-            next.fetch(p, in, list, (t + 3) * BLOCK_N, n_slots);
+            next.fetch(p, in, blk.list, (t + 3) * BLOCK_N, blk.n_slots);
         }
         issue_scores(t + 1);  // runs during tile t's softmax
         softmax_issue_pv(t);
@@ -387,7 +402,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
         wgmma_wait<0>();
         hold_accumulator(o[0]);
     }
-    store_forward_rows<E>(p, b, h, row_w, o, m, l);
+    store_forward_rows<E>(p, blk.b, blk.h, row_w, o, m, l);
 #else
     __trap();  // compiled for another target: the launcher never runs it there
 #endif
@@ -465,42 +480,35 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
     __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32;
-    const long long row0 = last_first_block() * BLOCK_M;
-    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
-    const ScoreInputs<E> in(p, b, h);
-    const long long q_off = b * p.sq_b + h * p.sq_h;
-    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
-    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
+    const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
+    const ScoreInputs<E>& in = blk.in;
     const T* q_w = q_s + warp * 16 * LD;
     const T* do_w = do_s + warp * 16 * LD;
     T* p_w = p_s + warp * 16 * LDP;
-    const int row_w = (int)row0 + warp * 16;
+    const int row_w = (int)blk.row0 + warp * 16;
     float lse[2], delta[2];
-    row_stats(p, b, h, row_w + frag_row(0), lse[0], delta[0]);
-    row_stats(p, b, h, row_w + frag_row(2), lse[1], delta[1]);
+    row_stats(p, blk.b, blk.h, row_w + frag_row(0), lse[0], delta[0]);
+    row_stats(p, blk.b, blk.h, row_w + frag_row(2), lse[1], delta[1]);
 
     float dq[DT][4];
     zero(dq);
-    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
-    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
-    const int* list = query_block_list(p, b, h, row0);
     TileKeys<E, BLOCK_N> next;
-    next.fetch(p, in, list, 0, n_slots);
+    next.fetch(p, in, blk.list, 0, blk.n_slots);
     next.publish(key_ids[0], facts[0]);
-    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(q_s, static_cast<const T*>(p.q) + q_off, p.sq_s,
-                                                 nullptr, row0, p.seqlen_q, p);
-    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(do_s, static_cast<const T*>(p.dout) + q_off,
-                                                 p.sq_s, nullptr, row0, p.seqlen_q, p);
+    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(q_s, static_cast<const T*>(p.q) + blk.q_off,
+                                                 p.sq_s, nullptr, blk.row0, p.seqlen_q, p);
+    load_tile<E, BLOCK_M, D_PAD, THREADS, false>(do_s, static_cast<const T*>(p.dout) + blk.q_off,
+                                                 p.sq_s, nullptr, blk.row0, p.seqlen_q, p);
     __syncthreads();  // tile 0's ids
-    if (n_slots > 0)
-        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[0], 0, 0, p);
-    for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
+    if (blk.n_slots > 0)
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, blk.v, p.sv_s, key_ids[0], 0, 0, p);
+    for (long long start = 0, tile = 0; start < blk.n_slots; start += BLOCK_N, ++tile) {
         const int cur = tile & 1;
         cp_async_wait<0>();
         __syncthreads();  // V(i), Q and dO landed; every warp is done with K(i - 1)
-        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, k, p.sk_s, key_ids[cur], 0, 0, p);
-        const bool more = start + BLOCK_N < n_slots;
-        if (more) next.fetch(p, in, list, start + BLOCK_N, n_slots);
+        load_tile<E, BLOCK_N, D_PAD, THREADS, false>(k_s, blk.k, p.sk_s, key_ids[cur], 0, 0, p);
+        const bool more = start + BLOCK_N < blk.n_slots;
+        if (more) next.fetch(p, in, blk.list, start + BLOCK_N, blk.n_slots);
 
         float s[NT][4], dp[NT][4];
         zero(dp);
@@ -509,17 +517,18 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
         cp_async_wait<0>();
         __syncthreads();  // K(i) landed; every warp is done with V(i); tile i + 1's ids
         if (more)
-            load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, v, p.sv_s, key_ids[cur ^ 1], 0, 0, p);
+            load_tile<E, BLOCK_N, D_PAD, THREADS, false>(v_s, blk.v, p.sv_s, key_ids[cur ^ 1], 0,
+                                                         0, p);
         zero(s);
         warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
-        with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
-            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, b, h, row_w, facts[cur], lse,
-                                                    delta);
+        with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, blk.b, blk.h, row_w,
+                                                    facts[cur], lse, delta);
         });
         warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
     }
     cp_async_wait<0>();
-    store_dq_rows<E>(p, q_off, row_w, dq);
+    store_dq_rows<E>(p, blk.q_off, row_w, dq);
 }
 
 // dq on Hopper's warpgroup products (sm_90a; the shapes of dma_forward_wgmma): the walk,
@@ -543,48 +552,41 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32, group = warp / 4;
-    const long long row0 = last_first_block() * BLOCK_M;
-    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads, hk = h / p.group;
-    const ScoreInputs<E> in(p, b, h);
-    const long long q_off = b * p.sq_b + h * p.sq_h;
-    const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
-    const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
-    const int row_w = (int)row0 + warp * 16;
+    const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
+    const ScoreInputs<E>& in = blk.in;
+    const int row_w = (int)blk.row0 + warp * 16;
     const int head_dim = (int)p.head_dim;
     float lse[2], delta[2];
-    row_stats(p, b, h, row_w + frag_row(0), lse[0], delta[0]);
-    row_stats(p, b, h, row_w + frag_row(2), lse[1], delta[1]);
-    const long long n_slots = tile_count<BLOCK_N>(p, b, h, row0, BLOCK_M);
-    const long long n_full = full_tile_slots<BLOCK_N>(p, b, h, row0);
-    const int* list = query_block_list(p, b, h, row0);
+    row_stats(p, blk.b, blk.h, row_w + frag_row(0), lse[0], delta[0]);
+    row_stats(p, blk.b, blk.h, row_w + frag_row(2), lse[1], delta[1]);
 
     int ids[KeyRows::COUNT];  // this thread's copy rows of the next tile
     auto fetch_ids = [&](long long start) {
 #pragma unroll
         for (int j = 0; j < KeyRows::COUNT; ++j)
-            ids[j] = key_tile_id<BLOCK_N>(p, list, start, KeyRows::row(j), n_slots);
+            ids[j] = key_tile_id<BLOCK_N>(p, blk.list, start, KeyRows::row(j), blk.n_slots);
     };
     auto copy_tile = [&](int buffer) {
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + buffer * KV_BYTES, k, p.sk_s, ids,
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + buffer * KV_BYTES, blk.k, p.sk_s, ids,
                                                   head_dim);
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + buffer * KV_BYTES, v, p.sv_s, ids,
+        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + buffer * KV_BYTES, blk.v, p.sv_s, ids,
                                                   head_dim);
     };
     {
         int q_ids[QRows::COUNT];
-        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, row0, p.seqlen_q);
-        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + q_off,
+        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, blk.row0, p.seqlen_q);
+        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + blk.q_off,
                                                   p.sq_s, q_ids, head_dim);
-        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(do_s, static_cast<const T*>(p.dout) + q_off,
+        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(do_s, static_cast<const T*>(p.dout) + blk.q_off,
                                                   p.sq_s, q_ids, head_dim);
     }
     TileKeys<E, BLOCK_N> next;
-    next.fetch(p, in, list, 0, n_slots);
+    next.fetch(p, in, blk.list, 0, blk.n_slots);
     next.publish(facts[0]);
     fetch_ids(0);
     copy_tile(0);
-    if (BLOCK_N < n_slots) {
-        next.fetch(p, in, list, BLOCK_N, n_slots);
+    if (BLOCK_N < blk.n_slots) {
+        next.fetch(p, in, blk.list, BLOCK_N, blk.n_slots);
         fetch_ids(BLOCK_N);
     }
 
@@ -592,16 +594,16 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     zero(dq);
     zero(s);  // defined inputs for the first products, which overwrite them
     zero(dp);
-    for (long long start = 0, tile = 0; start < n_slots; start += BLOCK_N, ++tile) {
+    for (long long start = 0, tile = 0; start < blk.n_slots; start += BLOCK_N, ++tile) {
         const int cur = tile & 1;
         cp_async_wait<0>();
         fence_async_shared();
         __syncthreads();  // tile i's K, V (and Q, dO) landed; every warp is done with tile i - 1
-        if (start + BLOCK_N < n_slots) {
+        if (start + BLOCK_N < blk.n_slots) {
             next.publish(facts[cur ^ 1]);
             copy_tile(cur ^ 1);
-            if (start + 2 * BLOCK_N < n_slots) {
-                next.fetch(p, in, list, start + 2 * BLOCK_N, n_slots);
+            if (start + 2 * BLOCK_N < blk.n_slots) {
+                next.fetch(p, in, blk.list, start + 2 * BLOCK_N, blk.n_slots);
                 fetch_ids(start + 2 * BLOCK_N);
             }
         }
@@ -613,9 +615,9 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
         wgmma_wait<0>();
         hold_accumulator(s);
         hold_accumulator(dp);
-        with_keep_test(in, start + BLOCK_N <= n_full, [&](auto test) {
-            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, b, h, row_w, facts[cur], lse,
-                                                    delta);
+        with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, blk.b, blk.h, row_w,
+                                                    facts[cur], lse, delta);
         });
         unsigned ds[BLOCK_N / 16][4];
         pack_operand<E>(ds, s);
@@ -626,7 +628,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
         hold_accumulator(dq);
     }
     cp_async_wait<0>();  // nothing left in flight when no tile ran
-    store_dq_rows<E>(p, q_off, row_w, dq);
+    store_dq_rows<E>(p, blk.q_off, row_w, dq);
 #else
     __trap();  // compiled for another target: the launcher never runs it there
 #endif
