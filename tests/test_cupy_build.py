@@ -36,6 +36,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     # the head dims between differ only in a template constant. The warpgroup forward (every
     # instantiation) compiles for sm_90a, the only target it runs on.
     common = [k for k in cupy_kernels.all_instantiations() if k[2] in (16, 256)]
+    common += cupy_kernels.row_delta_instantiations()
     targets = {"80": common, "90": common, "90a": cupy_kernels.wgmma_instantiations()}
     builds = {}
     for arch, kernels in targets.items():  # all at once: ptxas is the slow part
@@ -66,8 +67,11 @@ def test_host_constants_match_the_sources():
     pad = re.search(r"constexpr int SMEM_PAD = (\d+);", common)
     assert pad and int(pad.group(1)) == cupy_kernels.SMEM_PAD  # shared-memory sizes agree
     kernels = (cupy_kernels.source_dir() / cupy_kernels.KERNEL_HEADER).read_text()
-    for name in (*cupy_kernels.KERNELS, *cupy_kernels.WGMMA_KERNELS.values()):  # all exist
+    for name in (*cupy_kernels.KERNELS, *cupy_kernels.WGMMA_KERNELS.values(),
+                 cupy_kernels.ROW_DELTA):  # all exist
         assert f" {name}(const Params p)" in kernels
+    warps = re.search(r"constexpr int ROW_DELTA_WARPS = (\d+);", kernels)
+    assert warps and int(warps.group(1)) == cupy_kernels.ROW_DELTA_WARPS  # the grid covers rows
 
 
 def _problem(**kw):
@@ -86,6 +90,31 @@ def test_host_fields_fill_every_params_field():
     assert packed["seqlen_q"][0] == 24 and packed["group"][0] == 2
     assert packed["q"][0] == inputs.q.data_ptr()
     assert np.isclose(packed["scale"][0], 64 ** -0.5)
+
+
+def test_row_delta_launch_fills_every_field_and_covers_every_row(monkeypatch):
+    # The row delta's launch (no GPU: the launch is caught) packs a whole Params with o's
+    # and do's own strides, and its grid's warps cover every row of every head.
+    problem, _ = _problem()
+    o = torch.randn(2, 4, 24, 64, dtype=torch.float16).transpose(1, 2)  # not contiguous
+    do = torch.randn(2, 24, 4, 72, dtype=torch.float16)[..., :64]
+    seen = {}
+
+    def catch(kernel, dtype, d_pad, grid, device, fields):
+        seen.update(kernel=kernel, grid=grid, packed=cupy_kernels.pack_params(fields))
+
+    monkeypatch.setattr(cupy_kernels, "launch", catch)
+    delta = cupy_backend.CupyBackend().row_delta(problem, o, do)
+    packed = seen["packed"]
+    assert seen["kernel"] == cupy_kernels.ROW_DELTA and delta.shape == (2, 4, 24)
+    assert packed["out"][0] == o.data_ptr() and packed["dout"][0] == do.data_ptr()
+    assert packed["delta"][0] == delta.data_ptr()
+    assert (packed["so_b"][0], packed["so_s"][0], packed["so_h"][0]) == o.stride()[:3]
+    assert (packed["sq_b"][0], packed["sq_s"][0], packed["sq_h"][0]) == do.stride()[:3]
+    assert (packed["slse_b"][0], packed["slse_h"][0]) == delta.stride()[:2]
+    assert packed["head_dim"][0] == 64 and packed["heads"][0] == 4
+    rows, heads = seen["grid"]
+    assert rows * cupy_kernels.ROW_DELTA_WARPS >= 24 and heads == 2 * 4
 
 
 @pytest.mark.parametrize("kernel, by_key", [("dma_forward", False),

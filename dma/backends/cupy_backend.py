@@ -153,6 +153,24 @@ class CupyBackend(Backend):
                      (self._query_blocks(kernel, problem, launch), b * h), fields)
         return out, lse
 
+    def row_delta(self, problem: Problem, o, do):
+        """rowsum(do * o) in float32 by one kernel, dma_row_delta (reads o and do once;
+        the base class's torch version makes float32 copies of both)."""
+        b, sq, h, _ = o.shape
+        delta = new_output((b, h, sq), torch.float32, problem.device)
+        if delta.numel() == 0:
+            return delta
+        o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (o, do))
+        fields = dict.fromkeys((name for name, _ in cupy_kernels.params_fields()), 0)
+        fields.update(out=o.data_ptr(), so_b=o.stride(0), so_s=o.stride(1), so_h=o.stride(2),
+                      dout=do.data_ptr(), sq_b=do.stride(0), sq_s=do.stride(1),
+                      sq_h=do.stride(2), delta=delta.data_ptr(), slse_b=delta.stride(0),
+                      slse_h=delta.stride(1), heads=h, seqlen_q=sq, head_dim=problem.head_dim)
+        cupy_kernels.launch(cupy_kernels.ROW_DELTA, problem.dtype, 0,
+                            (cdiv(sq, cupy_kernels.ROW_DELTA_WARPS), b * h), problem.device,
+                            fields)
+        return delta
+
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         launch = LaunchArgs(problem, inputs, plan)
         bufs = backward_buffers(problem, launch, plan, lse, do, delta)

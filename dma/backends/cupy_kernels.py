@@ -36,6 +36,10 @@ WGMMA_KERNELS = {"dma_forward": WGMMA_FORWARD, "dma_backward_dq": WGMMA_DQ,
                  "dma_backward_dkdv": WGMMA_DKDV}
 WGMMA_DTYPES = (torch.float16, torch.bfloat16)
 WGMMA_HEAD_DIM_PADS = (64, 128)
+# The backward's first step, delta = rowsum(dO * O): one warp per row, ROW_DELTA_WARPS rows
+# per program (dma_attention.cuh); one instantiation per element type.
+ROW_DELTA = "dma_row_delta"
+ROW_DELTA_WARPS = 8
 WGMMA_ALIGNMENT = 1024  # its swizzled tiles start 1024-byte aligned (slack in shared_bytes)
 SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
 _FIELD = re.compile(r"^\s*(const void\*|void\*|const float\*|float\*|long long|double)\s+(\w+);",
@@ -121,7 +125,9 @@ def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
 @lru_cache(maxsize=None)  # read on every launch
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv); the warpgroup
-    kernels two warpgroups."""
+    kernels two warpgroups; row delta ROW_DELTA_WARPS warps."""
+    if kernel == ROW_DELTA:
+        return ROW_DELTA_WARPS * 32
     block_m, block_n = tiles(kernel, dtype, d_pad)
     if kernel in WGMMA_KERNELS.values():
         return 256
@@ -138,7 +144,10 @@ def dkdv_row_buffers(dtype: torch.dtype, d_pad: int) -> int:
 
 @lru_cache(maxsize=None)  # read on every launch
 def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
-    """Dynamic shared memory of one program: the tiles its kernel declares."""
+    """Dynamic shared memory of one program: the tiles its kernel declares (none in row
+    delta)."""
+    if kernel == ROW_DELTA:
+        return 0
     block_m, block_n = tiles(kernel, dtype, d_pad)
     if kernel in WGMMA_KERNELS.values():  # unpadded (swizzled) tiles
         rows = {WGMMA_FORWARD: block_m + 4 * block_n,  # q; two buffers of k and v
@@ -162,6 +171,8 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
 
 
 def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
+    if kernel == ROW_DELTA:  # any head dim
+        return f"{kernel}<{ELEMENT_TYPES[dtype]}>"
     block_m, block_n = tiles(kernel, dtype, d_pad)
     if kernel == WGMMA_DKDV:
         return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}>"
@@ -175,6 +186,11 @@ def all_instantiations():
     """Every (kernel, dtype, padded head dim) the backend can launch on any target."""
     return [(kernel, dtype, d_pad) for kernel in KERNELS for dtype in ELEMENT_TYPES
             for d_pad in HEAD_DIM_PADS]
+
+
+def row_delta_instantiations():
+    """Row delta's instantiations, one per element type (its head dim slot is 0)."""
+    return [(ROW_DELTA, dtype, 0) for dtype in ELEMENT_TYPES]
 
 
 def wgmma_instantiations():

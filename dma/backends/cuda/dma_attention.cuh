@@ -408,6 +408,28 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
 #endif
 }
 
+// The backward's first step: delta = rowsum(dO * O) in float32, into p.delta (strides of
+// lse), O at p.out (strides so_*) and dO at p.dout (strides sq_*), last dims contiguous.
+// One warp per row, each input read once (in torch it takes two casts, a product and a sum
+// over float32 copies of O and dO).
+constexpr int ROW_DELTA_WARPS = 8;
+
+template <class E>
+__global__ void __launch_bounds__(ROW_DELTA_WARPS * 32) dma_row_delta(const Params p) {
+    typedef typename E::T T;
+    const long long row = (long long)blockIdx.x * ROW_DELTA_WARPS + threadIdx.x / 32;
+    const long long b = blockIdx.y / p.heads, h = blockIdx.y % p.heads;
+    if (row >= p.seqlen_q) return;
+    const T* o = static_cast<const T*>(p.out) + b * p.so_b + h * p.so_h + row * p.so_s;
+    const T* d_o = static_cast<const T*>(p.dout) + b * p.sq_b + h * p.sq_h + row * p.sq_s;
+    float sum = 0.f;
+    for (long long d = threadIdx.x % 32; d < p.head_dim; d += 32)
+        sum += E::to_f32(o[d]) * E::to_f32(d_o[d]);
+#pragma unroll
+    for (int lanes = 16; lanes > 0; lanes /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
+    if (threadIdx.x % 32 == 0) p.delta[b * p.slse_b + h * p.slse_h + row] = sum;
+}
+
 // lse (in base 2, as the scores) and delta of one row for the backward: empty rows
 // (lse = -inf) and rows past the end read lse = +inf, so their p = exp2(s - lse) is 0.
 DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long row,

@@ -14,7 +14,7 @@ struct Params {
     void* out;
     float* lse;
     const void* dout;
-    const float* delta;
+    float* delta;  // written by dma_row_delta, read by dq and dk/dv
     void* dq;
     void* dk;
     void* dv;
