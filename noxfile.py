@@ -52,7 +52,8 @@ def triton(session):
     workers = [] if HAS_GPU else ["-n", "auto"]
     session.run("pytest", "-q", *workers, "tests/conformance", "tests/test_gpu_modes.py",
                 "tests/test_selection.py", "tests/test_nn.py", "tests/test_triton_fitting.py",
-                "tests/test_triton_kernel_report.py", "tests/test_triton_probe.py", "-k", "triton",
+                "tests/test_triton_kernel_report.py", "tests/test_triton_probe.py",
+                "tests/test_row_delta.py", "-k", "triton",
                 *session.posargs,
                 env=env)
 
@@ -67,4 +68,4 @@ def cupy(session):
         session.install(".[cupy13]")
     session.run("pytest", "-q", "tests/conformance", "tests/test_cupy_build.py",
                 "tests/test_cupy_wgmma.py", "tests/test_gpu_modes.py", "tests/test_nn.py",
-                "-k", "cupy or warpgroup", *session.posargs)
+                "tests/test_row_delta.py", "-k", "cupy or warpgroup", *session.posargs)
