@@ -36,11 +36,11 @@ WGMMA_KERNELS = {"dma_forward": WGMMA_FORWARD, "dma_backward_dq": WGMMA_DQ,
                  "dma_backward_dkdv": WGMMA_DKDV}
 WGMMA_DTYPES = (torch.float16, torch.bfloat16)
 WGMMA_HEAD_DIM_PADS = (64, 128)
+WGMMA_ALIGNMENT = 1024  # its swizzled tiles start 1024-byte aligned (slack in shared_bytes)
 # The backward's first step, delta = rowsum(dO * O): one warp per row, ROW_DELTA_WARPS rows
 # per program (dma_attention.cuh); one instantiation per element type.
 ROW_DELTA = "dma_row_delta"
 ROW_DELTA_WARPS = 8
-WGMMA_ALIGNMENT = 1024  # its swizzled tiles start 1024-byte aligned (slack in shared_bytes)
 SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
 _FIELD = re.compile(r"^\s*(const void\*|void\*|const float\*|float\*|long long|double)\s+(\w+);",
                     re.M)
