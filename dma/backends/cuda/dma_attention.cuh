@@ -66,7 +66,7 @@ struct QueryBlock {
     ScoreInputs<E> in;
     const T* k;
     const T* v;
-    long long q_off;  // of Q, dO and the output
+    long long q_off;  // of Q, dO and dq (which share q's strides)
     long long n_slots, n_full;
     const int* list;
 
