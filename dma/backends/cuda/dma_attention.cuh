@@ -304,9 +304,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     // Copies and products of tile t (its slots from t * BLOCK_N).
     int v_ids[KeyRows::COUNT], k_ids[KeyRows::COUNT];  // copy rows of V(t + 1), K(t + 2)
     auto fetch_ids = [&](int (&ids)[KeyRows::COUNT], long long t) {
-#pragma unroll
-        for (int j = 0; j < KeyRows::COUNT; ++j)
-            ids[j] = key_tile_id<BLOCK_N>(p, blk.list, t * BLOCK_N, KeyRows::row(j), blk.n_slots);
+        key_row_ids<BLOCK_N, D_PAD, THREADS>(ids, p, blk.list, t * BLOCK_N, blk.n_slots);
     };
     auto copy_k = [&](long long t, const int (&ids)[KeyRows::COUNT]) {
         copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + (t & 1) * KV_BYTES, blk.k, p.sk_s, ids,
@@ -584,9 +582,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
 
     int ids[KeyRows::COUNT];  // this thread's copy rows of the next tile
     auto fetch_ids = [&](long long start) {
-#pragma unroll
-        for (int j = 0; j < KeyRows::COUNT; ++j)
-            ids[j] = key_tile_id<BLOCK_N>(p, blk.list, start, KeyRows::row(j), blk.n_slots);
+        key_row_ids<BLOCK_N, D_PAD, THREADS>(ids, p, blk.list, start, blk.n_slots);
     };
     auto copy_tile = [&](int buffer) {
         copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + buffer * KV_BYTES, blk.k, p.sk_s, ids,
@@ -675,6 +671,23 @@ DMA_DEVICE void dkdv_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb
             st[mt][e] = pe;
             dpt[mt][e] = in.softcap ? ds * (1.f - th * th) : ds;  // d score
         }
+}
+
+// dkdv_scores of a warp's tile of BLOCK_M rows from row0, with the per-pair test skipped
+// where it can drop no pair: a listed tile the mask keeps whole (`whole`), or every row of
+// the tile keeping both keys of every lane of the warp (`mine`) with no mask or bias.
+template <class E, int MT, int BLOCK_M>
+DMA_DEVICE void dkdv_tile_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb)[2],
+                                 const ScoreInputs<E>& in, long long row0,
+                                 const KeyFacts (&mine)[2], bool whole, const float* lse,
+                                 const float* delta) {
+    const bool all_kept = __all_sync(
+        0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
+                         && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
+                         && !in.attn_bias && !in.attn_mask);
+    with_keep_test(in, all_kept || whole, [&](auto test) {
+        dkdv_scores<E, MT, decltype(test)::value>(st, dpt, dkb, in, (int)row0, mine, lse, delta);
+    });
 }
 
 // The row tiles a dk/dv key tile walks: `count` tiles of BLOCK_M rows, consecutive from row
@@ -912,15 +925,8 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 zero(dpt);
                 warp_mma<E, D_PAD, MT, true, true>(st, k_w, LD, q_s, LD);
                 warp_mma<E, D_PAD, MT, true, true>(dpt, v_w, LD, do_s, LD);
-                // Whether every row of the tile keeps both keys of every lane of this warp.
-                const bool all_kept = __all_sync(
-                    0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
-                                     && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
-                                     && !in.attn_bias && !in.attn_mask);
-                with_keep_test(in, all_kept || j < rows.whole, [&](auto test) {
-                    dkdv_scores<E, MT, decltype(test)::value>(st, dpt, dkb, in, (int)row0, mine,
-                                                              lse_s[cur], delta_s[cur]);
-                });
+                dkdv_tile_scores<E, MT, BLOCK_M>(st, dpt, dkb, in, row0, mine, j < rows.whole,
+                                                 lse_s[cur], delta_s[cur]);
                 warp_mma_scores<E, MT, DT, false>(dv, st, pt_w, LDT, do_s, LD);
                 warp_mma_scores<E, MT, DT, false>(dk, dpt, pt_w, LDT, q_s, LD);
                 if (more && ROW_BUFFERS == 1) {
@@ -980,9 +986,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
             key_ids[i] = key_tile_id<BLOCK_N>(p, cand, start, i, n_slots);
         {
             int ids[KeyRows::COUNT];
-#pragma unroll
-            for (int j = 0; j < KeyRows::COUNT; ++j)
-                ids[j] = key_tile_id<BLOCK_N>(p, cand, start, KeyRows::row(j), n_slots);
+            key_row_ids<BLOCK_N, D_PAD, THREADS>(ids, p, cand, start, n_slots);
             copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, ids, head_dim);
             copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, ids, head_dim);
         }
@@ -1044,15 +1048,8 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                 wgmma_wait<0>();
                 hold_accumulator(st);
                 hold_accumulator(dpt);
-                // Whether every row of the tile keeps both keys of every lane of this warp.
-                const bool all_kept = __all_sync(
-                    0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
-                                     && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
-                                     && !in.attn_bias && !in.attn_mask);
-                with_keep_test(in, all_kept || j < rows.whole, [&](auto test) {
-                    dkdv_scores<E, MT, decltype(test)::value>(st, dpt, dkb, in, (int)row0, mine,
-                                                              lse_s[cur], delta_s[cur]);
-                });
+                dkdv_tile_scores<E, MT, BLOCK_M>(st, dpt, dkb, in, row0, mine, j < rows.whole,
+                                                 lse_s[cur], delta_s[cur]);
                 unsigned pt[BLOCK_M / 16][4], dst[BLOCK_M / 16][4];
                 pack_operand<E>(pt, st);
                 pack_operand<E>(dst, dpt);

@@ -1,4 +1,4 @@
-// Hopper building blocks (sm_90a) for the warpgroup forward in dma_attention.cuh: shared tiles
+// Hopper building blocks (sm_90a) for the warpgroup kernels in dma_attention.cuh: shared tiles
 // in the 128-byte swizzled layout that warpgroup products read, their descriptors, and the
 // products themselves (wgmma.mma_async, fp32 accumulation).
 //
@@ -54,6 +54,17 @@ DMA_DEVICE void query_row_ids(int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT],
         const long long row = row0 + CopyRows<ROWS, D_PAD, THREADS>::row(j);
         ids[j] = row < seqlen_q ? (int)row : -1;
     }
+}
+
+// The keys this thread copies of a tile of ROWS key slots from `start` (CopyRows; ids as
+// key_tile_id gives them, -1 past n_slots).
+template <int ROWS, int D_PAD, int THREADS>
+DMA_DEVICE void key_row_ids(int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT], const Params& p,
+                            const int* list, long long start, long long n_slots) {
+#pragma unroll
+    for (int j = 0; j < CopyRows<ROWS, D_PAD, THREADS>::COUNT; ++j)
+        ids[j] = key_tile_id<ROWS>(p, list, start, CopyRows<ROWS, D_PAD, THREADS>::row(j),
+                                   n_slots);
 }
 
 // Asynchronous copies of a tile's rows into its swizzled shared tile `dst` (a shared-space
