@@ -1,4 +1,4 @@
-"""The cupy backend's warpgroup kernels (Hopper only, sm_90a: the forward and dq): every
+"""The cupy backend's warpgroup kernels (Hopper only, sm_90a: the forward, dq and dk/dv): every
 conformance case again in the shapes they serve, 16-bit types at head dims 64 and 128,
 against the float64 reference. The conformance suite's own cases are float32 or head dim
 16, which take the mma.sync kernels."""
