@@ -9,7 +9,8 @@ read no mask there). O(tiles) memory beyond the mask itself.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -80,36 +81,73 @@ def live_tile_lists(problem: Problem, counts: TileCounts, by_key: bool = False) 
     are all real (none past Sk): the kernels skip the per-pair test there, so full tiles
     are listed first. O(tiles) time and memory."""
     block_m, block_n = counts.block_m, counts.block_n
-    n_rows, n_keys = cdiv(problem.seqlen_q, block_m), cdiv(problem.seqlen_k, block_n)
-    device = counts.allowed.device
-    # How many pairs a tile must count to be allowed whole.
-    need = torch.ones(n_rows, n_keys, dtype=torch.int32, device=device)
-    if not counts.rows_broadcast:
-        need = need * _block_lengths(problem.seqlen_q, block_m, device)[:, None]
-    if not counts.keys_broadcast:
-        need = need * _block_lengths(problem.seqlen_k, block_n, device)[None, :]
-    allowed = counts.allowed.expand(*counts.allowed.shape[:2], n_rows, n_keys)
+    shape = _TileShape(problem.seqlen_q, problem.seqlen_k, block_m, block_n,
+                       problem.causal_offset if problem.causal else None,
+                       counts.rows_broadcast, counts.keys_broadcast, counts.allowed.device)
+    bounds = _tile_bounds if _may_cache(shape.device) else _tile_bounds.__wrapped__
+    need, causal_live = bounds(shape)
+    allowed = counts.allowed.expand(*counts.allowed.shape[:2], *need.shape)
     live = allowed > 0
-    whole_keys = torch.arange(1, n_keys + 1, device=device) * block_n <= problem.seqlen_k
-    full = (allowed == need) & whole_keys[None, :]
-    if problem.causal:
-        # Row r allows key j iff j <= r + offset: a tile holds an allowed pair iff its first
-        # key <= its last row + offset, and allows all iff its last key <= its first row +
-        # offset.
-        first_row = torch.arange(n_rows, device=device) * block_m
-        last_row = (first_row + block_m).clamp(max=problem.seqlen_q) - 1
-        first_key = torch.arange(n_keys, device=device) * block_n
-        offset = problem.causal_offset
-        live = live & (first_key[None, :] <= last_row[:, None] + offset)
-        full = full & (first_key[None, :] + block_n - 1 <= first_row[:, None] + offset)
-    full = full & live
+    if causal_live is not None:
+        live = live & causal_live
+    full = allowed == need  # need is -1 (never met) where causality or Sk forbid a full tile
     if by_key:
         live, full = live.transpose(2, 3), full.transpose(2, 3)
-    rank = live.to(torch.uint8) + full.to(torch.uint8)  # 2 full, 1 live, 0 dead
+    rank = live.to(torch.uint8) + full  # 2 full, 1 live, 0 dead
     # A stable sort puts full tiles first, then the other live ones, each in ascending order.
     tiles = torch.sort(rank, dim=-1, descending=True, stable=True).indices.to(torch.int32)
     return TileLists(tiles.contiguous(), live.sum(-1, dtype=torch.int32).contiguous(),
                      full.sum(-1, dtype=torch.int32).contiguous())
+
+
+class _TileShape(NamedTuple):
+    """What a tile grid's bounds depend on: the sizes, causality, and the mask's broadcasts
+    (not its values)."""
+
+    seqlen_q: int
+    seqlen_k: int
+    block_m: int
+    block_n: int
+    causal_offset: Optional[int]  # None without causality
+    rows_broadcast: bool
+    keys_broadcast: bool
+    device: torch.device
+
+
+@functools.lru_cache(maxsize=8)
+def _tile_bounds(shape: _TileShape) -> tuple:
+    """(need, causal_live) of a tile grid, both (row blocks, key tiles): how many pairs a
+    tile's count must reach to be allowed whole (-1 where it may not be full: a key past Sk,
+    or causality forbidding one of its pairs), and the tiles causality leaves a pair in (None
+    without causality). They depend on the sizes only, so calls with the same sizes share
+    them (about two dozen small launches per list, each costing host time)."""
+    n_rows, n_keys = cdiv(shape.seqlen_q, shape.block_m), cdiv(shape.seqlen_k, shape.block_n)
+    device = shape.device
+    need = torch.ones(n_rows, n_keys, dtype=torch.int32, device=device)
+    if not shape.rows_broadcast:
+        need = need * _block_lengths(shape.seqlen_q, shape.block_m, device)[:, None]
+    if not shape.keys_broadcast:
+        need = need * _block_lengths(shape.seqlen_k, shape.block_n, device)[None, :]
+    may_be_full = (torch.arange(1, n_keys + 1, device=device) * shape.block_n
+                   <= shape.seqlen_k)[None, :]
+    causal_live = None
+    if shape.causal_offset is not None:
+        # Row r allows key j iff j <= r + offset: a tile holds an allowed pair iff its first
+        # key <= its last row + offset, and allows all iff its last key <= its first row +
+        # offset.
+        first_row = torch.arange(n_rows, device=device) * shape.block_m
+        last_row = (first_row + shape.block_m).clamp(max=shape.seqlen_q) - 1
+        first_key = torch.arange(n_keys, device=device) * shape.block_n
+        causal_live = first_key[None, :] <= last_row[:, None] + shape.causal_offset
+        may_be_full = may_be_full & (first_key[None, :] + shape.block_n - 1
+                                     <= first_row[:, None] + shape.causal_offset)
+    return torch.where(may_be_full, need, -1), causal_live
+
+
+def _may_cache(device: torch.device) -> bool:
+    """Whether tensors made now may be kept for later calls: not while a CUDA graph is being
+    captured, whose kernels only run when the graph is replayed."""
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
 def _sum_per_block(t: torch.Tensor, dim: int, block: int, dtype) -> torch.Tensor:
@@ -124,7 +162,7 @@ def _sum_per_block(t: torch.Tensor, dim: int, block: int, dtype) -> torch.Tensor
     if size % block:
         parts.append(t.narrow(dim, full * block, size - full * block)
                      .sum(dim, keepdim=True, dtype=dtype))
-    return torch.cat(parts, dim)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _block_lengths(size: int, block: int, device) -> torch.Tensor:

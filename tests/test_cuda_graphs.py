@@ -38,3 +38,43 @@ def test_replay_matches_eager(backend, seqlen_q, seqlen_k, window):
             static.copy_(new)
         replay()
         torch.testing.assert_close(out, call(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_replay_with_an_explicit_mask(backend):
+    # The tile lists' size-only bounds are cached across calls (dma.tile_lists), but not
+    # while a graph is captured: tensors made then hold nothing until the graph replays.
+    from dma import tile_lists
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    seqlen = 700
+
+    def fresh():
+        doc = torch.randint(0, 3, (seqlen,), generator=g, device="cuda").sort().values
+        return (torch.randn(1, seqlen, 4, 64, generator=g, device="cuda").to(torch.bfloat16),
+                torch.randn(1, seqlen, 2, 64, generator=g, device="cuda").to(torch.bfloat16),
+                torch.randn(1, seqlen, 2, 64, generator=g, device="cuda").to(torch.bfloat16),
+                (doc[:, None] == doc[None, :])[None, None])
+
+    q, k, v, mask = fresh()
+    reasons = dma.explain(q, k, v, attn_mask=mask, causal=True)[backend]
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+    def call():
+        return dma.attention(q, k, v, attn_mask=mask, causal=True, backend=backend)
+
+    def call_uncached():
+        tile_lists._tile_bounds.cache_clear()
+        return call()
+
+    expected = call()
+    replay, out = capture_graph(call_uncached)
+    assert tile_lists._tile_bounds.cache_info().currsize == 0  # nothing kept from the capture
+    torch.testing.assert_close(call(), expected, rtol=0, atol=0)
+    for _ in range(2):
+        new = fresh()
+        for static, value in zip((q, k, v, mask), new):
+            static.copy_(value)
+        replay()
+        torch.testing.assert_close(out, call(), rtol=0, atol=0)

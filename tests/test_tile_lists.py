@@ -40,9 +40,16 @@ def random_mask(g, seed, sq, sk):
 def test_live_tiles_match_brute_force(seed, by_key):
     g = torch.Generator().manual_seed(seed)
     sq, sk = (int(torch.randint(1, 150, (), generator=g)) for _ in range(2))
-    mask = random_mask(g, seed, sq, sk)
     causal = bool(seed % 2)
     block_m, block_n = [(16, 16), (64, 32), (32, 64)][seed % 3]
+    # Two masks of the same sizes: the second call reuses the tile grid's bounds, which
+    # depend on the sizes only, and must still list its own mask's tiles.
+    for _ in range(2):
+        mask = random_mask(g, seed, sq, sk)
+        check_live_tiles(mask, sq, sk, causal, block_m, block_n, by_key)
+
+
+def check_live_tiles(mask, sq, sk, causal, block_m, block_n, by_key):
     q, k = torch.randn(2, sq, 2, 8), torch.randn(2, sk, 2, 8)
     problem, _ = validate(q, k, k, attn_mask=mask, causal=causal)
     lists = live_tile_lists(problem, allowed_per_tile(mask, block_m, block_n), by_key)
