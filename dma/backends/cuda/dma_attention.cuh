@@ -443,8 +443,7 @@ DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long r
 }
 
 // d scores of one warp's 16 x BLOCK_N tile in place of the scores s, from dp = dO V^T
-// (and d attn_bias written out when asked for: added into attn_bias's own shape, or stored
-// into a full-size buffer in deterministic mode).
+// (and d attn_bias written out when asked for).
 template <class E, int NT, int TEST>
 DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const ScoreInputs<E>& in,
                           const Params& p, long long b, long long h, int row_w,
@@ -459,14 +458,8 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
             const float score = masked_score<E, TEST>(in, row, key, s[nt][e], th);
             const float pe = fast_exp2(score - lse[e >> 1]);
             const float ds = pe * (dp[nt][e] - delta[e >> 1]);
-            if (p.need_dab && row < p.seqlen_q && key.id >= 0) {
-                float* at = p.dab + b * p.sdab_b + h / p.dab_hdiv * p.sdab_h
-                            + row * p.sdab_r + key.id * p.sdab_c;
-                if (p.dab_reduced)
-                    atomicAdd(at, ds);
-                else
-                    *at = ds;  // deterministic mode: a (B, H, Sq, Sk) buffer, one writer each
-            }
+            if (p.need_dab && row < p.seqlen_q && key.id >= 0)
+                p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key.id] = ds;
             s[nt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
         }
 }

@@ -55,8 +55,6 @@ struct Params {
     long long sdab_b;
     long long sdab_h;
     long long sdab_r;
-    long long sdab_c;
-    long long dab_hdiv;
     // Masks and biases.
     long long skb_b;
     long long skb_h;
@@ -106,7 +104,6 @@ struct Params {
     long long interval;
     long long tile_list;
     long long need_dab;
-    long long dab_reduced;  // dab has attn_bias's shape: heads and broadcasts add atomically
     long long need_dkb;
     long long candidate_tiles;
     long long vector_loads;
