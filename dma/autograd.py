@@ -66,6 +66,9 @@ class AttentionFunction(torch.autograd.Function):
         inputs = Inputs(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask)
         o, lse, plan = forward_impl(problem, inputs, backend)
         ctx.problem, ctx.backend, ctx.plan = problem, backend, plan
+        # An output that the loss does not use (lse, nearly always) gets None, not a tensor
+        # of zeros that backward_impl would fold into delta with three more launches.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask, o, lse)
         return o, lse
 

@@ -60,3 +60,33 @@ def test_inference_calls_skip_autograd_with_the_same_result(autograd_calls, case
     assert autograd_calls == []
     assert o.grad_fn is None and not o.requires_grad
     assert torch.equal(o, expected_o) and torch.equal(lse, expected_lse)
+
+
+@pytest.mark.parametrize("used", ["o", "lse"])
+def test_an_unused_output_gets_the_gradient_of_zeros(used, monkeypatch):
+    # The backward receives None for an output the loss leaves out (no tensor of zeros is
+    # made for it); the gradients must be those of a loss that weighs it by zero.
+    received = []
+    original = autograd.backward_impl
+
+    def recording_backward(problem, inputs, backend, plan, o, lse, do, dlse):
+        received.append((do is None, dlse is None))
+        return original(problem, inputs, backend, plan, o, lse, do, dlse)
+
+    monkeypatch.setattr(autograd, "backward_impl", recording_backward)
+    q, k, v, key_bias = inputs(requires_grad=True)
+    leaves = (q, k, v, key_bias)
+    o, lse = attend(q, k, v, key_bias)
+    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+    one_output = (o * weights).sum() if used == "o" else lse.sum()
+    got = torch.autograd.grad(one_output, leaves)
+    assert received == [(used == "lse", used == "o")]
+    o, lse = attend(q, k, v, key_bias)
+    zero = torch.zeros((), dtype=o.dtype)
+    both = ((o * weights).sum() + lse.sum() * zero if used == "o"
+            else (o * zero).sum() + lse.sum())
+    expected = torch.autograd.grad(both, leaves)
+    for name, g, e in zip("q k v key_bias".split(), got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+        # lse does not depend on v
+        assert (g.abs().sum() > 0) == (used == "o" or name != "v")
