@@ -1,14 +1,20 @@
 """GPU-backend modes that the shared suite does not switch: deterministic backward, the
 triton forward's key splits (which it picks on its own only for decoding on a GPU),
-run-time tuning, the forward's rescale modes and 64-bit gather offsets."""
+run-time tuning, the forward's rescale modes and 64-bit gather offsets; and that d attn_bias
+takes the bias's own shape in memory."""
 
 import pytest
+import torch
 from conformance.cases import CASES
 
+import dma
 from dma.backends import gpu_launch, triton_backend, triton_tuning
 from harness import available_devices, check_case
 
 WINDOW_CASES = [c for c in CASES if c.window is not None and c.attn_bias is None][:8]
+BIAS_CASES = [c for c in CASES if c.name in ("attn_bias_1x1x24x24", "attn_bias_2x2x1x24",
+                                             "attn_bias_1x4x24x1", "attn_bias_window_1x2x24x1",
+                                             "softcap_attn_bias")]
 WIDE_CASES = [c for c in CASES if c.name in ("gqa", "window4", "window_sq1_sk33",
                                              "attn_bias_2x2x24x24", "float16_window",
                                              "float32_window")]
@@ -25,6 +31,42 @@ def test_deterministic_backward(case, backend, device, monkeypatch):
     """DMA_DETERMINISTIC=1 swaps the atomic dk/dv kernel for the key-major one."""
     monkeypatch.setenv("DMA_DETERMINISTIC", "1")
     check_case(case, backend, device)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+@pytest.mark.parametrize("case", BIAS_CASES, ids=[c.name for c in BIAS_CASES])
+def test_deterministic_bias_grad(case, backend, device, monkeypatch):
+    """In deterministic mode d attn_bias is stored at (B, H, Sq, Sk), one writer per
+    element, and reduced after (the default adds into the bias's shape atomically)."""
+    monkeypatch.setenv("DMA_DETERMINISTIC", "1")
+    check_case(case, backend, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory")
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_bias_grad_takes_the_bias_shape(backend):
+    # A (1, 1, S, S) bias shared by 16 heads: its gradient buffer is one S x S float32
+    # (16 MiB), not one per head (256 MiB).
+    heads, seqlen = 16, 2048
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, seqlen, heads, 64, generator=g, device="cuda").to(torch.bfloat16)
+    k = torch.randn(1, seqlen, 4, 64, generator=g, device="cuda").to(torch.bfloat16)
+    v = torch.randn(1, seqlen, 4, 64, generator=g, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(1, 1, seqlen, seqlen, generator=g, device="cuda").to(torch.bfloat16)
+    bias.requires_grad_(True)
+    reasons = dma.explain(q, k, v, attn_bias=bias, causal=True)[backend]
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    o = dma.attention(q, k, v, attn_bias=bias, causal=True, backend=backend)
+    do = torch.randn(o.shape, generator=g, device="cuda").to(o.dtype)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    (grad,) = torch.autograd.grad(o, bias, do)
+    extra = torch.cuda.max_memory_allocated() - before
+    assert grad.shape == bias.shape and torch.isfinite(grad).all()
+    assert extra < 64 * 2**20, f"the backward took {extra / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("device", available_devices())

@@ -21,6 +21,7 @@ from .base import Backend, Capabilities, missing_packages, new_output
 from .gpu_launch import (
     LaunchArgs,
     backward_buffers,
+    bias_grad_strides,
     candidate_key_split,
     cdiv,
     device_capability,
@@ -66,6 +67,7 @@ def _fields(problem: Problem, launch: LaunchArgs) -> dict:
         sq_b=sq_b, sq_s=sq_s, sq_h=sq_h, sk_b=sk_b, sk_s=sk_s, sk_h=sk_h,
         sv_b=sv_b, sv_s=sv_s, sv_h=sv_h, so_b=0, so_s=0, so_h=0, slse_b=0, slse_h=0,
         sdk_b=0, sdk_s=0, sdk_h=0, sdkb_b=0, sdkb_h=0, sdab_b=0, sdab_h=0, sdab_r=0,
+        sdab_c=0, dab_hdiv=1,
         skb_b=skb_b, skb_h=skb_h, kb_hdiv=kb_hdiv,
         sab_b=sab_b, sab_h=sab_h, sab_r=sab_r, sab_c=sab_c, ab_hdiv=ab_hdiv,
         sam_b=sam_b, sam_h=sam_h, sam_r=sam_r, sam_c=sam_c, am_hdiv=am_hdiv, spad_b=spad_b,
@@ -198,8 +200,9 @@ class CupyBackend(Backend):
         if need_kb:
             gradients.update(sdkb_b=bufs.dkb.stride(0), sdkb_h=bufs.dkb.stride(1))
         if need_ab:
-            gradients.update(sdab_b=bufs.dab.stride(0), sdab_h=bufs.dab.stride(1),
-                             sdab_r=bufs.dab.stride(2))
+            sdab_b, sdab_h, sdab_r, sdab_c, dab_hdiv = bias_grad_strides(bufs, launch)
+            gradients.update(sdab_b=sdab_b, sdab_h=sdab_h, sdab_r=sdab_r, sdab_c=sdab_c,
+                             dab_hdiv=dab_hdiv)
         dq_fields.update(gradients)
         dkdv_fields.update(gradients)
         self._launch(dq_kernel, problem, dq_launch,

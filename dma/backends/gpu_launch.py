@@ -215,10 +215,10 @@ class BackwardBuffers:
     dab_reduced: bool = False
 
 
-def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta,
-                     reduce_bias_grad_in_kernel: bool = False):
-    """The backward's buffers. With `reduce_bias_grad_in_kernel` (and outside deterministic
-    mode) d attn_bias has attn_bias's own shape, not (B, H, Sq, Sk)."""
+def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta):
+    """The backward's buffers. d attn_bias has attn_bias's own shape (the kernels add into
+    it atomically), except in deterministic mode: (B, H, Sq, Sk), one writer per element,
+    reduced after."""
     need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
     b, h, hkv = problem.batch, problem.heads, problem.kv_heads
     sq, sk, d = problem.seqlen_q, problem.seqlen_k, problem.head_dim
@@ -235,7 +235,7 @@ def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta,
     else:
         def alloc(*shape, dtype):
             return new_output(shape, dtype, device)
-    dab_reduced = need_ab and reduce_bias_grad_in_kernel and not deterministic_mode()
+    dab_reduced = need_ab and not deterministic_mode()
     dab_shape = launch.attn_bias[0].shape if dab_reduced else (b, h, sq, sk)
     return BackwardBuffers(
         do=do, lse=lse.contiguous(), delta=delta.float().contiguous(), dq=dq,
@@ -243,6 +243,19 @@ def backward_buffers(problem: Problem, launch: LaunchArgs, plan, lse, do, delta,
         dkb=alloc(b, h, sk, dtype=torch.float32) if need_kb else None,
         dab=torch.zeros(dab_shape, dtype=torch.float32, device=device) if need_ab else None,
         atomics=atomics, dab_reduced=dab_reduced)
+
+
+def bias_grad_strides(bufs: BackwardBuffers, launch: LaunchArgs) -> tuple:
+    """d attn_bias strides (batch, head, row, key) and head divisor, as the kernels that
+    write it take them (triton's `_write_bias_grad`, cupy's `dq_scores`): the full
+    (B, H, Sq, Sk) buffer, or attn_bias's own shape with broadcast dims at 0."""
+    dab = bufs.dab
+    if dab is None:
+        return (0, 0, 0, 0, 1)
+    if not bufs.dab_reduced:
+        return (dab.stride(0), dab.stride(1), dab.stride(2), 1, 1)
+    strides = [dab.stride(i) if dab.shape[i] > 1 else 0 for i in range(4)]
+    return (*strides, launch.attn_bias[5])
 
 
 def finish_backward(problem: Problem, inputs: Inputs, bufs: BackwardBuffers):

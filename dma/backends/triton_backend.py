@@ -28,6 +28,7 @@ from .base import Backend, Capabilities, missing_packages, new_output
 from .gpu_launch import (
     LaunchArgs,
     backward_buffers,
+    bias_grad_strides,
     block_list_args,
     candidate_key_split,
     cdiv,
@@ -215,18 +216,6 @@ def _launch_forward(problem: Problem, launch: LaunchArgs, plan, config: dict, ou
         )
 
 
-def _bias_grad_args(bufs, launch: LaunchArgs) -> tuple:
-    """d attn_bias strides (batch, head, row, key) and head divisor for `_write_bias_grad`:
-    the full (B, H, Sq, Sk) buffer, or attn_bias's own shape with broadcast dims at 0."""
-    dab = bufs.dab
-    if dab is None:
-        return (0, 0, 0, 0, 1)
-    if not bufs.dab_reduced:
-        return (dab.stride(0), dab.stride(1), dab.stride(2), 1, 1)
-    strides = [dab.stride(i) if dab.shape[i] > 1 else 0 for i in range(4)]
-    return (*strides, launch.attn_bias[5])
-
-
 def _forward_shared_bytes(config: dict, stacked: int, d_pad: int, problem: Problem) -> int:
     """Estimate: the Q tile plus num_stages buffered K and V tiles."""
     size = problem.dtype.itemsize
@@ -313,8 +302,7 @@ class TritonBackend(Backend):
     def backward(self, problem: Problem, inputs: Inputs, plan, o, lse, do, delta):
         kern = _kernels()
         launch = LaunchArgs(problem, inputs, plan, float32_key_bias=True)
-        bufs = backward_buffers(problem, launch, plan, lse, do, delta,
-                                reduce_bias_grad_in_kernel=True)
+        bufs = backward_buffers(problem, launch, plan, lse, do, delta)
         b, h, sq = problem.batch, problem.heads, problem.seqlen_q
         need_kb, need_ab = problem.needs_grad[3], problem.needs_grad[4]
         d_pad = launch.dims["D_PAD"]
@@ -332,7 +320,7 @@ class TritonBackend(Backend):
             run_kernel(kern._bwd_dq_kernel, (cdiv(sq, BLOCK_M), b * h // stacked),
                 launch.q, launch.k, launch.v, bufs.do, bufs.lse, bufs.delta, dq, dab_arg,
                 *launch.qkv, *stats,
-                *_bias_grad_args(bufs, launch),
+                *bias_grad_strides(bufs, launch),
                 *tiles.masks(), *tiles.candidates, tiles.full_count,
                 *launch.sizes, h, problem.group_size, launch.scale, launch.softcap,
                 **tiles.flags, NEED_DAB=need_ab, DAB_REDUCED=bufs.dab_reduced,

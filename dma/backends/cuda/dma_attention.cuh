@@ -442,12 +442,21 @@ DMA_DEVICE void row_stats(const Params& p, long long b, long long h, long long r
     }
 }
 
+// Where a dq program's d attn_bias goes: its (batch, head)'s row 0 and key 0 in p.dab, or
+// nullptr when no d attn_bias is asked for. Worked out once per program, not per pair.
+DMA_DEVICE float* bias_grad_rows(const Params& p, long long b, long long h) {
+    return p.need_dab ? p.dab + b * p.sdab_b + h / p.dab_hdiv * p.sdab_h : nullptr;
+}
+
 // d scores of one warp's 16 x BLOCK_N tile in place of the scores s, from dp = dO V^T
-// (and d attn_bias written out when asked for).
+// (and d attn_bias added at dab, bias_grad_rows', when asked for: atomically, since the
+// heads and rows or keys that the bias broadcasts add into one element; in deterministic
+// mode dab is a (B, H, Sq, Sk) buffer of zeros with one writer per element, so the add is
+// exact there).
 template <class E, int NT, int TEST>
 DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const ScoreInputs<E>& in,
-                          const Params& p, long long b, long long h, int row_w,
-                          const KeyFacts* facts, const float (&lse)[2], const float (&delta)[2]) {
+                          const Params& p, float* dab, int row_w, const KeyFacts* facts,
+                          const float (&lse)[2], const float (&delta)[2]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -458,8 +467,8 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
             const float score = masked_score<E, TEST>(in, row, key, s[nt][e], th);
             const float pe = fast_exp2(score - lse[e >> 1]);
             const float ds = pe * (dp[nt][e] - delta[e >> 1]);
-            if (p.need_dab && row < p.seqlen_q && key.id >= 0)
-                p.dab[b * p.sdab_b + h * p.sdab_h + row * p.sdab_r + key.id] = ds;
+            if (dab && row < p.seqlen_q && key.id >= 0)
+                atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
             s[nt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
         }
 }
@@ -509,6 +518,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
     float lse[2], delta[2];
     row_stats(p, blk.b, blk.h, row_w + frag_row(0), lse[0], delta[0]);
     row_stats(p, blk.b, blk.h, row_w + frag_row(2), lse[1], delta[1]);
+    float* const dab = bias_grad_rows(p, blk.b, blk.h);
 
     float dq[DT][4];
     zero(dq);
@@ -542,8 +552,8 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
         zero(s);
         warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
         with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
-            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, blk.b, blk.h, row_w,
-                                                    facts[cur], lse, delta);
+            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, dab, row_w, facts[cur],
+                                                    lse, delta);
         });
         warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
     }
@@ -579,6 +589,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     float lse[2], delta[2];
     row_stats(p, blk.b, blk.h, row_w + frag_row(0), lse[0], delta[0]);
     row_stats(p, blk.b, blk.h, row_w + frag_row(2), lse[1], delta[1]);
+    float* const dab = bias_grad_rows(p, blk.b, blk.h);
 
     int ids[KeyRows::COUNT];  // this thread's copy rows of the next tile
     auto fetch_ids = [&](long long start) {
@@ -634,8 +645,8 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
         hold_accumulator(s);
         hold_accumulator(dp);
         with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
-            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, blk.b, blk.h, row_w,
-                                                    facts[cur], lse, delta);
+            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, dab, row_w, facts[cur],
+                                                    lse, delta);
         });
         unsigned ds[BLOCK_N / 16][4];
         pack_operand<E>(ds, s);

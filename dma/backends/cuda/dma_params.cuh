@@ -55,6 +55,8 @@ struct Params {
     long long sdab_b;
     long long sdab_h;
     long long sdab_r;
+    long long sdab_c;
+    long long dab_hdiv;
     // Masks and biases.
     long long skb_b;
     long long skb_h;
