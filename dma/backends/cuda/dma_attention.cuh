@@ -83,7 +83,7 @@ struct QueryBlock {
 
 // Scores of one warp's WARP_M x BLOCK_N tile (base 2) from its products qk (which may be s
 // itself), and each row's maximum; tile_max starts at -inf.
-template <class E, int MF, int NT, int TEST>
+template <class E, int MF, int NT, class Test>
 DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], const float (&qk)[MF][NT][4],
                                float (&tile_max)[MF][2], const ScoreInputs<E>& in, int row_w,
                                const KeyFacts* facts) {
@@ -95,7 +95,7 @@ DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], const float (&qk)[MF][NT][
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float th;
-                s[mf][nt][e] = masked_score<E, TEST>(in, row_w + 16 * mf + frag_row(e),
+                s[mf][nt][e] = masked_score<E, Test>(in, row_w + 16 * mf + frag_row(e),
                                                      facts[frag_col(nt, e)], qk[mf][nt][e], th);
                 tile_max[mf][e >> 1] = fmaxf(tile_max[mf][e >> 1], s[mf][nt][e]);
             }
@@ -243,9 +243,8 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         zero(s);
         warp_mma<E, D_PAD, NT, true, true, MF>(s, q_w, LD, k_s, LD);
         float tile_max[MF][2];
-        with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
-            forward_scores<E, MF, NT, decltype(test)::value>(s, s, tile_max, in, row_w,
-                                                             facts[cur]);
+        with_keep_test<false, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+            forward_scores<E, MF, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[cur]);
         });
         online_softmax(s, tile_max, m, l, o);
         if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
@@ -316,9 +315,8 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     };
     TileKeys<E, BLOCK_N> next;  // facts of tile t + 2
     auto scores = [&](long long t) {  // tile t's scores in s from its products in qk
-        with_keep_test(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
-            forward_scores<E, 1, NT, decltype(test)::value>(s, qk, tile_max, in, row_w,
-                                                            facts[t & 1]);
+        with_keep_test<true, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
+            forward_scores<E, 1, NT, decltype(test)>(s, qk, tile_max, in, row_w, facts[t & 1]);
         });
     };
     // qk = Q K(t)^T for the group's 64 rows.
@@ -453,7 +451,7 @@ DMA_DEVICE float* bias_grad_rows(const Params& p, long long b, long long h) {
 // heads and rows or keys that the bias broadcasts add into one element; in deterministic
 // mode dab is a (B, H, Sq, Sk) buffer of zeros with one writer per element, so the add is
 // exact there).
-template <class E, int NT, int TEST>
+template <class E, int NT, class Test>
 DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const ScoreInputs<E>& in,
                           const Params& p, float* dab, int row_w, const KeyFacts* facts,
                           const float (&lse)[2], const float (&delta)[2]) {
@@ -464,12 +462,12 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
             const int row = row_w + frag_row(e);
             const KeyFacts& key = facts[frag_col(nt, e)];
             float th;
-            const float score = masked_score<E, TEST>(in, row, key, s[nt][e], th);
+            const float score = masked_score<E, Test>(in, row, key, s[nt][e], th);
             const float pe = fast_exp2(score - lse[e >> 1]);
             const float ds = pe * (dp[nt][e] - delta[e >> 1]);
             if (dab && row < p.seqlen_q && key.id >= 0)
                 atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
-            s[nt][e] = p.has_softcap ? ds * (1.f - th * th) : ds;  // d score
+            s[nt][e] = Test::softcap(in) ? ds * (1.f - th * th) : ds;  // d score
         }
 }
 
@@ -551,9 +549,8 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
                                                          0, p);
         zero(s);
         warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
-        with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
-            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, dab, row_w, facts[cur],
-                                                    lse, delta);
+        with_keep_test<true, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+            dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, facts[cur], lse, delta);
         });
         warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
     }
@@ -644,9 +641,8 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
         wgmma_wait<0>();
         hold_accumulator(s);
         hold_accumulator(dp);
-        with_keep_test(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
-            dq_scores<E, NT, decltype(test)::value>(s, dp, in, p, dab, row_w, facts[cur],
-                                                    lse, delta);
+        with_keep_test<true, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+            dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, facts[cur], lse, delta);
         });
         unsigned ds[BLOCK_N / 16][4];
         pack_operand<E>(ds, s);
@@ -665,7 +661,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
 
 // Probabilities (in st) and d scores (in dpt) of one warp's transposed 16-key x BLOCK_M-row
 // tile, from the scores st and dpt = V dO^T; d key_bias summed per key into dkb.
-template <class E, int MT, int TEST>
+template <class E, int MT, class Test>
 DMA_DEVICE void dkdv_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb)[2],
                             const ScoreInputs<E>& in, int row0, const KeyFacts (&mine)[2],
                             const float* lse, const float* delta) {
@@ -675,12 +671,12 @@ DMA_DEVICE void dkdv_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb
         for (int e = 0; e < 4; ++e) {
             const int r = frag_col(mt, e);
             float th;
-            const float score = masked_score<E, TEST>(in, row0 + r, mine[e >> 1], st[mt][e], th);
+            const float score = masked_score<E, Test>(in, row0 + r, mine[e >> 1], st[mt][e], th);
             const float pe = fast_exp2(score - lse[r]);
             const float ds = pe * (dpt[mt][e] - delta[r]);
             dkb[e >> 1] += ds;
             st[mt][e] = pe;
-            dpt[mt][e] = in.softcap ? ds * (1.f - th * th) : ds;  // d score
+            dpt[mt][e] = Test::softcap(in) ? ds * (1.f - th * th) : ds;  // d score
         }
 }
 
@@ -696,8 +692,8 @@ DMA_DEVICE void dkdv_tile_scores(float (&st)[MT][4], float (&dpt)[MT][4], float 
         0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
                          && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
                          && !in.attn_bias && !in.attn_mask);
-    with_keep_test(in, all_kept || whole, [&](auto test) {
-        dkdv_scores<E, MT, decltype(test)::value>(st, dpt, dkb, in, (int)row0, mine, lse, delta);
+    with_keep_test<false, false>(in, all_kept || whole, [&](auto test) {
+        dkdv_scores<E, MT, decltype(test)>(st, dpt, dkb, in, (int)row0, mine, lse, delta);
     });
 }
 

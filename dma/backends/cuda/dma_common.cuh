@@ -461,37 +461,62 @@ DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
 
 // What a tile's scores test (chosen per tile by with_keep_test): nothing, for a tile that
 // every row keeps (full_tile_slots); the keys' row intervals alone, when no attn_bias or
-// attn_mask is given (branch-free); or the intervals, attn_mask and attn_bias.
+// attn_mask is given; or the intervals, attn_mask and attn_bias.
+//
+// Two more choices shape the per-pair code, each kernel taking what its registers allow
+// (more freedom for the scheduler keeps more values live):
+// * SOFTCAP_PER_TILE: whether a softcap applies is decided once per tile, so the per-pair
+//   code has no branch on it (without a softcap a score is one fused multiply-add);
+//   otherwise each pair asks.
+// * BRANCH_FREE: the interval test as two compares and a select, not as branches.
 enum KeepTest { KEEP_ALL, KEEP_INTERVAL, KEEP_MASKS };
-template <int TEST>
+enum SoftcapChoice { SOFTCAP_OFF, SOFTCAP_ON, SOFTCAP_ASK };
+template <int TEST, int SOFTCAP, bool BRANCH_FREE>
 struct KeepTestTag {
     static constexpr int value = TEST;
+    static constexpr bool branch_free = BRANCH_FREE;
+    template <class E>
+    static DMA_DEVICE bool softcap(const ScoreInputs<E>& in) {
+        return SOFTCAP == SOFTCAP_ASK ? in.softcap : SOFTCAP == SOFTCAP_ON;
+    }
+};
+template <int V>
+struct IntTag {
+    static constexpr int value = V;
 };
 
-template <class E, class F>
+template <bool SOFTCAP_PER_TILE, bool BRANCH_FREE, class E, class F>
 DMA_DEVICE void with_keep_test(const ScoreInputs<E>& in, bool all_kept, F&& scores) {
-    if (all_kept) scores(KeepTestTag<KEEP_ALL>());
-    else if (in.attn_bias || in.attn_mask) scores(KeepTestTag<KEEP_MASKS>());
-    else scores(KeepTestTag<KEEP_INTERVAL>());
+    auto pick = [&](auto softcap) {
+        constexpr int SOFTCAP = decltype(softcap)::value;
+        if (all_kept) scores(KeepTestTag<KEEP_ALL, SOFTCAP, BRANCH_FREE>());
+        else if (in.attn_bias || in.attn_mask)
+            scores(KeepTestTag<KEEP_MASKS, SOFTCAP, BRANCH_FREE>());
+        else scores(KeepTestTag<KEEP_INTERVAL, SOFTCAP, BRANCH_FREE>());
+    };
+    if (!SOFTCAP_PER_TILE) pick(IntTag<SOFTCAP_ASK>());
+    else if (in.softcap) pick(IntTag<SOFTCAP_ON>());
+    else pick(IntTag<SOFTCAP_OFF>());
 }
 
 // The score of (row, key) in base 2, -inf where row does not keep key (SPEC section 2), plus
-// tanh(t / softcap) for the softcap gradient.
-template <class E, int TEST>
+// tanh(t / softcap) for the softcap gradient; Test is with_keep_test's tag.
+template <class E, class Test>
 DMA_DEVICE float masked_score(const ScoreInputs<E>& in, int row, const KeyFacts& key, float qk,
                               float& th) {
     float t;
-    if (in.softcap) {
+    if (Test::softcap(in)) {
         th = fast_tanh(qk * in.scale_over_cap);
-        t = in.softcap_log2 * th;
+        t = in.softcap_log2 * th + key.bias;
     } else {
         th = 0.f;
-        t = qk * in.scale_log2;
+        t = qk * in.scale_log2 + key.bias;
     }
-    t += key.bias;
-    if (TEST == KEEP_ALL) return t;
-    bool keep = key.first <= row && row < key.end;  // row < end <= seqlen_q: a real row
-    if (TEST == KEEP_MASKS) {
+    if (Test::value == KEEP_ALL) return t;
+    // row < end <= seqlen_q: a real row
+    bool keep = Test::branch_free ? (key.first <= row) & (row < key.end)
+                                  : key.first <= row && row < key.end;
+    if (Test::value == KEEP_MASKS) {
         if (in.attn_bias && keep)
             t += E::to_f32(in.attn_bias[row * in.sab_r + key.id * in.sab_c]) * LOG2E;
         if (in.attn_mask && keep) keep = in.attn_mask[row * in.sam_r + key.id * in.sam_c] != 0;

@@ -57,29 +57,43 @@ DMA_DEVICE void query_row_ids(int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT],
 }
 
 // The keys this thread copies of a tile of ROWS key slots from `start` (CopyRows; ids as
-// key_tile_id gives them, -1 past n_slots).
+// key_tile_id gives them, -1 past n_slots). A candidate list (the DMA case) is read from
+// one pointer with one 32-bit bound test per row: a list's slots fit in an int.
 template <int ROWS, int D_PAD, int THREADS>
 DMA_DEVICE void key_row_ids(int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT], const Params& p,
                             const int* list, long long start, long long n_slots) {
+    typedef CopyRows<ROWS, D_PAD, THREADS> Rows;
+    if (list && !p.tile_list) {
+        const int first = Rows::row(0), left = (int)(n_slots - start) - first;
+        const int* at = list + start + first;
 #pragma unroll
-    for (int j = 0; j < CopyRows<ROWS, D_PAD, THREADS>::COUNT; ++j)
-        ids[j] = key_tile_id<ROWS>(p, list, start, CopyRows<ROWS, D_PAD, THREADS>::row(j),
-                                   n_slots);
+        for (int j = 0; j < Rows::COUNT; ++j)
+            ids[j] = j * Rows::STEP < left ? at[j * Rows::STEP] : -1;
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < Rows::COUNT; ++j)
+        ids[j] = key_tile_id<ROWS>(p, list, start, Rows::row(j), n_slots);
 }
 
 // Asynchronous copies of a tile's rows into its swizzled shared tile `dst` (a shared-space
 // address): row `row(j)` of the tile is row ids[j] of `base` (negative: absent, zero-filled),
 // as are columns at or past head_dim. Closes the group of copies; the caller waits for it.
+// A row's address is one 32 x 64-bit multiply-add: absent rows and columns read nothing
+// but still point at row 0, column 0, so no 64-bit select is needed.
 template <class E, int ROWS, int D_PAD, int THREADS>
 DMA_DEVICE void copy_swizzled(unsigned dst, const typename E::T* base, long long row_stride,
                               const int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT],
                               int head_dim) {
     typedef CopyRows<ROWS, D_PAD, THREADS> Rows;
     const int col = Rows::col();
+    const bool col_ok = col < head_dim;
+    const char* first = reinterpret_cast<const char*>(base + (col_ok ? col : 0));
+    const unsigned long long row_bytes = (unsigned long long)row_stride * sizeof(*base);
 #pragma unroll
     for (int j = 0; j < Rows::COUNT; ++j) {
-        const bool ok = ids[j] >= 0 && col < head_dim;
-        const typename E::T* src = ok ? base + ids[j] * row_stride + col : base;
+        const bool ok = ids[j] >= 0 && col_ok;
+        const char* src = first + (unsigned)(ids[j] >= 0 ? ids[j] : 0) * row_bytes;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                      :: "r"(dst + swizzled_offset<ROWS>(Rows::row(j), col)), "l"(src),
                         "r"(ok ? 16 : 0));
@@ -94,11 +108,19 @@ DMA_DEVICE void copy_swizzled(unsigned dst, const typename E::T* base, long long
 // operands with k contiguous pass 16, by convention) and between 8-row groups (one swizzle
 // atom). Each product's k step of 16 then starts 32 bytes further along a row (k
 // contiguous) or 16 rows further down (rows along k).
-DMA_DEVICE unsigned long long smem_descriptor(unsigned address, unsigned leading) {
-    return (unsigned long long)((address & 0x3FFFF) >> 4)
-           | ((unsigned long long)(leading >> 4) << 16)
-           | ((unsigned long long)(SWIZZLE_ATOM_BYTES >> 4) << 32)
-           | (1ull << 62);  // 128-byte swizzle
+//
+// The high word is the same for every tile. The low word holds address / 16 in 14 bits and
+// shared addresses stay below 2^18, so the descriptor of a place `bytes` further into a tile
+// (a multiple of 16) is its low word plus bytes / 16: one add per product instead of
+// masking and shifting each address anew.
+constexpr unsigned DESCRIPTOR_HIGH = (SWIZZLE_ATOM_BYTES >> 4) | (1u << 30);  // 128-byte swizzle
+
+DMA_DEVICE unsigned descriptor_low(unsigned address, unsigned leading) {
+    return ((address & 0x3FFFF) >> 4) | ((leading >> 4) << 16);
+}
+
+DMA_DEVICE unsigned long long descriptor_at(unsigned low, unsigned bytes) {
+    return ((unsigned long long)DESCRIPTOR_HIGH << 32) | (low + (bytes >> 4));
 }
 
 // Ordering of the asynchronous products: `wgmma_fence` before a product reads registers that
@@ -200,13 +222,13 @@ DMA_DEVICE void wgmma_registers(float (&d)[N / 8][4], const unsigned (&a)[4],
 template <class E, int D_PAD, int A_ROWS, int N>
 DMA_DEVICE void wgmma_rows_by_rows(float (&d)[N / 8][4], unsigned a_tile, int a_row0,
                                    unsigned b_tile) {
+    const unsigned a = descriptor_low(a_tile + a_row0 * SWIZZLE_ROW_BYTES, 16);
+    const unsigned b = descriptor_low(b_tile, 16);
 #pragma unroll
     for (int ks = 0; ks < D_PAD / 16; ++ks) {
         const unsigned panel = ks / 4, within = (ks % 4) * 32;  // four k steps per panel
-        wgmma_shared<E, N>(
-            d,
-            smem_descriptor(a_tile + (panel * A_ROWS + a_row0) * SWIZZLE_ROW_BYTES + within, 16),
-            smem_descriptor(b_tile + panel * N * SWIZZLE_ROW_BYTES + within, 16), ks > 0);
+        wgmma_shared<E, N>(d, descriptor_at(a, panel * A_ROWS * SWIZZLE_ROW_BYTES + within),
+                           descriptor_at(b, panel * N * SWIZZLE_ROW_BYTES + within), ks > 0);
     }
 }
 
@@ -224,8 +246,8 @@ DMA_DEVICE void pack_operand(unsigned (&a)[NT / 2][4], const float (&f)[NT][4]) 
 template <class E, int D_PAD, int K>
 DMA_DEVICE void wgmma_registers_by_rows(float (&d)[D_PAD / 8][4], const unsigned (&a)[K / 16][4],
                                         unsigned b_tile) {
+    const unsigned b = descriptor_low(b_tile, K * SWIZZLE_ROW_BYTES);
 #pragma unroll
     for (int kt = 0; kt < K / 16; ++kt)
-        wgmma_registers<E, D_PAD>(
-            d, a[kt], smem_descriptor(b_tile + kt * 16 * SWIZZLE_ROW_BYTES, K * SWIZZLE_ROW_BYTES));
+        wgmma_registers<E, D_PAD>(d, a[kt], descriptor_at(b, kt * 16 * SWIZZLE_ROW_BYTES));
 }
