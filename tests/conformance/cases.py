@@ -75,10 +75,13 @@ def _cases():
     yield base.with_(name="long_wide_window", batch=1, seqlen_q=600, seqlen_k=600, window=300,
                      key_bias=(1, HKV))
     # 16-bit inputs over several blocks of every kernel (the cupy forward's blocks hold 128
-    # rows in 16-bit types, dq's 64).
+    # rows in 16-bit types, dq's 64), with and without a softcap (the cupy warpgroup kernels
+    # compile their fully kept and interval tiles separately for each).
     for dtype, tag in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
         yield base.with_(name=f"{tag}_long_window", batch=1, seqlen_q=300, seqlen_k=320,
                          window=40, key_bias=(1, HKV), dtype=dtype)
+        yield base.with_(name=f"{tag}_softcap_long_window", batch=1, seqlen_q=300,
+                         seqlen_k=320, window=40, key_bias=(1, HKV), softcap=5.0, dtype=dtype)
     yield base.with_(name="long_window_ties", batch=1, seqlen_q=600, seqlen_k=600, window=70,
                      key_bias=(1, 1), key_bias_ties=True, grads=("q", "k", "v", "key_bias"))
     # Head dims, with a short sequence to keep the dense reference cheap.
