@@ -450,7 +450,9 @@ DMA_DEVICE float* bias_grad_rows(const Params& p, long long b, long long h) {
 // (and d attn_bias added at dab, bias_grad_rows', when asked for: atomically, since the
 // heads and rows or keys that the bias broadcasts add into one element; in deterministic
 // mode dab is a (B, H, Sq, Sk) buffer of zeros with one writer per element, so the add is
-// exact there).
+// exact there). Only KEEP_MASKS tiles can have one: a d attn_bias needs an attn_bias, which
+// makes every tile test its pairs with the masks (full_tile_slots is 0 with an attn_bias,
+// and the interval plan never has one), so the other tiles carry no per-pair branch on it.
 template <class E, int NT, class Test>
 DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const ScoreInputs<E>& in,
                           const Params& p, float* dab, int row_w, const KeyFacts* facts,
@@ -465,7 +467,7 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
             const float score = masked_score<E, Test>(in, row, key, s[nt][e], th);
             const float pe = fast_exp2(score - lse[e >> 1]);
             const float ds = pe * (dp[nt][e] - delta[e >> 1]);
-            if (dab && row < p.seqlen_q && key.id >= 0)
+            if (Test::value == KEEP_MASKS && dab && row < p.seqlen_q && key.id >= 0)
                 atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
             s[nt][e] = Test::softcap(in) ? ds * (1.f - th * th) : ds;  // d score
         }
