@@ -25,8 +25,9 @@ def _instantiations(kernels):
              f"static_assert(sizeof(Params) == {8 * len(cupy_kernels.params_fields())}, "
              '"Params layout differs from the one the launcher reads");']
     for kernel, dtype, d_pad in kernels:
-        name = cupy_kernels.instantiation(kernel, dtype, d_pad)
-        lines.append(f"template __global__ void {name}(const Params);")
+        for softcap in cupy_kernels.softcap_flags(kernel):
+            name = cupy_kernels.instantiation(kernel, dtype, d_pad, softcap)
+            lines.append(f"template __global__ void {name}(const Params);")
     return "\n".join(lines) + "\n"
 
 
@@ -236,8 +237,10 @@ def test_warps_cover_their_tiles():
         else:
             rows = cupy_kernels.warp_rows(kernel, dtype, d_pad)
             assert threads // 32 * rows == block_m and threads >= block_n
-            name = cupy_kernels.instantiation(kernel, dtype, d_pad)
-            assert name.count(",") == (4 if kernel == "dma_forward" else 3)
+            for softcap in (False, True):
+                name = cupy_kernels.instantiation(kernel, dtype, d_pad, softcap)
+                assert name.count(",") == (5 if kernel == "dma_forward" else 4)
+                assert name.endswith("true>" if softcap else "false>")
 
 
 def test_vector_loads_need_aligned_whole_rows():

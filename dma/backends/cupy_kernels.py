@@ -170,16 +170,24 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     return elements * dtype.itemsize
 
 
-def instantiation(kernel: str, dtype: torch.dtype, d_pad: int) -> str:
-    if kernel == ROW_DELTA:  # any head dim
+def instantiation(kernel: str, dtype: torch.dtype, d_pad: int, softcap: bool = False) -> str:
+    """The template instantiation that runs `kernel`: the attention kernels take the softcap
+    as a compile-time flag (no per-pair branch on it), so each has two."""
+    if kernel == ROW_DELTA:  # any head dim, no softcap
         return f"{kernel}<{ELEMENT_TYPES[dtype]}>"
     block_m, block_n = tiles(kernel, dtype, d_pad)
+    flag = "true" if softcap else "false"
     if kernel == WGMMA_DKDV:
-        return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}>"
+        return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}, {flag}>"
     if kernel in WGMMA_KERNELS.values():
-        return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_n}>"
+        return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_n}, {flag}>"
     rows = f", {warp_rows(kernel, dtype, d_pad)}" if kernel == "dma_forward" else ""
-    return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}{rows}>"
+    return f"{kernel}<{ELEMENT_TYPES[dtype]}, {d_pad}, {block_m}, {block_n}{rows}, {flag}>"
+
+
+def softcap_flags(kernel: str) -> tuple:
+    """The softcap flags `kernel` is compiled with: both, but none for row delta."""
+    return (False,) if kernel == ROW_DELTA else (False, True)
 
 
 def all_instantiations():
@@ -274,12 +282,13 @@ def _hopper_function(name: str):
     return module, module.get_function(lowered)
 
 
-def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int):
-    key = (device_index, kernel, dtype, d_pad)
+def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int,
+              softcap: bool = False):
+    key = (device_index, kernel, dtype, d_pad, softcap)
     if key not in _functions:
         import cupy
 
-        name = instantiation(kernel, dtype, d_pad)
+        name = instantiation(kernel, dtype, d_pad, softcap)
         with cupy.cuda.Device(device_index):
             if kernel in WGMMA_KERNELS.values():
                 module, function = _hopper_function(name)
@@ -325,11 +334,13 @@ class _StreamHandle:
 
 def launch(kernel: str, dtype: torch.dtype, d_pad: int, grid: tuple, device: torch.device,
            fields: dict):
-    """Launch one kernel on the current torch stream of `device`."""
+    """Launch one kernel on the current torch stream of `device`: its instantiation for the
+    softcap flag in `fields`."""
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    function = _function(index, kernel, dtype, d_pad)
+    softcap = kernel != ROW_DELTA and bool(fields["has_softcap"])
+    function = _function(index, kernel, dtype, d_pad, softcap)
     params = pack_params(fields)
     stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(index):

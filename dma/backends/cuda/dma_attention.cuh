@@ -193,7 +193,7 @@ DMA_DEVICE void store_forward_rows(const Params& p, long long b, long long h, in
 // of tile i + 1 (two buffers) are fetched meanwhile. Two barriers per tile. A warp owns
 // WARP_M rows: 32 (two fragments sharing every K and V fragment they read) where its
 // accumulators fit in registers, else 16.
-template <class E, int D_PAD, int BLOCK_M, int BLOCK_N, int WARP_M>
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N, int WARP_M, bool SOFTCAP>
 __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
                                   WARP_M == 16 ? DMA_FORWARD_MIN_BLOCKS : 2)
     dma_forward(const Params p) {
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         zero(s);
         warp_mma<E, D_PAD, NT, true, true, MF>(s, q_w, LD, k_s, LD);
         float tile_max[MF][2];
-        with_keep_test<false, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+        with_keep_test<SOFTCAP, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
             forward_scores<E, MF, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[cur]);
         });
         online_softmax(s, tile_max, m, l, o);
@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
 //   threads the keys' facts (published to shared memory two tiles ahead, two buffers).
 constexpr int WGMMA_BLOCK_M = 128, WGMMA_THREADS = 256;
 
-template <class E, int D_PAD, int BLOCK_N>
+template <class E, int D_PAD, int BLOCK_N, bool SOFTCAP>
 __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     };
     TileKeys<E, BLOCK_N> next;  // facts of tile t + 2
     auto scores = [&](long long t) {  // tile t's scores in s from its products in qk
-        with_keep_test<true, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
+        with_keep_test<SOFTCAP, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
             forward_scores<E, 1, NT, decltype(test)>(s, qk, tile_max, in, row_w, facts[t & 1]);
         });
     };
@@ -469,7 +469,7 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
             const float ds = pe * (dp[nt][e] - delta[e >> 1]);
             if (Test::value == KEEP_MASKS && dab && row < p.seqlen_q && key.id >= 0)
                 atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
-            s[nt][e] = Test::softcap(in) ? ds * (1.f - th * th) : ds;  // d score
+            s[nt][e] = Test::softcap ? ds * (1.f - th * th) : ds;  // d score
         }
 }
 
@@ -492,7 +492,7 @@ DMA_DEVICE void store_dq_rows(const Params& p, long long q_off, int row_w,
 
 // The forward's pipeline with V used first: K(i) is copied while dp = dO V(i)^T runs, V(i + 1)
 // while the scores, d scores and dq of tile i are computed.
-template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N, bool SOFTCAP>
 __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_dq(const Params p) {
     typedef typename E::T T;
     constexpr int THREADS = BLOCK_M * 2;
@@ -551,7 +551,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
                                                          0, p);
         zero(s);
         warp_mma<E, D_PAD, NT, true, true>(s, q_w, LD, k_s, LD);
-        with_keep_test<true, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+        with_keep_test<SOFTCAP, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
             dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, facts[cur], lse, delta);
         });
         warp_mma_scores<E, NT, DT, false>(dq, s, p_w, LDP, k_s, LD);
@@ -565,7 +565,7 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
 // warpgroups) and 64-key tiles. Per tile, S = Q K^T and dP = dO V^T from shared memory, then
 // dq += dS K with dS from registers. K/V tiles are double-buffered: tile i + 1's are copied
 // while tile i is computed. One barrier per tile.
-template <class E, int D_PAD, int BLOCK_N>
+template <class E, int D_PAD, int BLOCK_N, bool SOFTCAP>
 __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
@@ -643,7 +643,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
         wgmma_wait<0>();
         hold_accumulator(s);
         hold_accumulator(dp);
-        with_keep_test<true, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
+        with_keep_test<SOFTCAP, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
             dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, facts[cur], lse, delta);
         });
         unsigned ds[BLOCK_N / 16][4];
@@ -678,14 +678,14 @@ DMA_DEVICE void dkdv_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb
             const float ds = pe * (dpt[mt][e] - delta[r]);
             dkb[e >> 1] += ds;
             st[mt][e] = pe;
-            dpt[mt][e] = Test::softcap(in) ? ds * (1.f - th * th) : ds;  // d score
+            dpt[mt][e] = Test::softcap ? ds * (1.f - th * th) : ds;  // d score
         }
 }
 
 // dkdv_scores of a warp's tile of BLOCK_M rows from row0, with the per-pair test skipped
 // where it can drop no pair: a listed tile the mask keeps whole (`whole`), or every row of
 // the tile keeping both keys of every lane of the warp (`mine`) with no mask or bias.
-template <class E, int MT, int BLOCK_M>
+template <class E, int MT, int BLOCK_M, bool SOFTCAP>
 DMA_DEVICE void dkdv_tile_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb)[2],
                                  const ScoreInputs<E>& in, long long row0,
                                  const KeyFacts (&mine)[2], bool whole, const float* lse,
@@ -694,7 +694,7 @@ DMA_DEVICE void dkdv_tile_scores(float (&st)[MT][4], float (&dpt)[MT][4], float 
         0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
                          && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
                          && !in.attn_bias && !in.attn_mask);
-    with_keep_test<false, false>(in, all_kept || whole, [&](auto test) {
+    with_keep_test<SOFTCAP, false>(in, all_kept || whole, [&](auto test) {
         dkdv_scores<E, MT, decltype(test)>(st, dpt, dkb, in, (int)row0, mine, lse, delta);
     });
 }
@@ -846,7 +846,7 @@ DMA_DEVICE void load_rows(typename E::T* dst, const typename E::T* q, const type
                                                  p.seqlen_q, p);
 }
 
-template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N, bool SOFTCAP>
 __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p) {
     typedef typename E::T T;
     constexpr int THREADS = BLOCK_N * 2;  // one warp per 16 keys
@@ -934,7 +934,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 zero(dpt);
                 warp_mma<E, D_PAD, MT, true, true>(st, k_w, LD, q_s, LD);
                 warp_mma<E, D_PAD, MT, true, true>(dpt, v_w, LD, do_s, LD);
-                dkdv_tile_scores<E, MT, BLOCK_M>(st, dpt, dkb, in, row0, mine, j < rows.whole,
+                dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine, j < rows.whole,
                                                  lse_s[cur], delta_s[cur]);
                 warp_mma_scores<E, MT, DT, false>(dv, st, pt_w, LDT, do_s, LD);
                 warp_mma_scores<E, MT, DT, false>(dk, dpt, pt_w, LDT, q_s, LD);
@@ -960,7 +960,7 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
 // S^T = K Q^T and dP^T = V dO^T from shared memory, then dv += P^T dO and dk += dS^T Q with
 // P^T and dS^T from registers. Row tiles (Q, dO, lse, delta) are double-buffered: tile j + 1's
 // are copied while tile j is computed.
-template <class E, int D_PAD, int BLOCK_M, int BLOCK_N>
+template <class E, int D_PAD, int BLOCK_M, int BLOCK_N, bool SOFTCAP>
 __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
@@ -1057,7 +1057,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                 wgmma_wait<0>();
                 hold_accumulator(st);
                 hold_accumulator(dpt);
-                dkdv_tile_scores<E, MT, BLOCK_M>(st, dpt, dkb, in, row0, mine, j < rows.whole,
+                dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine, j < rows.whole,
                                                  lse_s[cur], delta_s[cur]);
                 unsigned pt[BLOCK_M / 16][4], dst[BLOCK_M / 16][4];
                 pack_operand<E>(pt, st);

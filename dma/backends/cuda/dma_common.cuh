@@ -413,7 +413,7 @@ struct ScoreInputs {
     const int* end_row;               // plan: rows [causal start, end_row) keep key
     long long sab_r, sab_c, sam_r, sam_c;
     int seqlen_q, causal_offset;
-    bool causal, softcap;
+    bool causal;
     // Scores run in base 2 (log2(e) * s of SPEC section 2), so softmax needs a bare exp2:
     // qk * scale_log2 without softcap, softcap_log2 * tanh(qk * scale_over_cap) with it.
     float scale_log2, scale_over_cap, softcap_log2;
@@ -431,7 +431,7 @@ struct ScoreInputs {
                                    + (h / p.plan_hdiv) * p.splan_h : nullptr),
           sab_r(p.sab_r), sab_c(p.sab_c), sam_r(p.sam_r), sam_c(p.sam_c),
           seqlen_q((int)p.seqlen_q), causal_offset((int)p.causal_offset), causal(p.causal),
-          softcap(p.has_softcap), scale_log2((float)(p.scale * LOG2E)),
+          scale_log2((float)(p.scale * LOG2E)),
           scale_over_cap((float)(p.scale / p.softcap)),
           softcap_log2((float)(p.softcap * LOG2E)) {}
 };
@@ -463,40 +463,25 @@ DMA_DEVICE KeyFacts key_facts(const ScoreInputs<E>& in, int id) {
 // every row keeps (full_tile_slots); the keys' row intervals alone, when no attn_bias or
 // attn_mask is given; or the intervals, attn_mask and attn_bias.
 //
-// Two more choices shape the per-pair code, each kernel taking what its registers allow
-// (more freedom for the scheduler keeps more values live):
-// * SOFTCAP_PER_TILE: whether a softcap applies is decided once per tile, so the per-pair
-//   code has no branch on it (without a softcap a score is one fused multiply-add);
-//   otherwise each pair asks.
-// * BRANCH_FREE: the interval test as two compares and a select, not as branches.
+// Two compile-time choices shape the per-pair code as well:
+// * SOFTCAP, a template parameter of every attention kernel (the launcher compiles each
+//   kernel with and without one): the per-pair code has no branch on it, and without a
+//   softcap a score is one fused multiply-add.
+// * BRANCH_FREE: the interval test as two compares and a select, not as branches, where a
+//   kernel's registers allow it (more freedom for the scheduler keeps more values live).
 enum KeepTest { KEEP_ALL, KEEP_INTERVAL, KEEP_MASKS };
-enum SoftcapChoice { SOFTCAP_OFF, SOFTCAP_ON, SOFTCAP_ASK };
-template <int TEST, int SOFTCAP, bool BRANCH_FREE>
+template <int TEST, bool SOFTCAP, bool BRANCH_FREE>
 struct KeepTestTag {
     static constexpr int value = TEST;
+    static constexpr bool softcap = SOFTCAP;
     static constexpr bool branch_free = BRANCH_FREE;
-    template <class E>
-    static DMA_DEVICE bool softcap(const ScoreInputs<E>& in) {
-        return SOFTCAP == SOFTCAP_ASK ? in.softcap : SOFTCAP == SOFTCAP_ON;
-    }
-};
-template <int V>
-struct IntTag {
-    static constexpr int value = V;
 };
 
-template <bool SOFTCAP_PER_TILE, bool BRANCH_FREE, class E, class F>
+template <bool SOFTCAP, bool BRANCH_FREE, class E, class F>
 DMA_DEVICE void with_keep_test(const ScoreInputs<E>& in, bool all_kept, F&& scores) {
-    auto pick = [&](auto softcap) {
-        constexpr int SOFTCAP = decltype(softcap)::value;
-        if (all_kept) scores(KeepTestTag<KEEP_ALL, SOFTCAP, BRANCH_FREE>());
-        else if (in.attn_bias || in.attn_mask)
-            scores(KeepTestTag<KEEP_MASKS, SOFTCAP, BRANCH_FREE>());
-        else scores(KeepTestTag<KEEP_INTERVAL, SOFTCAP, BRANCH_FREE>());
-    };
-    if (!SOFTCAP_PER_TILE) pick(IntTag<SOFTCAP_ASK>());
-    else if (in.softcap) pick(IntTag<SOFTCAP_ON>());
-    else pick(IntTag<SOFTCAP_OFF>());
+    if (all_kept) scores(KeepTestTag<KEEP_ALL, SOFTCAP, BRANCH_FREE>());
+    else if (in.attn_bias || in.attn_mask) scores(KeepTestTag<KEEP_MASKS, SOFTCAP, BRANCH_FREE>());
+    else scores(KeepTestTag<KEEP_INTERVAL, SOFTCAP, BRANCH_FREE>());
 }
 
 // The score of (row, key) in base 2, -inf where row does not keep key (SPEC section 2), plus
@@ -505,7 +490,7 @@ template <class E, class Test>
 DMA_DEVICE float masked_score(const ScoreInputs<E>& in, int row, const KeyFacts& key, float qk,
                               float& th) {
     float t;
-    if (Test::softcap(in)) {
+    if constexpr (Test::softcap) {
         th = fast_tanh(qk * in.scale_over_cap);
         t = in.softcap_log2 * th + key.bias;
     } else {
