@@ -93,6 +93,22 @@ def test_host_fields_fill_every_params_field():
     assert np.isclose(packed["scale"][0], 64 ** -0.5)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_launches_pick_the_instantiation_compiled_for_their_softcap(softcap):
+    # The attention kernels take the softcap as a template flag: a call with one must launch
+    # the `true` instantiation, one without the `false` one; row delta has no such flag.
+    problem, inputs = _problem(causal=True, softcap=softcap)
+    launch = LaunchArgs(problem, inputs, None)
+    for kernel in (*cupy_kernels.KERNELS, *cupy_kernels.WGMMA_KERNELS.values()):
+        _, fields = cupy_backend._kernel_fields(kernel, problem, launch)
+        flag = cupy_kernels.compiled_softcap(kernel, fields)
+        assert flag == (softcap is not None)
+        name = cupy_kernels.instantiation(kernel, problem.dtype, 64, flag)
+        assert name.endswith("true>" if softcap else "false>")
+    fields = dict(cupy_backend._fields(problem, launch), has_softcap=1)
+    assert not cupy_kernels.compiled_softcap(cupy_kernels.ROW_DELTA, fields)
+
+
 def test_row_delta_launch_fills_every_field_and_covers_every_row(monkeypatch):
     # The row delta's launch (no GPU: the launch is caught) packs a whole Params with o's
     # and do's own strides, and its grid's warps cover every row of every head.

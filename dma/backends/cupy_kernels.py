@@ -332,6 +332,11 @@ class _StreamHandle:
         return (0, self.handle)
 
 
+def compiled_softcap(kernel: str, fields: dict) -> bool:
+    """The softcap flag of the instantiation that serves a launch of `kernel` with `fields`."""
+    return kernel != ROW_DELTA and bool(fields["has_softcap"])
+
+
 def launch(kernel: str, dtype: torch.dtype, d_pad: int, grid: tuple, device: torch.device,
            fields: dict):
     """Launch one kernel on the current torch stream of `device`: its instantiation for the
@@ -339,8 +344,7 @@ def launch(kernel: str, dtype: torch.dtype, d_pad: int, grid: tuple, device: tor
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    softcap = kernel != ROW_DELTA and bool(fields["has_softcap"])
-    function = _function(index, kernel, dtype, d_pad, softcap)
+    function = _function(index, kernel, dtype, d_pad, compiled_softcap(kernel, fields))
     params = pack_params(fields)
     stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(index):
