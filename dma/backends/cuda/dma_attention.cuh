@@ -934,8 +934,9 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                 zero(dpt);
                 warp_mma<E, D_PAD, MT, true, true>(st, k_w, LD, q_s, LD);
                 warp_mma<E, D_PAD, MT, true, true>(dpt, v_w, LD, do_s, LD);
-                dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine, j < rows.whole,
-                                                 lse_s[cur], delta_s[cur]);
+                dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine,
+                                                          j < rows.whole, lse_s[cur],
+                                                          delta_s[cur]);
                 warp_mma_scores<E, MT, DT, false>(dv, st, pt_w, LDT, do_s, LD);
                 warp_mma_scores<E, MT, DT, false>(dk, dpt, pt_w, LDT, q_s, LD);
                 if (more && ROW_BUFFERS == 1) {
@@ -1057,8 +1058,9 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                 wgmma_wait<0>();
                 hold_accumulator(st);
                 hold_accumulator(dpt);
-                dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine, j < rows.whole,
-                                                 lse_s[cur], delta_s[cur]);
+                dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine,
+                                                          j < rows.whole, lse_s[cur],
+                                                          delta_s[cur]);
                 unsigned pt[BLOCK_M / 16][4], dst[BLOCK_M / 16][4];
                 pack_operand<E>(pt, st);
                 pack_operand<E>(dst, dpt);
