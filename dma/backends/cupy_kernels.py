@@ -170,7 +170,7 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     return elements * dtype.itemsize
 
 
-def instantiation(kernel: str, dtype: torch.dtype, d_pad: int, softcap: bool = False) -> str:
+def instantiation(kernel: str, dtype: torch.dtype, d_pad: int, softcap: bool) -> str:
     """The template instantiation that runs `kernel`: the attention kernels take the softcap
     as a compile-time flag (no per-pair branch on it), so each has two."""
     if kernel == ROW_DELTA:  # any head dim, no softcap
@@ -282,8 +282,7 @@ def _hopper_function(name: str):
     return module, module.get_function(lowered)
 
 
-def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int,
-              softcap: bool = False):
+def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int, softcap: bool):
     key = (device_index, kernel, dtype, d_pad, softcap)
     if key not in _functions:
         import cupy
