@@ -699,6 +699,51 @@ DMA_DEVICE void dkdv_tile_scores(float (&st)[MT][4], float (&dpt)[MT][4], float 
     });
 }
 
+// dkdv_scores in two passes, so that a product can run between them (the warpgroup dk/dv
+// without a softcap, whose d score needs no tanh kept per pair): first the probabilities
+// into st, before dP^T has landed; then the d scores into dpt and d key_bias into dkb,
+// while dv += P^T dO runs.
+template <class E, int MT, class Test>
+DMA_DEVICE void dkdv_probabilities(float (&st)[MT][4], const ScoreInputs<E>& in, int row0,
+                                   const KeyFacts (&mine)[2], const float* lse) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = frag_col(mt, e);
+            float th;
+            const float score = masked_score<E, Test>(in, row0 + r, mine[e >> 1], st[mt][e], th);
+            st[mt][e] = fast_exp2(score - lse[r]);
+        }
+}
+
+template <int MT>
+DMA_DEVICE void dkdv_dscores(const float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb)[2],
+                             const float* delta) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float ds = st[mt][e] * (dpt[mt][e] - delta[frag_col(mt, e)]);
+            dkb[e >> 1] += ds;
+            dpt[mt][e] = ds;
+        }
+}
+
+// The first pass of the two, with dkdv_tile_scores' choice of test.
+template <class E, int MT, int BLOCK_M>
+DMA_DEVICE void dkdv_tile_probabilities(float (&st)[MT][4], const ScoreInputs<E>& in,
+                                        long long row0, const KeyFacts (&mine)[2], bool whole,
+                                        const float* lse) {
+    const bool all_kept = __all_sync(
+        0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
+                         && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
+                         && !in.attn_bias && !in.attn_mask);
+    with_keep_test<false, false>(in, all_kept || whole, [&](auto test) {
+        dkdv_probabilities<E, MT, decltype(test)>(st, in, (int)row0, mine, lse);
+    });
+}
+
 // The row tiles a dk/dv key tile walks: `count` tiles of BLOCK_M rows, consecutive from row
 // `lo`, or listed (an explicit mask's live row tiles, the first `whole` of them kept whole:
 // listed_whole_tiles).
@@ -1051,21 +1096,39 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                     copy_rows(cur ^ 1, next_row0);
                 }
                 // Transposed tiles: rows are the warpgroup's 64 keys, columns the query rows.
+                // S^T and dP^T are committed apart, so that P is computed while dP^T runs.
                 wgmma_fence();
                 wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(st, k_s, group * 64, q_cur);
+                wgmma_commit();
                 wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(dpt, v_s, group * 64, do_cur);
                 wgmma_commit();
-                wgmma_wait<0>();
-                hold_accumulator(st);
-                hold_accumulator(dpt);
-                dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine,
-                                                          j < rows.whole, lse_s[cur],
-                                                          delta_s[cur]);
                 unsigned pt[BLOCK_M / 16][4], dst[BLOCK_M / 16][4];
-                pack_operand<E>(pt, st);
+                if constexpr (SOFTCAP) {  // one pass: the d score needs each pair's tanh
+                    wgmma_wait<0>();
+                    hold_accumulator(st);
+                    hold_accumulator(dpt);
+                    dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine,
+                                                              j < rows.whole, lse_s[cur],
+                                                              delta_s[cur]);
+                    pack_operand<E>(pt, st);
+                    wgmma_fence();
+                    wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dv, pt, do_cur);
+                    wgmma_commit();
+                } else {  // P while dP^T runs, then dS while dv += P^T dO runs
+                    wgmma_wait<1>();
+                    hold_accumulator(st);
+                    dkdv_tile_probabilities<E, MT, BLOCK_M>(st, in, row0, mine, j < rows.whole,
+                                                            lse_s[cur]);
+                    pack_operand<E>(pt, st);
+                    wgmma_fence();
+                    wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dv, pt, do_cur);
+                    wgmma_commit();
+                    wgmma_wait<1>();
+                    hold_accumulator(dpt);
+                    dkdv_dscores<MT>(st, dpt, dkb, delta_s[cur]);
+                }
                 pack_operand<E>(dst, dpt);
                 wgmma_fence();
-                wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dv, pt, do_cur);
                 wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dk, dst, q_cur);
                 wgmma_commit();
                 wgmma_wait<0>();
