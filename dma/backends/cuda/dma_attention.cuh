@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     const unsigned k_s = q_s + Q_BYTES, v_s = k_s + 2 * KV_BYTES;  // two buffers each
     __shared__ KeyFacts facts[2][BLOCK_N];
 
-    const int warp = threadIdx.x / 32, group = warp / 4;
+    const int warp = threadIdx.x / 32, group = warpgroup_index();
     const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
     const ScoreInputs<E>& in = blk.in;
     const int row_w = (int)blk.row0 + warp * 16;
@@ -580,7 +580,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     const unsigned v_s = k_s + 2 * KV_BYTES;  // two buffers of K and of V
     __shared__ KeyFacts facts[2][BLOCK_N];
 
-    const int warp = threadIdx.x / 32, group = warp / 4;
+    const int warp = threadIdx.x / 32, group = warpgroup_index();
     const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
     const ScoreInputs<E>& in = blk.in;
     const int row_w = (int)blk.row0 + warp * 16;
@@ -1024,7 +1024,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
     __shared__ float lse_s[2][BLOCK_M], delta_s[2][BLOCK_M];
     __shared__ int row_range[2];
 
-    const int warp = threadIdx.x / 32, group = warp / 4;
+    const int warp = threadIdx.x / 32, group = warpgroup_index();
     const DkdvProgram<BLOCK_N> prog(p);
     const long long b = prog.b, h0 = prog.h0, n_heads = prog.n_heads, n_slots = prog.n_slots;
     const long long first_tile = prog.first_tile, tile_step = prog.tile_step;
