@@ -473,6 +473,40 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
         }
 }
 
+// dq_scores in two passes, so that dP's product runs during the first (the warpgroup dq
+// without a softcap, whose d score needs no tanh kept per pair): the probabilities into s,
+// then the d scores (and d attn_bias) from them and dp.
+template <class E, int NT, class Test>
+DMA_DEVICE void dq_probabilities(float (&s)[NT][4], const ScoreInputs<E>& in, int row_w,
+                                 const KeyFacts* facts, const float (&lse)[2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float th;
+            const float score = masked_score<E, Test>(in, row_w + frag_row(e),
+                                                      facts[frag_col(nt, e)], s[nt][e], th);
+            s[nt][e] = fast_exp2(score - lse[e >> 1]);
+        }
+}
+
+template <class E, int NT, class Test>
+DMA_DEVICE void dq_dscores(float (&s)[NT][4], const float (&dp)[NT][4], const Params& p,
+                           float* dab, int row_w, const KeyFacts* facts,
+                           const float (&delta)[2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row_w + frag_row(e);
+            const KeyFacts& key = facts[frag_col(nt, e)];
+            const float ds = s[nt][e] * (dp[nt][e] - delta[e >> 1]);
+            if (Test::value == KEEP_MASKS && dab && row < p.seqlen_q && key.id >= 0)
+                atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
+            s[nt][e] = ds;
+        }
+}
+
 // dq of a warp's 16 rows (from row_w), times the softmax scale (the scores' product was
 // unscaled).
 template <class E, int DT>
@@ -635,17 +669,34 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
                 fetch_ids(start + 2 * BLOCK_N);
             }
         }
+        // S and dP are committed apart, so that P is computed while dP runs.
         wgmma_fence();
         wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s, q_s, group * 64, k_s + cur * KV_BYTES);
+        wgmma_commit();
         wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(dp, do_s, group * 64,
                                                        v_s + cur * KV_BYTES);
         wgmma_commit();
-        wgmma_wait<0>();
-        hold_accumulator(s);
-        hold_accumulator(dp);
-        with_keep_test<SOFTCAP, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
-            dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, facts[cur], lse, delta);
-        });
+        const bool all_kept = start + BLOCK_N <= blk.n_full;
+        if constexpr (SOFTCAP) {  // one pass: the d score needs each pair's tanh
+            wgmma_wait<0>();
+            hold_accumulator(s);
+            hold_accumulator(dp);
+            with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
+                dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, facts[cur], lse,
+                                                 delta);
+            });
+        } else {
+            wgmma_wait<1>();
+            hold_accumulator(s);
+            with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
+                dq_probabilities<E, NT, decltype(test)>(s, in, row_w, facts[cur], lse);
+            });
+            wgmma_wait<0>();
+            hold_accumulator(dp);
+            with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
+                dq_dscores<E, NT, decltype(test)>(s, dp, p, dab, row_w, facts[cur], delta);
+            });
+        }
         unsigned ds[BLOCK_N / 16][4];
         pack_operand<E>(ds, s);
         wgmma_fence();
