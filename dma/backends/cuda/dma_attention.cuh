@@ -457,20 +457,17 @@ template <class E, int NT, class Test>
 DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const ScoreInputs<E>& in,
                           const Params& p, float* dab, int row_w, const KeyFacts* facts,
                           const float (&lse)[2], const float (&delta)[2]) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = row_w + frag_row(e);
-            const KeyFacts& key = facts[frag_col(nt, e)];
-            float th;
-            const float score = masked_score<E, Test>(in, row, key, s[nt][e], th);
-            const float pe = fast_exp2(score - lse[e >> 1]);
-            const float ds = pe * (dp[nt][e] - delta[e >> 1]);
-            if (Test::value == KEEP_MASKS && dab && row < p.seqlen_q && key.id >= 0)
-                atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
-            s[nt][e] = Test::softcap ? ds * (1.f - th * th) : ds;  // d score
-        }
+    for_each_pair<NT>([&](int nt, int e) {
+        const int row = row_w + frag_row(e);
+        const KeyFacts& key = facts[frag_col(nt, e)];
+        float th;
+        const float score = masked_score<E, Test>(in, row, key, s[nt][e], th);
+        const float pe = fast_exp2(score - lse[e >> 1]);
+        const float ds = pe * (dp[nt][e] - delta[e >> 1]);
+        if (Test::value == KEEP_MASKS && dab && row < p.seqlen_q && key.id >= 0)
+            atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
+        s[nt][e] = Test::softcap ? ds * (1.f - th * th) : ds;  // d score
+    });
 }
 
 // dq_scores in two passes, so that dP's product runs during the first (the warpgroup dq
@@ -479,32 +476,25 @@ DMA_DEVICE void dq_scores(float (&s)[NT][4], const float (&dp)[NT][4], const Sco
 template <class E, int NT, class Test>
 DMA_DEVICE void dq_probabilities(float (&s)[NT][4], const ScoreInputs<E>& in, int row_w,
                                  const KeyFacts* facts, const float (&lse)[2]) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float th;
-            const float score = masked_score<E, Test>(in, row_w + frag_row(e),
-                                                      facts[frag_col(nt, e)], s[nt][e], th);
-            s[nt][e] = fast_exp2(score - lse[e >> 1]);
-        }
+    for_each_pair<NT>([&](int nt, int e) {
+        float th;
+        s[nt][e] = fast_exp2(masked_score<E, Test>(in, row_w + frag_row(e),
+                                                   facts[frag_col(nt, e)], s[nt][e], th)
+                             - lse[e >> 1]);
+    });
 }
 
 template <class E, int NT, class Test>
 DMA_DEVICE void dq_dscores(float (&s)[NT][4], const float (&dp)[NT][4], const Params& p,
                            float* dab, int row_w, const KeyFacts* facts,
                            const float (&delta)[2]) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = row_w + frag_row(e);
-            const KeyFacts& key = facts[frag_col(nt, e)];
-            const float ds = s[nt][e] * (dp[nt][e] - delta[e >> 1]);
-            if (Test::value == KEEP_MASKS && dab && row < p.seqlen_q && key.id >= 0)
-                atomicAdd(dab + row * p.sdab_r + key.id * p.sdab_c, ds);
-            s[nt][e] = ds;
-        }
+    for_each_pair<NT>([&](int nt, int e) {
+        const float ds = s[nt][e] * (dp[nt][e] - delta[e >> 1]);
+        const int row = row_w + frag_row(e), key = facts[frag_col(nt, e)].id;
+        if (Test::value == KEEP_MASKS && dab && row < p.seqlen_q && key >= 0)
+            atomicAdd(dab + row * p.sdab_r + key * p.sdab_c, ds);
+        s[nt][e] = ds;
+    });
 }
 
 // dq of a warp's 16 rows (from row_w), times the softmax scale (the scores' product was
@@ -718,19 +708,26 @@ template <class E, int MT, class Test>
 DMA_DEVICE void dkdv_scores(float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb)[2],
                             const ScoreInputs<E>& in, int row0, const KeyFacts (&mine)[2],
                             const float* lse, const float* delta) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = frag_col(mt, e);
-            float th;
-            const float score = masked_score<E, Test>(in, row0 + r, mine[e >> 1], st[mt][e], th);
-            const float pe = fast_exp2(score - lse[r]);
-            const float ds = pe * (dpt[mt][e] - delta[r]);
-            dkb[e >> 1] += ds;
-            st[mt][e] = pe;
-            dpt[mt][e] = Test::softcap ? ds * (1.f - th * th) : ds;  // d score
-        }
+    for_each_pair<MT>([&](int mt, int e) {
+        const int r = frag_col(mt, e);
+        float th;
+        const float score = masked_score<E, Test>(in, row0 + r, mine[e >> 1], st[mt][e], th);
+        const float pe = fast_exp2(score - lse[r]);
+        const float ds = pe * (dpt[mt][e] - delta[r]);
+        dkb[e >> 1] += ds;
+        st[mt][e] = pe;
+        dpt[mt][e] = Test::softcap ? ds * (1.f - th * th) : ds;  // d score
+    });
+}
+
+// Whether every row of the tile of BLOCK_M rows from row0 keeps both keys of every lane of
+// the warp (`mine`), with no mask or bias to test: the per-pair test can then drop no pair.
+template <int BLOCK_M, class E>
+DMA_DEVICE bool dkdv_all_kept(const ScoreInputs<E>& in, long long row0,
+                              const KeyFacts (&mine)[2]) {
+    return __all_sync(0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
+                                       && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
+                                       && !in.attn_bias && !in.attn_mask);
 }
 
 // dkdv_scores of a warp's tile of BLOCK_M rows from row0, with the per-pair test skipped
@@ -741,10 +738,7 @@ DMA_DEVICE void dkdv_tile_scores(float (&st)[MT][4], float (&dpt)[MT][4], float 
                                  const ScoreInputs<E>& in, long long row0,
                                  const KeyFacts (&mine)[2], bool whole, const float* lse,
                                  const float* delta) {
-    const bool all_kept = __all_sync(
-        0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
-                         && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
-                         && !in.attn_bias && !in.attn_mask);
+    const bool all_kept = dkdv_all_kept<BLOCK_M>(in, row0, mine);
     with_keep_test<SOFTCAP, false>(in, all_kept || whole, [&](auto test) {
         dkdv_scores<E, MT, decltype(test)>(st, dpt, dkb, in, (int)row0, mine, lse, delta);
     });
@@ -757,28 +751,22 @@ DMA_DEVICE void dkdv_tile_scores(float (&st)[MT][4], float (&dpt)[MT][4], float 
 template <class E, int MT, class Test>
 DMA_DEVICE void dkdv_probabilities(float (&st)[MT][4], const ScoreInputs<E>& in, int row0,
                                    const KeyFacts (&mine)[2], const float* lse) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = frag_col(mt, e);
-            float th;
-            const float score = masked_score<E, Test>(in, row0 + r, mine[e >> 1], st[mt][e], th);
-            st[mt][e] = fast_exp2(score - lse[r]);
-        }
+    for_each_pair<MT>([&](int mt, int e) {
+        const int r = frag_col(mt, e);
+        float th;
+        st[mt][e] = fast_exp2(masked_score<E, Test>(in, row0 + r, mine[e >> 1], st[mt][e], th)
+                              - lse[r]);
+    });
 }
 
 template <int MT>
 DMA_DEVICE void dkdv_dscores(const float (&st)[MT][4], float (&dpt)[MT][4], float (&dkb)[2],
                              const float* delta) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float ds = st[mt][e] * (dpt[mt][e] - delta[frag_col(mt, e)]);
-            dkb[e >> 1] += ds;
-            dpt[mt][e] = ds;
-        }
+    for_each_pair<MT>([&](int mt, int e) {
+        const float ds = st[mt][e] * (dpt[mt][e] - delta[frag_col(mt, e)]);
+        dkb[e >> 1] += ds;
+        dpt[mt][e] = ds;
+    });
 }
 
 // The first pass of the two, with dkdv_tile_scores' choice of test.
@@ -786,10 +774,7 @@ template <class E, int MT, int BLOCK_M>
 DMA_DEVICE void dkdv_tile_probabilities(float (&st)[MT][4], const ScoreInputs<E>& in,
                                         long long row0, const KeyFacts (&mine)[2], bool whole,
                                         const float* lse) {
-    const bool all_kept = __all_sync(
-        0xffffffffu, mine[0].first <= row0 && row0 + BLOCK_M <= mine[0].end
-                         && mine[1].first <= row0 && row0 + BLOCK_M <= mine[1].end
-                         && !in.attn_bias && !in.attn_mask);
+    const bool all_kept = dkdv_all_kept<BLOCK_M>(in, row0, mine);
     with_keep_test<false, false>(in, all_kept || whole, [&](auto test) {
         dkdv_probabilities<E, MT, decltype(test)>(st, in, (int)row0, mine, lse);
     });
@@ -1161,19 +1146,17 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                     dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine,
                                                               j < rows.whole, lse_s[cur],
                                                               delta_s[cur]);
-                    pack_operand<E>(pt, st);
-                    wgmma_fence();
-                    wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dv, pt, do_cur);
-                    wgmma_commit();
-                } else {  // P while dP^T runs, then dS while dv += P^T dO runs
+                } else {  // P while dP^T runs
                     wgmma_wait<1>();
                     hold_accumulator(st);
                     dkdv_tile_probabilities<E, MT, BLOCK_M>(st, in, row0, mine, j < rows.whole,
                                                             lse_s[cur]);
-                    pack_operand<E>(pt, st);
-                    wgmma_fence();
-                    wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dv, pt, do_cur);
-                    wgmma_commit();
+                }
+                pack_operand<E>(pt, st);
+                wgmma_fence();
+                wgmma_registers_by_rows<E, D_PAD, BLOCK_M>(dv, pt, do_cur);
+                wgmma_commit();
+                if constexpr (!SOFTCAP) {  // dS and d key_bias while dv += P^T dO runs
                     wgmma_wait<1>();
                     hold_accumulator(dpt);
                     dkdv_dscores<MT>(st, dpt, dkb, delta_s[cur]);

@@ -122,6 +122,16 @@ DMA_DEVICE T operand_at(const T* p, int ld, int outer, int k) {
 DMA_DEVICE int frag_row(int e) { return ((threadIdx.x & 31) >> 2) + 8 * (e >> 1); }
 DMA_DEVICE int frag_col(int nt, int e) { return nt * 8 + 2 * (threadIdx.x & 3) + (e & 1); }
 
+// Every element of a warp's accumulator tile of NT column tiles, unrolled: f(nt, e) for
+// element [nt][e] (its row frag_row(e), column frag_col(nt, e)).
+template <int NT, class F>
+DMA_DEVICE void for_each_pair(F&& f) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) f(nt, e);
+}
+
 // ldmatrix: four 8x8 matrices of 16-bit elements from shared memory, one row address per
 // lane (lanes 8i..8i+7 give the rows of matrix i, each 16-byte aligned); .trans transposes
 // each matrix on the way. Register i of every lane holds its share of matrix i in the
