@@ -769,13 +769,15 @@ DMA_DEVICE void dkdv_dscores(const float (&st)[MT][4], float (&dpt)[MT][4], floa
     });
 }
 
-// The first pass of the two, with dkdv_tile_scores' choice of test.
+// The first pass of the two, with dkdv_tile_scores' choice of test (no softcap: the two
+// passes serve only the kernels without one).
 template <class E, int MT, int BLOCK_M>
 DMA_DEVICE void dkdv_tile_probabilities(float (&st)[MT][4], const ScoreInputs<E>& in,
                                         long long row0, const KeyFacts (&mine)[2], bool whole,
                                         const float* lse) {
     const bool all_kept = dkdv_all_kept<BLOCK_M>(in, row0, mine);
-    with_keep_test<false, false>(in, all_kept || whole, [&](auto test) {
+    constexpr bool SOFTCAP = false;
+    with_keep_test<SOFTCAP, false>(in, all_kept || whole, [&](auto test) {
         dkdv_probabilities<E, MT, decltype(test)>(st, in, (int)row0, mine, lse);
     });
 }
