@@ -107,11 +107,14 @@ def warp_rows(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
 def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
     """(BLOCK_M, BLOCK_N) of a kernel: rows and keys per tile. The forward with 32-row warps
     takes 128 rows and 32-key tiles (64 keys would spill its registers); the warpgroup
-    forward and dq 128 rows (two groups of 64) and 64-key tiles, the warpgroup dk/dv 128 keys
-    (two groups of 64) and 64-row tiles. dk/dv walk rows 32 at a time from
-    head dim 64 up: its transposed score tiles then fit in registers beside dk and dv."""
+    forward 128 rows (two groups of 64) and 128-key tiles (a warp holds one score tile), dq
+    128 rows and 64-key tiles, the warpgroup dk/dv 128 keys (two groups of 64) and 64-row
+    tiles. dk/dv walk rows 32 at a time from head dim 64 up: its transposed score tiles then
+    fit in registers beside dk and dv."""
     if kernel == WGMMA_DKDV:
         return 64, 128
+    if kernel == WGMMA_FORWARD:
+        return 128, 128
     if kernel in WGMMA_KERNELS.values():
         return 128, 64
     if warp_rows(kernel, dtype, d_pad) == 32:

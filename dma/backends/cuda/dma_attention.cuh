@@ -106,15 +106,20 @@ DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], const float (&qk)[MF][NT][
 // moves: p stays below 2^8.
 constexpr float RESCALE_SLACK = 8.f;
 
-// One tile of the forward's online softmax, on a warp's scores s (base 2) and their rows'
-// maxima: s becomes p = exp2(s - m), l gains p's row sums, and o is rescaled when m moves.
+// One tile of the forward's online softmax, in two steps so that the warpgroup forward can
+// take the first while a product still accumulates into o:
+// * softmax_probabilities, on a warp's scores s (base 2) and their rows' maxima: s becomes
+//   p = exp2(s - m) and l gains p's row sums. When the running max m moves, l is rescaled to
+//   it and the call returns true with o's factors in alpha;
+// * rescale_output then applies them to o.
 // The rescale is lazy: the running max m moves (and o, l are rescaled to it) only when some
 // row of the warp gains more than RESCALE_SLACK on it; until then p = exp2(s - m) stays
 // below 2^RESCALE_SLACK, harmless in float32 and in the 16-bit p of the product. o and l
 // share m, so o / l and lse are exact either way.
-template <int MF, int NT, int DT>
-DMA_DEVICE void online_softmax(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
-                               float (&m)[MF][2], float (&l)[MF][2], float (&o)[MF][DT][4]) {
+template <int MF, int NT>
+DMA_DEVICE bool softmax_probabilities(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
+                                      float (&m)[MF][2], float (&l)[MF][2],
+                                      float (&alpha)[MF][2]) {
     bool grows = false;
 #pragma unroll
     for (int mf = 0; mf < MF; ++mf)
@@ -123,22 +128,17 @@ DMA_DEVICE void online_softmax(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
             tile_max[mf][r] = quad_max(tile_max[mf][r]);
             grows |= tile_max[mf][r] > m[mf][r] + RESCALE_SLACK;
         }
-    if (__any_sync(0xffffffffu, grows)) {
+    const bool moves = __any_sync(0xffffffffu, grows);  // warp-uniform
+    if (moves) {
 #pragma unroll
-        for (int mf = 0; mf < MF; ++mf) {
-            float alpha[2];
+        for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const float m_new = fmaxf(m[mf][r], tile_max[mf][r]);
-                alpha[r] = m_new == neg_inf() ? 1.f : fast_exp2(m[mf][r] - m_new);
+                alpha[mf][r] = m_new == neg_inf() ? 1.f : fast_exp2(m[mf][r] - m_new);
                 m[mf][r] = m_new;
-                l[mf][r] *= alpha[r];
+                l[mf][r] *= alpha[mf][r];
             }
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[mf][dt][e] *= alpha[e >> 1];
-        }
     }
 #pragma unroll
     for (int mf = 0; mf < MF; ++mf) {
@@ -153,6 +153,24 @@ DMA_DEVICE void online_softmax(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
                 l[mf][e >> 1] += s[mf][nt][e];
             }
     }
+    return moves;
+}
+
+template <int MF, int DT>
+DMA_DEVICE void rescale_output(float (&o)[MF][DT][4], const float (&alpha)[MF][2]) {
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mf][dt][e] *= alpha[mf][e >> 1];
+}
+
+template <int MF, int NT, int DT>
+DMA_DEVICE void online_softmax(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
+                               float (&m)[MF][2], float (&l)[MF][2], float (&o)[MF][DT][4]) {
+    float alpha[MF][2];
+    if (softmax_probabilities(s, tile_max, m, l, alpha)) rescale_output(o, alpha);
 }
 
 // The forward's outputs of a warp's rows (from row_w, MF fragments of 16): o / l, and the
@@ -265,11 +283,13 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
 // on 128-row blocks of two warpgroups of 64 rows and key tiles of BLOCK_N keys.
 // * Q, K and V live in swizzled shared tiles (dma_wgmma.cuh) that the products read
 //   directly: S = Q K^T from shared memory, O += P V with P from registers.
-// * The products run while the warpgroup computes (FlashAttention-3's overlap within a
-//   warpgroup): tile i + 1's S = Q K^T while tile i's softmax runs, and tile i's P V while
-//   tile i + 1's scores are tested. So K runs one tile ahead of V: iteration i reads K(i + 1)
-//   and V(i), and copies K(i + 2) and V(i + 1) (cp.async, two buffers each) into the buffers
-//   that iteration i - 1 finished with. One barrier per tile.
+// * The products run while the warpgroup computes: iteration i issues tile i + 1's
+//   S = Q K^T and tile i's O += P V back to back, then scores tile i + 1 and takes its
+//   probabilities while P V(i) still runs; o is rescaled and tile i + 1's P packed once P V(i)
+//   is done. A warp then holds one score tile, one packed P and o (FlashAttention-3's order,
+//   which leaves room for 128-key tiles). So K runs one tile ahead of V: iteration i reads
+//   K(i + 1) and V(i), and copies K(i + 2) and V(i + 1) (cp.async, two buffers each) into the
+//   buffers that iteration i - 1 finished with. One barrier per tile.
 // * Each thread fetches the key ids of its copy rows two tiles ahead, and the first BLOCK_N
 //   threads the keys' facts (published to shared memory two tiles ahead, two buffers).
 constexpr int WGMMA_BLOCK_M = 128, WGMMA_THREADS = 256;
@@ -295,9 +315,11 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     const int head_dim = (int)p.head_dim;
     const long long n_tiles = (blk.n_slots + BLOCK_N - 1) / BLOCK_N;
 
-    float o[1][DT][4], s[1][NT][4], qk[1][NT][4], tile_max[1][2];
+    // s: one score tile, the product's output, scored and turned into p in place.
+    float o[1][DT][4], s[1][NT][4], tile_max[1][2], alpha[1][2];
+    unsigned pa[BLOCK_N / 16][4];  // p packed: the A operand of P V
     zero(o);
-    zero(qk);  // defined inputs for the first product, which overwrites them
+    zero(s);  // defined inputs for the first product, which overwrites them
     float m[1][2] = {{neg_inf(), neg_inf()}}, l[1][2] = {{0.f, 0.f}};
 
     // Copies and products of tile t (its slots from t * BLOCK_N).
@@ -314,20 +336,29 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
                                                   head_dim);
     };
     TileKeys<E, BLOCK_N> next;  // facts of tile t + 2
-    auto scores = [&](long long t) {  // tile t's scores in s from its products in qk
-        with_keep_test<SOFTCAP, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
-            forward_scores<E, 1, NT, decltype(test)>(s, qk, tile_max, in, row_w, facts[t & 1]);
-        });
-    };
-    // qk = Q K(t)^T for the group's 64 rows.
+    // s = Q K(t)^T for the group's 64 rows.
     auto issue_scores = [&](long long t) {
         wgmma_fence();
-        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(qk[0], q_s, group * 64,
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s[0], q_s, group * 64,
                                                        k_s + (t & 1) * KV_BYTES);
         wgmma_commit();
     };
+    // O += P V(t), P from pa.
+    auto issue_pv = [&](long long t) {
+        wgmma_fence();
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(o[0], pa, v_s + (t & 1) * KV_BYTES);
+        wgmma_commit();
+    };
+    // Tile t's scores and probabilities in s, from its product; returns whether o must be
+    // rescaled by alpha.
+    auto probabilities = [&](long long t) {
+        with_keep_test<SOFTCAP, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
+            forward_scores<E, 1, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[t & 1]);
+        });
+        return softmax_probabilities(s, tile_max, m, l, alpha);
+    };
 
-    // Prologue: Q, K(0), V(0), K(1) and the facts of tiles 0 and 1; then tile 0's scores.
+    // Prologue: Q, K(0), V(0), K(1) and the facts of tiles 0 and 1; then tile 0's P.
     {
         int q_ids[QRows::COUNT];
         query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, blk.row0, p.seqlen_q);
@@ -351,20 +382,11 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     if (n_tiles > 0) {
         issue_scores(0);
         wgmma_wait<0>();
-        hold_accumulator(qk[0]);
-        scores(0);
+        hold_accumulator(s[0]);
+        probabilities(0);  // o is still zero: nothing to rescale
+        pack_operand<E>(pa, s[0]);
     }
     __syncthreads();  // every warp read tile 0's facts before tile 2's replace them
-
-    // Tile t's softmax, and its P V issued: O += P V(t).
-    auto softmax_issue_pv = [&](long long t) {
-        online_softmax(s, tile_max, m, l, o);
-        unsigned pa[BLOCK_N / 16][4];
-        pack_operand<E>(pa, s[0]);
-        wgmma_fence();
-        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(o[0], pa, v_s + (t & 1) * KV_BYTES);
-        wgmma_commit();
-    };
 
     // Every tile but the last; the products are issued on every path (a product issued under
     // a condition makes the compiler serialise them all).
@@ -382,19 +404,21 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
             fetch_ids(k_ids, t + 3);
             next.fetch(p, in, blk.list, (t + 3) * BLOCK_N, blk.n_slots);
         }
-        issue_scores(t + 1);  // runs during tile t's softmax
-        softmax_issue_pv(t);
+        issue_scores(t + 1);
+        issue_pv(t);
         wgmma_wait<1>();  // tile t + 1's scores while P V(t) runs
-        hold_accumulator(qk[0]);
-        scores(t + 1);
+        hold_accumulator(s[0]);
+        const bool rescale = probabilities(t + 1);
         wgmma_wait<0>();
         hold_accumulator(o[0]);
+        if (rescale) rescale_output(o, alpha);
+        pack_operand<E>(pa, s[0]);
         cp_async_wait<0>();
         fence_async_shared();
         __syncthreads();  // K(t + 2), V(t + 1) landed; every warp is done with K(t + 1), V(t)
     }
     if (n_tiles > 0) {
-        softmax_issue_pv(n_tiles - 1);
+        issue_pv(n_tiles - 1);
         wgmma_wait<0>();
         hold_accumulator(o[0]);
     }

@@ -175,16 +175,28 @@ DMA_DEVICE void hold_accumulator(float (&d)[NT][4]) {
 template <class E, int N>
 DMA_DEVICE void wgmma_shared(float (&d)[N / 8][4], unsigned long long a, unsigned long long b,
                              bool accumulate) {
-    static_assert(N == 64, "score tiles of 64 keys");
-#define DMA_WGMMA_SS(type)                                                                 \
+    static_assert(N == 64 || N == 128, "score tiles of 64 or 128 keys");
+    if constexpr (N == 64) {
+#define DMA_WGMMA_SS64(type)                                                               \
     asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"                                \
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " DMA_REGS32 \
                  ", %32, %33, p, 1, 1, 0, 0; }"                                            \
                  : DMA_ACC8(d, 0)                                                          \
                  : "l"(a), "l"(b), "r"((int)accumulate))
-    if constexpr (E::BF16_BITS) DMA_WGMMA_SS("bf16");
-    else DMA_WGMMA_SS("f16");
-#undef DMA_WGMMA_SS
+        if constexpr (E::BF16_BITS) DMA_WGMMA_SS64("bf16");
+        else DMA_WGMMA_SS64("f16");
+#undef DMA_WGMMA_SS64
+    } else {
+#define DMA_WGMMA_SS128(type)                                                               \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " " DMA_REGS64 \
+                 ", %64, %65, p, 1, 1, 0, 0; }"                                             \
+                 : DMA_ACC8(d, 0), DMA_ACC8(d, 8)                                           \
+                 : "l"(a), "l"(b), "r"((int)accumulate))
+        if constexpr (E::BF16_BITS) DMA_WGMMA_SS128("bf16");
+        else DMA_WGMMA_SS128("f16");
+#undef DMA_WGMMA_SS128
+    }
 }
 
 // d[64 x N] += A[64 x 16] B[16 x N], A in registers (four 16-bit pairs in mma.sync's A
