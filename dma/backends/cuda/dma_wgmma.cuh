@@ -170,33 +170,29 @@ DMA_DEVICE void hold_accumulator(float (&d)[NT][4]) {
     "%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,"  \
     "%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
 
+// One warpgroup product for E's 16-bit type: `shape`, its accumulator registers `regs`, the
+// rest of its operands `ops`, its scale-d predicate from operand `pred` (0: overwrite d), and
+// the asm's operand lists.
+#define DMA_WGMMA_ASM(type, shape, regs, ops, pred, ...)                                  \
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, " pred ", 0;\n"                          \
+                 "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " " regs ", "  \
+                 ops "; }" __VA_ARGS__)
+#define DMA_WGMMA(E, shape, regs, ops, pred, ...)                                         \
+    if constexpr (E::BF16_BITS) DMA_WGMMA_ASM("bf16", shape, regs, ops, pred, __VA_ARGS__); \
+    else DMA_WGMMA_ASM("f16", shape, regs, ops, pred, __VA_ARGS__)
+
 // d[64 x N] (+)= A[64 x 16] B[16 x N], A and B both in shared memory with k contiguous
 // (as Q and K): the score product. `accumulate` false overwrites d.
 template <class E, int N>
 DMA_DEVICE void wgmma_shared(float (&d)[N / 8][4], unsigned long long a, unsigned long long b,
                              bool accumulate) {
     static_assert(N == 64 || N == 128, "score tiles of 64 or 128 keys");
-    if constexpr (N == 64) {
-#define DMA_WGMMA_SS64(type)                                                               \
-    asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"                                \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " DMA_REGS32 \
-                 ", %32, %33, p, 1, 1, 0, 0; }"                                            \
-                 : DMA_ACC8(d, 0)                                                          \
-                 : "l"(a), "l"(b), "r"((int)accumulate))
-        if constexpr (E::BF16_BITS) DMA_WGMMA_SS64("bf16");
-        else DMA_WGMMA_SS64("f16");
-#undef DMA_WGMMA_SS64
-    } else {
-#define DMA_WGMMA_SS128(type)                                                               \
-    asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"                                 \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " " DMA_REGS64 \
-                 ", %64, %65, p, 1, 1, 0, 0; }"                                             \
-                 : DMA_ACC8(d, 0), DMA_ACC8(d, 8)                                           \
-                 : "l"(a), "l"(b), "r"((int)accumulate))
-        if constexpr (E::BF16_BITS) DMA_WGMMA_SS128("bf16");
-        else DMA_WGMMA_SS128("f16");
-#undef DMA_WGMMA_SS128
-    }
+    if constexpr (N == 64)
+        DMA_WGMMA(E, "m64n64k16", DMA_REGS32, "%32, %33, p, 1, 1, 0, 0", "%34",
+                  : DMA_ACC8(d, 0) : "l"(a), "l"(b), "r"((int)accumulate));
+    else
+        DMA_WGMMA(E, "m64n128k16", DMA_REGS64, "%64, %65, p, 1, 1, 0, 0", "%66",
+                  : DMA_ACC8(d, 0), DMA_ACC8(d, 8) : "l"(a), "l"(b), "r"((int)accumulate));
 }
 
 // d[64 x N] += A[64 x 16] B[16 x N], A in registers (four 16-bit pairs in mma.sync's A
@@ -205,28 +201,17 @@ template <class E, int N>
 DMA_DEVICE void wgmma_registers(float (&d)[N / 8][4], const unsigned (&a)[4],
                                 unsigned long long b) {
     static_assert(N == 64 || N == 128, "head dims of 64 and 128");
-    if constexpr (N == 64) {
-#define DMA_WGMMA_RS64(type)                                                                 \
-    asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"                                  \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " " DMA_REGS32   \
-                 ", {%32,%33,%34,%35}, %36, p, 1, 1, 1; }"                                   \
-                 : DMA_ACC8(d, 0)                                                            \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-        if constexpr (E::BF16_BITS) DMA_WGMMA_RS64("bf16");
-        else DMA_WGMMA_RS64("f16");
-#undef DMA_WGMMA_RS64
-    } else {
-#define DMA_WGMMA_RS128(type)                                                                \
-    asm volatile("{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"                                  \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " " DMA_REGS64  \
-                 ", {%64,%65,%66,%67}, %68, p, 1, 1, 1; }"                                   \
-                 : DMA_ACC8(d, 0), DMA_ACC8(d, 8)                                            \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-        if constexpr (E::BF16_BITS) DMA_WGMMA_RS128("bf16");
-        else DMA_WGMMA_RS128("f16");
-#undef DMA_WGMMA_RS128
-    }
+    if constexpr (N == 64)
+        DMA_WGMMA(E, "m64n64k16", DMA_REGS32, "{%32, %33, %34, %35}, %36, p, 1, 1, 1", "%37",
+                  : DMA_ACC8(d, 0)
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    else
+        DMA_WGMMA(E, "m64n128k16", DMA_REGS64, "{%64, %65, %66, %67}, %68, p, 1, 1, 1", "%69",
+                  : DMA_ACC8(d, 0), DMA_ACC8(d, 8)
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
+#undef DMA_WGMMA
+#undef DMA_WGMMA_ASM
 #undef DMA_ACC2
 #undef DMA_ACC8
 #undef DMA_REGS32
