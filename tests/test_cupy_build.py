@@ -191,6 +191,19 @@ def test_pack_params_matches_a_field_by_field_struct():
     assert packed.flags.writeable
 
 
+def test_the_launch_argument_is_the_packed_bytes_without_fields():
+    # What launch hands cupy: the same bytes at the same address, as one opaque struct
+    # (cupy reads it through __array_interface__, slow for a type of 92 fields).
+    problem, inputs = _problem(causal=True, softcap=30.0)
+    packed = cupy_kernels.pack_params(cupy_backend._fields(problem, LaunchArgs(problem, inputs,
+                                                                               None)))
+    argument = cupy_kernels.by_value(packed)
+    assert argument.shape == (1,) and argument.dtype.fields is None
+    assert argument.dtype.itemsize == packed.dtype.itemsize
+    assert argument.tobytes() == packed.tobytes()
+    assert argument.__array_interface__["data"][0] == packed.__array_interface__["data"][0]
+
+
 def test_pack_params_rejects_missing_and_unknown_fields():
     fields = {name: 0 for name, _ in cupy_kernels.params_fields()}
     cupy_kernels.pack_params(fields)

@@ -91,6 +91,21 @@ def pack_params(fields: dict):
     return np.frombuffer(bytearray(fmt.pack(*[fields[name] for name in names])), dtype=dtype)
 
 
+def by_value(packed):
+    """`packed` (pack_params) viewed as one opaque struct of its bytes, the kernel argument
+    cupy passes by value. cupy finds the bytes through `__array_interface__`, which for the
+    structured type describes each of its 92 fields anew: 86 us of host time per launch on
+    a 2-core x86 machine, against 4 us for the opaque view."""
+    return packed.view(_opaque_params_type())
+
+
+@lru_cache(maxsize=1)
+def _opaque_params_type():
+    import numpy as np
+
+    return np.dtype((np.void, _params_packing()[2].size))
+
+
 def tile_size(dtype: torch.dtype, d_pad: int) -> int:
     """Query rows (forward, dq) and keys (dk/dv) per tile: 64, or 32 when a row of the tile
     is over 256 bytes."""
@@ -347,7 +362,7 @@ def launch(kernel: str, dtype: torch.dtype, d_pad: int, grid: tuple, device: tor
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     function = _function(index, kernel, dtype, d_pad, compiled_softcap(kernel, fields))
-    params = pack_params(fields)
+    params = by_value(pack_params(fields))
     stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(index):
         function(grid, (threads(kernel, dtype, d_pad),), (params,),
