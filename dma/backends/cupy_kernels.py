@@ -169,7 +169,7 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     block_m, block_n = tiles(kernel, dtype, d_pad)
     if kernel in WGMMA_KERNELS.values():  # unpadded (swizzled) tiles
         rows = {WGMMA_FORWARD: block_m + 4 * block_n,  # q; two buffers of k and v
-                WGMMA_DQ: 2 * block_m + 4 * block_n,  # q, do; two buffers of k and v
+                WGMMA_DQ: 2 * block_m + 6 * block_n,  # q, do; three buffers of k and v
                 WGMMA_DKDV: 2 * block_n + 4 * block_m}[kernel]  # k, v; two of q and do
         return rows * d_pad * dtype.itemsize + WGMMA_ALIGNMENT
     rows = d_pad + SMEM_PAD

@@ -611,8 +611,12 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
 // dq on Hopper's warpgroup products (sm_90a; the shapes of dma_forward_wgmma): the walk,
 // tests and d scores of dma_backward_dq on the warpgroup forward's blocks (128 rows, two
 // warpgroups) and 64-key tiles. Per tile, S = Q K^T and dP = dO V^T from shared memory, then
-// dq += dS K with dS from registers. K/V tiles are double-buffered: tile i + 1's are copied
-// while tile i is computed. One barrier per tile.
+// dq += dS K with dS from registers. Iteration i issues S(i), dP(i) and dq += dS K(i - 1)
+// back to back and waits for each in turn: P is computed while dP runs, dS while the dq
+// product runs. So K/V tiles take three buffers: tile i + 1's are copied while tile i is
+// computed and the dq product still reads tile i - 1's K. One barrier per tile.
+constexpr int DQ_KV_BUFFERS = 3;
+
 template <class E, int D_PAD, int BLOCK_N, bool SOFTCAP>
 __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -625,7 +629,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     extern __shared__ __align__(16) unsigned char smem[];
     const unsigned q_s = swizzled_tiles(smem);
     const unsigned do_s = q_s + ROWS_BYTES, k_s = do_s + ROWS_BYTES;
-    const unsigned v_s = k_s + 2 * KV_BYTES;  // two buffers of K and of V
+    const unsigned v_s = k_s + DQ_KV_BUFFERS * KV_BYTES;  // three buffers of K and of V
     __shared__ KeyFacts facts[2][BLOCK_N];
 
     const int warp = threadIdx.x / 32, group = warpgroup_index();
@@ -642,7 +646,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     auto fetch_ids = [&](long long start) {
         key_row_ids<BLOCK_N, D_PAD, THREADS>(ids, p, blk.list, start, blk.n_slots);
     };
-    auto copy_tile = [&](int buffer) {
+    auto copy_tile = [&](unsigned buffer) {
         copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + buffer * KV_BYTES, blk.k, p.sk_s, ids,
                                                   head_dim);
         copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + buffer * KV_BYTES, blk.v, p.sv_s, ids,
@@ -667,32 +671,43 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     }
 
     float dq[DT][4], s[NT][4], dp[NT][4];
+    unsigned ds[BLOCK_N / 16][4] = {};  // dS(i - 1) packed, for dq += dS K(i - 1)
     zero(dq);
     zero(s);  // defined inputs for the first products, which overwrite them
     zero(dp);
+    // Buffers of tiles i - 1, i and i + 1 (modulo 3).
+    unsigned last_buffer = DQ_KV_BUFFERS - 1, buffer = 0, next_buffer = 1;
     for (long long start = 0, tile = 0; start < blk.n_slots; start += BLOCK_N, ++tile) {
         const int cur = tile & 1;
         cp_async_wait<0>();
         fence_async_shared();
-        __syncthreads();  // tile i's K, V (and Q, dO) landed; every warp is done with tile i - 1
+        // Tile i's K, V (and Q, dO) landed; every warp has passed iteration i - 1, whose last
+        // wait saw dq += dS K(i - 2) done: tile i - 2's buffers are free for tile i + 1.
+        __syncthreads();
         if (start + BLOCK_N < blk.n_slots) {
             next.publish(facts[cur ^ 1]);
-            copy_tile(cur ^ 1);
+            copy_tile(next_buffer);
             if (start + 2 * BLOCK_N < blk.n_slots) {
                 next.fetch(p, in, blk.list, start + 2 * BLOCK_N, blk.n_slots);
                 fetch_ids(start + 2 * BLOCK_N);
             }
         }
-        // S and dP are committed apart, so that P is computed while dP runs.
+        // S and dP are committed apart, so that P is computed while dP runs, and dS while
+        // dq += dS K(i - 1) runs (the first tile's adds dS = 0 times K(0): products issued
+        // under a condition are serialised).
         wgmma_fence();
-        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s, q_s, group * 64, k_s + cur * KV_BYTES);
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s, q_s, group * 64,
+                                                       k_s + buffer * KV_BYTES);
         wgmma_commit();
         wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(dp, do_s, group * 64,
-                                                       v_s + cur * KV_BYTES);
+                                                       v_s + buffer * KV_BYTES);
+        wgmma_commit();
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(
+            dq, ds, k_s + (tile > 0 ? last_buffer : buffer) * KV_BYTES);
         wgmma_commit();
         const bool all_kept = start + BLOCK_N <= blk.n_full;
         if constexpr (SOFTCAP) {  // one pass: the d score needs each pair's tanh
-            wgmma_wait<0>();
+            wgmma_wait<1>();
             hold_accumulator(s);
             hold_accumulator(dp);
             with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
@@ -700,21 +715,27 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
                                                  delta);
             });
         } else {
-            wgmma_wait<1>();
+            wgmma_wait<2>();
             hold_accumulator(s);
             with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
                 dq_probabilities<E, NT, decltype(test)>(s, in, row_w, facts[cur], lse);
             });
-            wgmma_wait<0>();
+            wgmma_wait<1>();
             hold_accumulator(dp);
             with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
                 dq_dscores<E, NT, decltype(test)>(s, dp, p, dab, row_w, facts[cur], delta);
             });
         }
-        unsigned ds[BLOCK_N / 16][4];
+        wgmma_wait<0>();
+        hold_accumulator(dq);
         pack_operand<E>(ds, s);
+        last_buffer = buffer;
+        buffer = next_buffer;
+        next_buffer = next_buffer == DQ_KV_BUFFERS - 1 ? 0 : next_buffer + 1;
+    }
+    if (blk.n_slots > 0) {  // the last tile's dq += dS K
         wgmma_fence();
-        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(dq, ds, k_s + cur * KV_BYTES);
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(dq, ds, k_s + last_buffer * KV_BYTES);
         wgmma_commit();
         wgmma_wait<0>();
         hold_accumulator(dq);
