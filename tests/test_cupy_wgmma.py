@@ -10,7 +10,7 @@ import torch
 from conformance.cases import CASES
 
 from dma.backends import cupy_backend, cupy_kernels
-from harness import check_case
+from harness import Case, check_case
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
@@ -23,7 +23,18 @@ WGMMA_CASES = [case.with_(name=f"{case.name}_{str(dtype)[6:]}_d{d}", dtype=dtype
                for dtype, d in SHAPES for case in CASES if case.dtype == torch.float32]
 
 
-@pytest.mark.parametrize("case", WGMMA_CASES, ids=[c.name for c in WGMMA_CASES])
+# Enough candidate keys per query block for the kernels' steady state, which the suite's
+# cases (at most four forward tiles) do not reach: up to 828 candidates, 7 forward tiles of
+# 128 keys (the copies and key fetches run several tiles ahead), 13 dq tiles of 64 (its
+# three K/V buffers in rotation), with and without a softcap.
+MANY_TILES = [Case(f"many_tiles_{str(dtype)[6:]}_d{d}{'_softcap' if softcap else ''}",
+                   batch=1, seqlen_q=1100, seqlen_k=1100, heads=4, kv_heads=2, head_dim=d,
+                   dtype=dtype, window=700, key_bias=(1, 2), softcap=softcap, seed=3)
+              for dtype, d in SHAPES for softcap in (None, 5.0)]
+
+
+@pytest.mark.parametrize("case", WGMMA_CASES + MANY_TILES,
+                         ids=[c.name for c in WGMMA_CASES + MANY_TILES])
 def test_warpgroup_kernels_conformance(case):
     check_case(case, "cupy", "cuda")
 
