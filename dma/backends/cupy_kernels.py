@@ -42,6 +42,7 @@ WGMMA_ALIGNMENT = 1024  # its swizzled tiles start 1024-byte aligned (slack in s
 ROW_DELTA = "dma_row_delta"
 ROW_DELTA_WARPS = 8
 SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
+DQ_KV_BUFFERS = 3  # K/V buffers of the warpgroup dq (DQ_KV_BUFFERS in dma_attention.cuh)
 _FIELD = re.compile(r"^\s*(const void\*|void\*|const float\*|float\*|long long|double)\s+(\w+);",
                     re.M)
 _sources = ExitStack()
@@ -169,7 +170,7 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     block_m, block_n = tiles(kernel, dtype, d_pad)
     if kernel in WGMMA_KERNELS.values():  # unpadded (swizzled) tiles
         rows = {WGMMA_FORWARD: block_m + 4 * block_n,  # q; two buffers of k and v
-                WGMMA_DQ: 2 * block_m + 6 * block_n,  # q, do; three buffers of k and v
+                WGMMA_DQ: 2 * block_m + 2 * DQ_KV_BUFFERS * block_n,  # q, do; k and v
                 WGMMA_DKDV: 2 * block_n + 4 * block_m}[kernel]  # k, v; two of q and do
         return rows * d_pad * dtype.itemsize + WGMMA_ALIGNMENT
     rows = d_pad + SMEM_PAD

@@ -675,8 +675,9 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
     zero(dq);
     zero(s);  // defined inputs for the first products, which overwrite them
     zero(dp);
-    // Buffers of tiles i - 1, i and i + 1 (modulo 3).
-    unsigned last_buffer = DQ_KV_BUFFERS - 1, buffer = 0, next_buffer = 1;
+    // Buffers of tiles i - 1, i and i + 1 (modulo 3); before tile 0 the dq product reads
+    // tile 0's own K (its dS is 0).
+    unsigned last_buffer = 0, buffer = 0, next_buffer = 1;
     for (long long start = 0, tile = 0; start < blk.n_slots; start += BLOCK_N, ++tile) {
         const int cur = tile & 1;
         cp_async_wait<0>();
@@ -702,8 +703,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const 
         wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(dp, do_s, group * 64,
                                                        v_s + buffer * KV_BYTES);
         wgmma_commit();
-        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(
-            dq, ds, k_s + (tile > 0 ? last_buffer : buffer) * KV_BYTES);
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(dq, ds, k_s + last_buffer * KV_BYTES);
         wgmma_commit();
         const bool all_kept = start + BLOCK_N <= blk.n_full;
         if constexpr (SOFTCAP) {  // one pass: the d score needs each pair's tanh
