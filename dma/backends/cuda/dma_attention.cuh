@@ -280,40 +280,114 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
 
 // The forward on Hopper's warpgroup products (sm_90a; bf16 and fp16 at head dims 64 and 128,
 // rows of whole 16-byte vectors): the same tiles, tests and online softmax as dma_forward,
-// on 128-row blocks of two warpgroups of 64 rows and key tiles of BLOCK_N keys.
-// * Q, K and V live in swizzled shared tiles (dma_wgmma.cuh) that the products read
-//   directly: S = Q K^T from shared memory, O += P V with P from registers.
-// * The products run while the warpgroup computes: iteration i issues tile i + 1's
-//   S = Q K^T and tile i's O += P V back to back, then scores tile i + 1 and takes its
-//   probabilities while P V(i) still runs; o is rescaled and tile i + 1's P packed once P V(i)
-//   is done. A warp then holds one score tile, one packed P and o (FlashAttention-3's order,
-//   which leaves room for 128-key tiles). So K runs one tile ahead of V: iteration i reads
-//   K(i + 1) and V(i), and copies K(i + 2) and V(i + 1) (cp.async, two buffers each) into the
-//   buffers that iteration i - 1 finished with. One barrier per tile.
-// * Each thread fetches the key ids of its copy rows two tiles ahead, and the first BLOCK_N
-//   threads the keys' facts (published to shared memory two tiles ahead, two buffers).
+// on 128-row blocks and key tiles of BLOCK_N keys, split between three warpgroups:
+// * a producer (warpgroup 0) copies Q once, then each tile's K and V rows (cp.async into
+//   swizzled shared tiles, dma_wgmma.cuh; FORWARD_STAGES buffers each) and stages its keys'
+//   facts, and announces each buffer on a barrier when its copies land. It keeps few
+//   registers (FORWARD_PRODUCER_REGISTERS), so that
+// * two consumers (warpgroups 1 and 2, 64 query rows each) can hold o, a score tile and the
+//   packed P without spilling. They never wait for each other: each waits for the tiles it
+//   needs and hands every buffer back once it is done with it, so no barrier of the whole
+//   block stands in the loop, and the consumers issue no copies and no key loads.
+// * A consumer runs FlashAttention-3's order: iteration i issues tile i + 1's S = Q K^T and
+//   tile i's O += P V back to back, scores tile i + 1 and takes its probabilities while
+//   P V(i) still runs, then rescales o and packs tile i + 1's P once P V(i) is done. So K
+//   runs one tile ahead of V, and the producer copies in that order: K(0), then K(i + 1)
+//   and V(i) for each i.
 constexpr int WGMMA_BLOCK_M = 128, WGMMA_THREADS = 256;
+constexpr int WGMMA_FORWARD_THREADS = 384;  // a producer and two consumer warpgroups
+constexpr int FORWARD_STAGES = 2;
+constexpr int FORWARD_PRODUCER_REGISTERS = 56, FORWARD_CONSUMER_REGISTERS = 224;
+
+// The forward's barriers: Q landed; K(t) and its facts landed, V(t) landed (per buffer); and
+// per buffer, both consumers are done with K(t) and its facts, with V(t).
+struct ForwardBarriers {
+    unsigned long long q_full;
+    unsigned long long k_full[FORWARD_STAGES], v_full[FORWARD_STAGES];
+    unsigned long long k_free[FORWARD_STAGES], v_free[FORWARD_STAGES];
+};
+
+// Arrivals that complete each barrier's phase: every producer thread's copies (and, for K,
+// one arrival per producer warp once its facts are stored); one per consumer warp.
+constexpr unsigned PRODUCER_THREADS = 128, PRODUCER_WARPS = 4, CONSUMER_WARPS = 8;
 
 template <class E, int D_PAD, int BLOCK_N, bool SOFTCAP>
-__global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Params p) {
+__global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
-    constexpr int BLOCK_M = WGMMA_BLOCK_M, THREADS = WGMMA_THREADS;
+    constexpr int BLOCK_M = WGMMA_BLOCK_M, S = FORWARD_STAGES;
     constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
     constexpr unsigned Q_BYTES = BLOCK_M * D_PAD * 2, KV_BYTES = BLOCK_N * D_PAD * 2;
-    typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
-    typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
+    static_assert(BLOCK_N == 128, "one producer thread per key of a tile");
     extern __shared__ __align__(16) unsigned char smem[];
     const unsigned q_s = swizzled_tiles(smem);
-    const unsigned k_s = q_s + Q_BYTES, v_s = k_s + 2 * KV_BYTES;  // two buffers each
-    __shared__ KeyFacts facts[2][BLOCK_N];
+    const unsigned k_s = q_s + Q_BYTES, v_s = k_s + S * KV_BYTES;  // S buffers each
+    __shared__ KeyFacts facts[S][BLOCK_N];
+    __shared__ __align__(8) ForwardBarriers bars;
+    auto bar = [](const unsigned long long& b) { return shared_address(&b); };
 
-    const int warp = threadIdx.x / 32, group = warpgroup_index();
+    const int group = warpgroup_index();
     const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
     const ScoreInputs<E>& in = blk.in;
-    const int row_w = (int)blk.row0 + warp * 16;
     const int head_dim = (int)p.head_dim;
     const long long n_tiles = (blk.n_slots + BLOCK_N - 1) / BLOCK_N;
+    // Tile t lives in buffer t % S, for the (t / S)-th time: its barriers' phase parity.
+    auto parity = [](long long t) { return (unsigned)(t / S) & 1u; };
+
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar(bars.q_full), PRODUCER_THREADS);
+        for (int i = 0; i < S; ++i) {
+            mbarrier_init(bar(bars.k_full[i]), PRODUCER_THREADS + PRODUCER_WARPS);
+            mbarrier_init(bar(bars.v_full[i]), PRODUCER_THREADS);
+            mbarrier_init(bar(bars.k_free[i]), CONSUMER_WARPS);
+            mbarrier_init(bar(bars.v_free[i]), CONSUMER_WARPS);
+        }
+    }
+    __syncthreads();  // the barriers exist before anyone arrives or waits
+
+    if (group == 0) {
+        // Producer: thread i handles row i of every tile (its id, its key's facts).
+        warpgroup_registers_down<FORWARD_PRODUCER_REGISTERS>();
+        const int row = (int)threadIdx.x;
+        {
+            const long long q_row = blk.row0 + row;
+            copy_rows_of_lanes<E, D_PAD>(q_s, static_cast<const T*>(p.q) + blk.q_off, p.sq_s,
+                                         q_row < p.seqlen_q ? (int)q_row : -1, head_dim);
+            mbarrier_arrive_on_copies(bar(bars.q_full));
+        }
+        auto key_id = [&](long long t) {
+            return key_tile_id<BLOCK_N>(p, blk.list, t * BLOCK_N, row, blk.n_slots);
+        };
+        // id: the key of this row in tile t; v_id: in tile t - 1 (V runs a tile behind K).
+        int id = n_tiles > 0 ? key_id(0) : -1, v_id = -1;
+        for (long long t = 0; t <= n_tiles; ++t) {
+            const int next_id = t + 1 < n_tiles ? key_id(t + 1) : -1;  // loads early
+            if (t < n_tiles) {  // K(t) and its facts
+                const int buf = (int)(t % S);
+                mbarrier_wait(bar(bars.k_free[buf]), parity(t) ^ 1u);
+                copy_rows_of_lanes<E, D_PAD>(k_s + buf * KV_BYTES, blk.k, p.sk_s, id, head_dim);
+                mbarrier_arrive_on_copies(bar(bars.k_full[buf]));
+                facts[buf][row] = key_facts(in, id);
+                __syncwarp();
+                if (row % 32 == 0) mbarrier_arrive(bar(bars.k_full[buf]));
+            }
+            if (t > 0) {  // V(t - 1)
+                const int buf = (int)((t - 1) % S);
+                mbarrier_wait(bar(bars.v_free[buf]), parity(t - 1) ^ 1u);
+                copy_rows_of_lanes<E, D_PAD>(v_s + buf * KV_BYTES, blk.v, p.sv_s, v_id, head_dim);
+                mbarrier_arrive_on_copies(bar(bars.v_full[buf]));
+            }
+            v_id = id;
+            id = next_id;
+        }
+        cp_async_wait<0>();  // nothing in flight when the block ends
+        return;
+    }
+
+    // Consumers: warpgroup `group` (1 or 2) owns rows 64 (group - 1) on.
+    warpgroup_registers_up<FORWARD_CONSUMER_REGISTERS>();
+    const int consumer = group - 1, warp = (int)threadIdx.x / 32 - 4;
+    const int row_w = (int)blk.row0 + warp * 16;
 
     // s: one score tile, the product's output, scored and turned into p in place.
     float o[1][DT][4], s[1][NT][4], tile_max[1][2], alpha[1][2];
@@ -322,88 +396,53 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
     zero(s);  // defined inputs for the first product, which overwrites them
     float m[1][2] = {{neg_inf(), neg_inf()}}, l[1][2] = {{0.f, 0.f}};
 
-    // Copies and products of tile t (its slots from t * BLOCK_N).
-    int v_ids[KeyRows::COUNT], k_ids[KeyRows::COUNT];  // copy rows of V(t + 1), K(t + 2)
-    auto fetch_ids = [&](int (&ids)[KeyRows::COUNT], long long t) {
-        key_row_ids<BLOCK_N, D_PAD, THREADS>(ids, p, blk.list, t * BLOCK_N, blk.n_slots);
+    // Wait for a buffer's copies, then let the products read it.
+    auto wait_full = [&](const unsigned long long& b, long long t) {
+        mbarrier_wait(bar(b), parity(t));
+        fence_async_shared();
     };
-    auto copy_k = [&](long long t, const int (&ids)[KeyRows::COUNT]) {
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + (t & 1) * KV_BYTES, blk.k, p.sk_s, ids,
-                                                  head_dim);
+    // Hand a buffer back: the warp's reads of it are done.
+    auto release = [&](const unsigned long long& b) {
+        __syncwarp();
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(bar(b));
     };
-    auto copy_v = [&](long long t, const int (&ids)[KeyRows::COUNT]) {
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + (t & 1) * KV_BYTES, blk.v, p.sv_s, ids,
-                                                  head_dim);
-    };
-    TileKeys<E, BLOCK_N> next;  // facts of tile t + 2
     // s = Q K(t)^T for the group's 64 rows.
     auto issue_scores = [&](long long t) {
         wgmma_fence();
-        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s[0], q_s, group * 64,
-                                                       k_s + (t & 1) * KV_BYTES);
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s[0], q_s, consumer * 64,
+                                                       k_s + (t % S) * KV_BYTES);
         wgmma_commit();
     };
     // O += P V(t), P from pa.
     auto issue_pv = [&](long long t) {
         wgmma_fence();
-        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(o[0], pa, v_s + (t & 1) * KV_BYTES);
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(o[0], pa, v_s + (t % S) * KV_BYTES);
         wgmma_commit();
     };
     // Tile t's scores and probabilities in s, from its product; returns whether o must be
-    // rescaled by alpha.
+    // rescaled by alpha. Hands K(t) and its facts back.
     auto probabilities = [&](long long t) {
         with_keep_test<SOFTCAP, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
-            forward_scores<E, 1, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[t & 1]);
+            forward_scores<E, 1, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[t % S]);
         });
+        release(bars.k_free[t % S]);
         return softmax_probabilities(s, tile_max, m, l, alpha);
     };
 
-    // Prologue: Q, K(0), V(0), K(1) and the facts of tiles 0 and 1; then tile 0's P.
-    {
-        int q_ids[QRows::COUNT];
-        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, blk.row0, p.seqlen_q);
-        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(
-            q_s, static_cast<const T*>(p.q) + blk.q_off, p.sq_s, q_ids, head_dim);
-    }
-    fetch_ids(k_ids, 0);
-    copy_k(0, k_ids);
-    copy_v(0, k_ids);
-    fetch_ids(v_ids, 1);
-    if (n_tiles > 1) copy_k(1, v_ids);
-    next.fetch(p, in, blk.list, 0, blk.n_slots);
-    next.publish(facts[0]);
-    next.fetch(p, in, blk.list, BLOCK_N, blk.n_slots);
-    next.publish(facts[1]);
-    fetch_ids(k_ids, 2);
-    next.fetch(p, in, blk.list, 2 * BLOCK_N, blk.n_slots);
-    cp_async_wait<0>();
-    fence_async_shared();
-    __syncthreads();
     if (n_tiles > 0) {
+        mbarrier_wait(bar(bars.q_full), 0);
+        wait_full(bars.k_full[0], 0);
         issue_scores(0);
         wgmma_wait<0>();
         hold_accumulator(s[0]);
         probabilities(0);  // o is still zero: nothing to rescale
         pack_operand<E>(pa, s[0]);
     }
-    __syncthreads();  // every warp read tile 0's facts before tile 2's replace them
-
     // Every tile but the last; the products are issued on every path (a product issued under
     // a condition makes the compiler serialise them all).
     for (long long t = 0; t + 1 < n_tiles; ++t) {
-        // K(t + 1), V(t) and the facts of tile t + 1 are in shared memory; the buffers of
-        // K(t), V(t - 1) and tile t's facts are free.
-        if (t + 2 < n_tiles) {
-            copy_k(t + 2, k_ids);
-            next.publish(facts[t & 1]);
-        }
-        copy_v(t + 1, v_ids);
-#pragma unroll
-        for (int j = 0; j < KeyRows::COUNT; ++j) v_ids[j] = k_ids[j];
-        if (t + 3 < n_tiles) {
-            fetch_ids(k_ids, t + 3);
-            next.fetch(p, in, blk.list, (t + 3) * BLOCK_N, blk.n_slots);
-        }
+        mbarrier_wait(bar(bars.k_full[(t + 1) % S]), parity(t + 1));
+        wait_full(bars.v_full[t % S], t);
         issue_scores(t + 1);
         issue_pv(t);
         wgmma_wait<1>();  // tile t + 1's scores while P V(t) runs
@@ -411,13 +450,12 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_forward_wgmma(const Para
         const bool rescale = probabilities(t + 1);
         wgmma_wait<0>();
         hold_accumulator(o[0]);
+        release(bars.v_free[t % S]);
         if (rescale) rescale_output(o, alpha);
         pack_operand<E>(pa, s[0]);
-        cp_async_wait<0>();
-        fence_async_shared();
-        __syncthreads();  // K(t + 2), V(t + 1) landed; every warp is done with K(t + 1), V(t)
     }
     if (n_tiles > 0) {
+        wait_full(bars.v_full[(n_tiles - 1) % S], n_tiles - 1);
         issue_pv(n_tiles - 1);
         wgmma_wait<0>();
         hold_accumulator(o[0]);

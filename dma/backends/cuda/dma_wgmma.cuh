@@ -108,6 +108,75 @@ DMA_DEVICE void copy_swizzled(unsigned dst, const typename E::T* base, long long
     cp_async_commit();
 }
 
+// Copies of one 128-row tile by a producer warpgroup (one thread per row): warp w copies rows
+// 32w..32w + 31, whose ids its lanes hold (lane i: row 32w + i; negative: absent,
+// zero-filled, as are columns at or past head_dim) and pass along the warp by shuffles. Each
+// step copies 32 / CHUNKS whole rows, one 16-byte chunk per lane. Not committed: the caller
+// arrives on the tile's barrier when the copies land (mbarrier_arrive_on_copies).
+template <class E, int D_PAD>
+DMA_DEVICE void copy_rows_of_lanes(unsigned dst, const typename E::T* base, long long row_stride,
+                                   int id, int head_dim) {
+    constexpr int ROWS = 128, CHUNKS = D_PAD / 8, ROWS_PER_STEP = 32 / CHUNKS;
+    const int lane = threadIdx.x % 32, warp_row0 = (int)(threadIdx.x / 32 % 4) * 32;
+    const int col = (lane % CHUNKS) * 8;
+    const bool col_ok = col < head_dim;
+    const char* first = reinterpret_cast<const char*>(base + (col_ok ? col : 0));
+    const unsigned long long row_bytes = (unsigned long long)row_stride * sizeof(*base);
+    // Unrolled by the swizzle's period of 8 rows: the XOR pattern repeats, the producer's
+    // few registers hold one period's offsets.
+#pragma unroll 8 / ROWS_PER_STEP
+    for (int step = 0; step < CHUNKS; ++step) {
+        const int from = step * ROWS_PER_STEP + lane / CHUNKS;  // the lane holding the row id
+        const int row_id = __shfl_sync(0xffffffffu, id, from);
+        const bool ok = row_id >= 0 && col_ok;
+        const char* src = first + (unsigned)(row_id >= 0 ? row_id : 0) * row_bytes;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     :: "r"(dst + swizzled_offset<ROWS>(warp_row0 + from, col)), "l"(src),
+                        "r"(ok ? 16 : 0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Barriers in shared memory (mbarrier) between a producer warpgroup, which copies tiles, and
+// the warpgroups that compute on them. A barrier completes a phase once `count` arrivals
+// happened, and starts the next; waits name the phase by its parity (the n-th use of a
+// barrier waits for parity n % 2; a wait for the parity before a fresh barrier's first phase
+// passes at once, so a producer's first wait on a free buffer does not block).
+// Arrivals release and waits acquire (CTA scope): stores before an arrival are seen after
+// the wait. `mbarrier_arrive_on_copies` arrives once this thread's cp.async copies so far
+// have landed (one of `count`, not waited for here). Copies land in the generic proxy and
+// products read through the async proxy, so a consumer fences (fence_async_shared) after
+// its wait and before its products.
+DMA_DEVICE void mbarrier_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+DMA_DEVICE void mbarrier_arrive(unsigned bar) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }"
+                 :: "r"(bar) : "memory");
+}
+DMA_DEVICE void mbarrier_arrive_on_copies(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+DMA_DEVICE void mbarrier_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// Registers per thread of a warpgroup from here on (every warp of the group runs it): a
+// producer gives registers back so that the groups that compute can take more.
+template <int N>
+DMA_DEVICE void warpgroup_registers_down() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N));
+}
+template <int N>
+DMA_DEVICE void warpgroup_registers_up() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N));
+}
+
 // ---------------------------------------------------------------------------------------
 // Shared-memory matrix descriptor of a swizzled tile (128-byte swizzle): its start address,
 // the byte stride between 64-column panels (`leading`: read only for an operand whose rows
