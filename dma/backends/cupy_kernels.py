@@ -43,9 +43,9 @@ ROW_DELTA = "dma_row_delta"
 ROW_DELTA_WARPS = 8
 SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
 DQ_KV_BUFFERS = 3  # K/V buffers of the warpgroup dq (DQ_KV_BUFFERS in dma_attention.cuh)
-# The warpgroup forward's threads: a producer warpgroup and two that compute
-# (WGMMA_FORWARD_THREADS in dma_attention.cuh); the other warpgroup kernels run two.
-WGMMA_FORWARD_THREADS = 384
+# Threads of the warpgroup forward and dq: a producer warpgroup and two that compute
+# (WGMMA_PRODUCER_THREADS in dma_attention.cuh); the warpgroup dk/dv runs two.
+WGMMA_PRODUCER_THREADS = 384
 _FIELD = re.compile(r"^\s*(const void\*|void\*|const float\*|float\*|long long|double)\s+(\w+);",
                     re.M)
 _sources = ExitStack()
@@ -147,12 +147,13 @@ def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
 @lru_cache(maxsize=None)  # read on every launch
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv); the warpgroup
-    kernels two warpgroups, three in the forward; row delta ROW_DELTA_WARPS warps."""
+    kernels three warpgroups (forward, dq) or two (dk/dv); row delta ROW_DELTA_WARPS
+    warps."""
     if kernel == ROW_DELTA:
         return ROW_DELTA_WARPS * 32
     block_m, block_n = tiles(kernel, dtype, d_pad)
-    if kernel == WGMMA_FORWARD:
-        return WGMMA_FORWARD_THREADS
+    if kernel in (WGMMA_FORWARD, WGMMA_DQ):
+        return WGMMA_PRODUCER_THREADS
     if kernel in WGMMA_KERNELS.values():
         return 256
     if kernel == "dma_backward_dkdv":

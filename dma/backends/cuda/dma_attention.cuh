@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
 // on 128-row blocks and key tiles of BLOCK_N keys, split between three warpgroups:
 // * a producer (warpgroup 0) copies Q once, then each tile's K and V rows (cp.async into
 //   swizzled shared tiles, dma_wgmma.cuh; FORWARD_STAGES buffers each) and stages its keys'
-//   facts, and announces each buffer on a barrier when its copies land. It keeps few
-//   registers (FORWARD_PRODUCER_REGISTERS), so that
+//   facts, and announces each buffer on its barrier when the copies land. It keeps few
+//   registers (PRODUCER_REGISTERS), so that
 // * two consumers (warpgroups 1 and 2, 64 query rows each) can hold o, a score tile and the
 //   packed P without spilling. They never wait for each other: each waits for the tiles it
 //   needs and hands every buffer back once it is done with it, so no barrier of the whole
@@ -294,25 +294,18 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
 //   P V(i) still runs, then rescales o and packs tile i + 1's P once P V(i) is done. So K
 //   runs one tile ahead of V, and the producer copies in that order: K(0), then K(i + 1)
 //   and V(i) for each i.
+// The warpgroup dq below has the same three warpgroups.
 constexpr int WGMMA_BLOCK_M = 128, WGMMA_THREADS = 256;
-constexpr int WGMMA_FORWARD_THREADS = 384;  // a producer and two consumer warpgroups
-constexpr int FORWARD_STAGES = 2;
-constexpr int FORWARD_PRODUCER_REGISTERS = 56, FORWARD_CONSUMER_REGISTERS = 224;
-
-// The forward's barriers: Q landed; K(t) and its facts landed, V(t) landed (per buffer); and
-// per buffer, both consumers are done with K(t) and its facts, with V(t).
-struct ForwardBarriers {
-    unsigned long long q_full;
-    unsigned long long k_full[FORWARD_STAGES], v_full[FORWARD_STAGES];
-    unsigned long long k_free[FORWARD_STAGES], v_free[FORWARD_STAGES];
-};
-
-// Arrivals that complete each barrier's phase: every producer thread's copies (and, for K,
-// one arrival per producer warp once its facts are stored); one per consumer warp.
+constexpr int WGMMA_PRODUCER_THREADS = 384;  // a producer and two consumer warpgroups
+// Registers per thread after the split: within the 168 x 384 the block starts with.
+constexpr int PRODUCER_REGISTERS = 56, CONSUMER_REGISTERS = 224;
+// Arrivals that complete a buffer's barriers: each producer thread's copies (plus one per
+// producer warp where it stages facts beside them: full); each consumer warp's (free).
 constexpr unsigned PRODUCER_THREADS = 128, PRODUCER_WARPS = 4, CONSUMER_WARPS = 8;
+constexpr int FORWARD_STAGES = 2;
 
 template <class E, int D_PAD, int BLOCK_N, bool SOFTCAP>
-__global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(const Params p) {
+__global__ void __launch_bounds__(WGMMA_PRODUCER_THREADS, 1) dma_forward_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
     constexpr int BLOCK_M = WGMMA_BLOCK_M, S = FORWARD_STAGES;
@@ -322,39 +315,34 @@ __global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(co
     extern __shared__ __align__(16) unsigned char smem[];
     const unsigned q_s = swizzled_tiles(smem);
     const unsigned k_s = q_s + Q_BYTES, v_s = k_s + S * KV_BYTES;  // S buffers each
-    __shared__ KeyFacts facts[S][BLOCK_N];
-    __shared__ __align__(8) ForwardBarriers bars;
-    auto bar = [](const unsigned long long& b) { return shared_address(&b); };
+    __shared__ KeyFacts facts[S][BLOCK_N];  // staged with K
+    __shared__ __align__(8) BufferBarriers q_bar, k_bars[S], v_bars[S];
 
     const int group = warpgroup_index();
     const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
     const ScoreInputs<E>& in = blk.in;
     const int head_dim = (int)p.head_dim;
     const long long n_tiles = (blk.n_slots + BLOCK_N - 1) / BLOCK_N;
-    // Tile t lives in buffer t % S, for the (t / S)-th time: its barriers' phase parity.
-    auto parity = [](long long t) { return (unsigned)(t / S) & 1u; };
+    auto parity = [](long long t) { return use_parity(t, S); };
 
     if (threadIdx.x == 0) {
-        mbarrier_init(bar(bars.q_full), PRODUCER_THREADS);
+        init_buffer(q_bar, PRODUCER_THREADS, CONSUMER_WARPS);
         for (int i = 0; i < S; ++i) {
-            mbarrier_init(bar(bars.k_full[i]), PRODUCER_THREADS + PRODUCER_WARPS);
-            mbarrier_init(bar(bars.v_full[i]), PRODUCER_THREADS);
-            mbarrier_init(bar(bars.k_free[i]), CONSUMER_WARPS);
-            mbarrier_init(bar(bars.v_free[i]), CONSUMER_WARPS);
+            init_buffer(k_bars[i], PRODUCER_THREADS + PRODUCER_WARPS, CONSUMER_WARPS);
+            init_buffer(v_bars[i], PRODUCER_THREADS, CONSUMER_WARPS);
         }
     }
     __syncthreads();  // the barriers exist before anyone arrives or waits
 
     if (group == 0) {
         // Producer: thread i handles row i of every tile (its id, its key's facts).
-        warpgroup_registers_down<FORWARD_PRODUCER_REGISTERS>();
+        warpgroup_registers_down<PRODUCER_REGISTERS>();
         const int row = (int)threadIdx.x;
-        {
-            const long long q_row = blk.row0 + row;
-            copy_rows_of_lanes<E, D_PAD>(q_s, static_cast<const T*>(p.q) + blk.q_off, p.sq_s,
-                                         q_row < p.seqlen_q ? (int)q_row : -1, head_dim);
-            mbarrier_arrive_on_copies(bar(bars.q_full));
-        }
+        const long long q_row = blk.row0 + row;
+        copy_rows_of_lanes<E, BLOCK_M, D_PAD>(q_s, static_cast<const T*>(p.q) + blk.q_off,
+                                              p.sq_s, q_row < p.seqlen_q ? (int)q_row : -1,
+                                              head_dim);
+        mbarrier_arrive_on_copies(shared_address(&q_bar.full));
         auto key_id = [&](long long t) {
             return key_tile_id<BLOCK_N>(p, blk.list, t * BLOCK_N, row, blk.n_slots);
         };
@@ -363,19 +351,20 @@ __global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(co
         for (long long t = 0; t <= n_tiles; ++t) {
             const int next_id = t + 1 < n_tiles ? key_id(t + 1) : -1;  // loads early
             if (t < n_tiles) {  // K(t) and its facts
-                const int buf = (int)(t % S);
-                mbarrier_wait(bar(bars.k_free[buf]), parity(t) ^ 1u);
-                copy_rows_of_lanes<E, D_PAD>(k_s + buf * KV_BYTES, blk.k, p.sk_s, id, head_dim);
-                mbarrier_arrive_on_copies(bar(bars.k_full[buf]));
-                facts[buf][row] = key_facts(in, id);
-                __syncwarp();
-                if (row % 32 == 0) mbarrier_arrive(bar(bars.k_full[buf]));
+                const BufferBarriers& bar = k_bars[t % S];
+                wait_until_free(bar, parity(t));
+                copy_rows_of_lanes<E, BLOCK_N, D_PAD>(k_s + (t % S) * KV_BYTES, blk.k, p.sk_s,
+                                                      id, head_dim);
+                mbarrier_arrive_on_copies(shared_address(&bar.full));
+                facts[t % S][row] = key_facts(in, id);
+                warp_arrive(bar);
             }
             if (t > 0) {  // V(t - 1)
-                const int buf = (int)((t - 1) % S);
-                mbarrier_wait(bar(bars.v_free[buf]), parity(t - 1) ^ 1u);
-                copy_rows_of_lanes<E, D_PAD>(v_s + buf * KV_BYTES, blk.v, p.sv_s, v_id, head_dim);
-                mbarrier_arrive_on_copies(bar(bars.v_full[buf]));
+                const BufferBarriers& bar = v_bars[(t - 1) % S];
+                wait_until_free(bar, parity(t - 1));
+                copy_rows_of_lanes<E, BLOCK_N, D_PAD>(v_s + ((t - 1) % S) * KV_BYTES, blk.v,
+                                                      p.sv_s, v_id, head_dim);
+                mbarrier_arrive_on_copies(shared_address(&bar.full));
             }
             v_id = id;
             id = next_id;
@@ -385,7 +374,7 @@ __global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(co
     }
 
     // Consumers: warpgroup `group` (1 or 2) owns rows 64 (group - 1) on.
-    warpgroup_registers_up<FORWARD_CONSUMER_REGISTERS>();
+    warpgroup_registers_up<CONSUMER_REGISTERS>();
     const int consumer = group - 1, warp = (int)threadIdx.x / 32 - 4;
     const int row_w = (int)blk.row0 + warp * 16;
 
@@ -396,16 +385,6 @@ __global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(co
     zero(s);  // defined inputs for the first product, which overwrites them
     float m[1][2] = {{neg_inf(), neg_inf()}}, l[1][2] = {{0.f, 0.f}};
 
-    // Wait for a buffer's copies, then let the products read it.
-    auto wait_full = [&](const unsigned long long& b, long long t) {
-        mbarrier_wait(bar(b), parity(t));
-        fence_async_shared();
-    };
-    // Hand a buffer back: the warp's reads of it are done.
-    auto release = [&](const unsigned long long& b) {
-        __syncwarp();
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(bar(b));
-    };
     // s = Q K(t)^T for the group's 64 rows.
     auto issue_scores = [&](long long t) {
         wgmma_fence();
@@ -425,13 +404,13 @@ __global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(co
         with_keep_test<SOFTCAP, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
             forward_scores<E, 1, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[t % S]);
         });
-        release(bars.k_free[t % S]);
+        hand_back(k_bars[t % S]);
         return softmax_probabilities(s, tile_max, m, l, alpha);
     };
 
     if (n_tiles > 0) {
-        mbarrier_wait(bar(bars.q_full), 0);
-        wait_full(bars.k_full[0], 0);
+        wait_for_copies(q_bar, 0);
+        wait_for_copies(k_bars[0], 0);
         issue_scores(0);
         wgmma_wait<0>();
         hold_accumulator(s[0]);
@@ -441,8 +420,8 @@ __global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(co
     // Every tile but the last; the products are issued on every path (a product issued under
     // a condition makes the compiler serialise them all).
     for (long long t = 0; t + 1 < n_tiles; ++t) {
-        mbarrier_wait(bar(bars.k_full[(t + 1) % S]), parity(t + 1));
-        wait_full(bars.v_full[t % S], t);
+        wait_for_copies(k_bars[(t + 1) % S], parity(t + 1));
+        wait_for_copies(v_bars[t % S], parity(t));
         issue_scores(t + 1);
         issue_pv(t);
         wgmma_wait<1>();  // tile t + 1's scores while P V(t) runs
@@ -450,12 +429,12 @@ __global__ void __launch_bounds__(WGMMA_FORWARD_THREADS, 1) dma_forward_wgmma(co
         const bool rescale = probabilities(t + 1);
         wgmma_wait<0>();
         hold_accumulator(o[0]);
-        release(bars.v_free[t % S]);
+        hand_back(v_bars[t % S]);
         if (rescale) rescale_output(o, alpha);
         pack_operand<E>(pa, s[0]);
     }
     if (n_tiles > 0) {
-        wait_full(bars.v_full[(n_tiles - 1) % S], n_tiles - 1);
+        wait_for_copies(v_bars[(n_tiles - 1) % S], parity(n_tiles - 1));
         issue_pv(n_tiles - 1);
         wgmma_wait<0>();
         hold_accumulator(o[0]);
@@ -647,138 +626,146 @@ __global__ void __launch_bounds__(BLOCK_M * 2, DMA_DQ_MIN_BLOCKS) dma_backward_d
 }
 
 // dq on Hopper's warpgroup products (sm_90a; the shapes of dma_forward_wgmma): the walk,
-// tests and d scores of dma_backward_dq on the warpgroup forward's blocks (128 rows, two
-// warpgroups) and 64-key tiles. Per tile, S = Q K^T and dP = dO V^T from shared memory, then
-// dq += dS K with dS from registers. Iteration i issues S(i), dP(i) and dq += dS K(i - 1)
-// back to back and waits for each in turn: P is computed while dP runs, dS while the dq
-// product runs. So K/V tiles take three buffers: tile i + 1's are copied while tile i is
-// computed and the dq product still reads tile i - 1's K. One barrier per tile.
+// tests and d scores of dma_backward_dq on 128-row blocks and 64-key tiles, with the
+// forward's three warpgroups. The producer copies Q and dO once, then each tile's K (warps
+// 0 and 1, which also stage the keys' facts) and V (warps 2 and 3) into a ring of
+// DQ_KV_BUFFERS buffers. Per tile, a consumer computes S = Q K^T and dP = dO V^T from shared
+// memory, then dq += dS K with dS from registers: iteration i issues S(i), dP(i) and
+// dq += dS K(i - 1) back to back and waits for each in turn, so P is computed while dP runs
+// and dS while the dq product runs. Tile i - 1's buffers go back to the producer once that
+// product is done.
 constexpr int DQ_KV_BUFFERS = 3;
 
 template <class E, int D_PAD, int BLOCK_N, bool SOFTCAP>
-__global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dq_wgmma(const Params p) {
+__global__ void __launch_bounds__(WGMMA_PRODUCER_THREADS, 1) dma_backward_dq_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
-    constexpr int BLOCK_M = WGMMA_BLOCK_M, THREADS = WGMMA_THREADS;
+    constexpr int BLOCK_M = WGMMA_BLOCK_M, S = DQ_KV_BUFFERS;
     constexpr int DT = D_PAD / 8, NT = BLOCK_N / 8;
     constexpr unsigned ROWS_BYTES = BLOCK_M * D_PAD * 2, KV_BYTES = BLOCK_N * D_PAD * 2;
-    typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
-    typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
+    static_assert(BLOCK_N == 64, "two producer warps per tensor of a tile");
     extern __shared__ __align__(16) unsigned char smem[];
     const unsigned q_s = swizzled_tiles(smem);
     const unsigned do_s = q_s + ROWS_BYTES, k_s = do_s + ROWS_BYTES;
-    const unsigned v_s = k_s + DQ_KV_BUFFERS * KV_BYTES;  // three buffers of K and of V
-    __shared__ KeyFacts facts[2][BLOCK_N];
+    const unsigned v_s = k_s + S * KV_BYTES;  // S buffers of K and of V
+    __shared__ KeyFacts facts[S][BLOCK_N];  // staged with K
+    __shared__ __align__(8) BufferBarriers rows_bar, tile_bars[S];
 
-    const int warp = threadIdx.x / 32, group = warpgroup_index();
+    const int group = warpgroup_index();
     const QueryBlock<E, BLOCK_M, BLOCK_N> blk(p);
     const ScoreInputs<E>& in = blk.in;
-    const int row_w = (int)blk.row0 + warp * 16;
     const int head_dim = (int)p.head_dim;
+    const long long n_tiles = (blk.n_slots + BLOCK_N - 1) / BLOCK_N;
+    auto parity = [](long long t) { return use_parity(t, S); };
+
+    if (threadIdx.x == 0) {
+        init_buffer(rows_bar, PRODUCER_THREADS, CONSUMER_WARPS);
+        for (int i = 0; i < S; ++i)
+            init_buffer(tile_bars[i], PRODUCER_THREADS + PRODUCER_WARPS, CONSUMER_WARPS);
+    }
+    __syncthreads();  // the barriers exist before anyone arrives or waits
+
+    if (group == 0) {
+        // Producer: thread i copies row i of Q and dO, then key i % BLOCK_N of every tile:
+        // its K row (and facts) for i < BLOCK_N, its V row otherwise.
+        warpgroup_registers_down<PRODUCER_REGISTERS>();
+        const int row = (int)threadIdx.x, key = row % BLOCK_N;
+        const bool copies_k = row < BLOCK_N;
+        const long long q_row = blk.row0 + row;
+        const int q_id = q_row < p.seqlen_q ? (int)q_row : -1;
+        copy_rows_of_lanes<E, BLOCK_M, D_PAD>(q_s, static_cast<const T*>(p.q) + blk.q_off,
+                                              p.sq_s, q_id, head_dim);
+        copy_rows_of_lanes<E, BLOCK_M, D_PAD>(do_s, static_cast<const T*>(p.dout) + blk.q_off,
+                                              p.sq_s, q_id, head_dim);
+        mbarrier_arrive_on_copies(shared_address(&rows_bar.full));
+        const T* const base = copies_k ? blk.k : blk.v;
+        const long long stride = copies_k ? p.sk_s : p.sv_s;
+        const unsigned tiles_s = copies_k ? k_s : v_s;
+        auto key_id = [&](long long t) {
+            return key_tile_id<BLOCK_N>(p, blk.list, t * BLOCK_N, key, blk.n_slots);
+        };
+        int id = n_tiles > 0 ? key_id(0) : -1;
+        for (long long t = 0; t < n_tiles; ++t) {
+            const int next_id = t + 1 < n_tiles ? key_id(t + 1) : -1;  // loads early
+            const BufferBarriers& bar = tile_bars[t % S];
+            wait_until_free(bar, parity(t));
+            copy_rows_of_lanes<E, BLOCK_N, D_PAD>(tiles_s + (t % S) * KV_BYTES, base, stride, id,
+                                                  head_dim);
+            mbarrier_arrive_on_copies(shared_address(&bar.full));
+            if (copies_k) facts[t % S][key] = key_facts(in, id);
+            warp_arrive(bar);
+            id = next_id;
+        }
+        cp_async_wait<0>();  // nothing in flight when the block ends
+        return;
+    }
+
+    // Consumers: warpgroup `group` (1 or 2) owns rows 64 (group - 1) on.
+    warpgroup_registers_up<CONSUMER_REGISTERS>();
+    const int consumer = group - 1, warp = (int)threadIdx.x / 32 - 4;
+    const int row_w = (int)blk.row0 + warp * 16;
     float lse[2], delta[2];
     row_stats(p, blk.b, blk.h, row_w + frag_row(0), lse[0], delta[0]);
     row_stats(p, blk.b, blk.h, row_w + frag_row(2), lse[1], delta[1]);
     float* const dab = bias_grad_rows(p, blk.b, blk.h);
-
-    int ids[KeyRows::COUNT];  // this thread's copy rows of the next tile
-    auto fetch_ids = [&](long long start) {
-        key_row_ids<BLOCK_N, D_PAD, THREADS>(ids, p, blk.list, start, blk.n_slots);
-    };
-    auto copy_tile = [&](unsigned buffer) {
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s + buffer * KV_BYTES, blk.k, p.sk_s, ids,
-                                                  head_dim);
-        copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s + buffer * KV_BYTES, blk.v, p.sv_s, ids,
-                                                  head_dim);
-    };
-    {
-        int q_ids[QRows::COUNT];
-        query_row_ids<BLOCK_M, D_PAD, THREADS>(q_ids, blk.row0, p.seqlen_q);
-        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_s, static_cast<const T*>(p.q) + blk.q_off,
-                                                  p.sq_s, q_ids, head_dim);
-        copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(do_s, static_cast<const T*>(p.dout) + blk.q_off,
-                                                  p.sq_s, q_ids, head_dim);
-    }
-    TileKeys<E, BLOCK_N> next;
-    next.fetch(p, in, blk.list, 0, blk.n_slots);
-    next.publish(facts[0]);
-    fetch_ids(0);
-    copy_tile(0);
-    if (BLOCK_N < blk.n_slots) {
-        next.fetch(p, in, blk.list, BLOCK_N, blk.n_slots);
-        fetch_ids(BLOCK_N);
-    }
 
     float dq[DT][4], s[NT][4], dp[NT][4];
     unsigned ds[BLOCK_N / 16][4] = {};  // dS(i - 1) packed, for dq += dS K(i - 1)
     zero(dq);
     zero(s);  // defined inputs for the first products, which overwrite them
     zero(dp);
-    // Buffers of tiles i - 1, i and i + 1 (modulo 3); before tile 0 the dq product reads
-    // tile 0's own K (its dS is 0).
-    unsigned last_buffer = 0, buffer = 0, next_buffer = 1;
-    for (long long start = 0, tile = 0; start < blk.n_slots; start += BLOCK_N, ++tile) {
-        const int cur = tile & 1;
-        cp_async_wait<0>();
-        fence_async_shared();
-        // Tile i's K, V (and Q, dO) landed; every warp has passed iteration i - 1, whose last
-        // wait saw dq += dS K(i - 2) done: tile i - 2's buffers are free for tile i + 1.
-        __syncthreads();
-        if (start + BLOCK_N < blk.n_slots) {
-            next.publish(facts[cur ^ 1]);
-            copy_tile(next_buffer);
-            if (start + 2 * BLOCK_N < blk.n_slots) {
-                next.fetch(p, in, blk.list, start + 2 * BLOCK_N, blk.n_slots);
-                fetch_ids(start + 2 * BLOCK_N);
-            }
-        }
+    if (n_tiles > 0) wait_for_copies(rows_bar, 0);
+    for (long long t = 0; t < n_tiles; ++t) {
+        const int buffer = (int)(t % S);
+        // Before tile 0 the dq product reads tile 0's own K (its dS is 0).
+        const int last_buffer = t > 0 ? (int)((t - 1) % S) : 0;
+        wait_for_copies(tile_bars[buffer], parity(t));
         // S and dP are committed apart, so that P is computed while dP runs, and dS while
         // dq += dS K(i - 1) runs (the first tile's adds dS = 0 times K(0): products issued
         // under a condition are serialised).
         wgmma_fence();
-        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s, q_s, group * 64,
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(s, q_s, consumer * 64,
                                                        k_s + buffer * KV_BYTES);
         wgmma_commit();
-        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(dp, do_s, group * 64,
+        wgmma_rows_by_rows<E, D_PAD, BLOCK_M, BLOCK_N>(dp, do_s, consumer * 64,
                                                        v_s + buffer * KV_BYTES);
         wgmma_commit();
         wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(dq, ds, k_s + last_buffer * KV_BYTES);
         wgmma_commit();
-        const bool all_kept = start + BLOCK_N <= blk.n_full;
+        const bool all_kept = (t + 1) * BLOCK_N <= blk.n_full;
+        const KeyFacts* const tile_facts = facts[buffer];
         if constexpr (SOFTCAP) {  // one pass: the d score needs each pair's tanh
             wgmma_wait<1>();
             hold_accumulator(s);
             hold_accumulator(dp);
             with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
-                dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, facts[cur], lse,
+                dq_scores<E, NT, decltype(test)>(s, dp, in, p, dab, row_w, tile_facts, lse,
                                                  delta);
             });
         } else {
             wgmma_wait<2>();
             hold_accumulator(s);
             with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
-                dq_probabilities<E, NT, decltype(test)>(s, in, row_w, facts[cur], lse);
+                dq_probabilities<E, NT, decltype(test)>(s, in, row_w, tile_facts, lse);
             });
             wgmma_wait<1>();
             hold_accumulator(dp);
             with_keep_test<SOFTCAP, false>(in, all_kept, [&](auto test) {
-                dq_dscores<E, NT, decltype(test)>(s, dp, p, dab, row_w, facts[cur], delta);
+                dq_dscores<E, NT, decltype(test)>(s, dp, p, dab, row_w, tile_facts, delta);
             });
         }
         wgmma_wait<0>();
         hold_accumulator(dq);
+        if (t > 0) hand_back(tile_bars[last_buffer]);  // dq += dS K(i - 1) is done
         pack_operand<E>(ds, s);
-        last_buffer = buffer;
-        buffer = next_buffer;
-        next_buffer = next_buffer == DQ_KV_BUFFERS - 1 ? 0 : next_buffer + 1;
     }
-    if (blk.n_slots > 0) {  // the last tile's dq += dS K
+    if (n_tiles > 0) {  // the last tile's dq += dS K
         wgmma_fence();
-        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(dq, ds, k_s + last_buffer * KV_BYTES);
+        wgmma_registers_by_rows<E, D_PAD, BLOCK_N>(dq, ds, k_s + ((n_tiles - 1) % S) * KV_BYTES);
         wgmma_commit();
         wgmma_wait<0>();
         hold_accumulator(dq);
     }
-    cp_async_wait<0>();  // nothing left in flight when no tile ran
     store_dq_rows<E>(p, blk.q_off, row_w, dq);
 #else
     __trap();  // compiled for another target: the launcher never runs it there

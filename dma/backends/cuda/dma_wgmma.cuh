@@ -108,16 +108,18 @@ DMA_DEVICE void copy_swizzled(unsigned dst, const typename E::T* base, long long
     cp_async_commit();
 }
 
-// Copies of one 128-row tile by a producer warpgroup (one thread per row): warp w copies rows
-// 32w..32w + 31, whose ids its lanes hold (lane i: row 32w + i; negative: absent,
-// zero-filled, as are columns at or past head_dim) and pass along the warp by shuffles. Each
-// step copies 32 / CHUNKS whole rows, one 16-byte chunk per lane. Not committed: the caller
-// arrives on the tile's barrier when the copies land (mbarrier_arrive_on_copies).
-template <class E, int D_PAD>
+// Copies of one ROWS-row tile by ROWS / 32 warps of a producer warpgroup (one thread per
+// row): warp w copies rows 32 (w % (ROWS / 32)) on, 32 of them, whose ids its lanes hold
+// (lane i: the warp's row i; negative: absent, zero-filled, as are columns at or past
+// head_dim) and pass along the warp by shuffles. Each step copies 32 / CHUNKS whole rows,
+// one 16-byte chunk per lane. Not committed: the caller arrives on the tile's barrier when
+// the copies land (mbarrier_arrive_on_copies).
+template <class E, int ROWS, int D_PAD>
 DMA_DEVICE void copy_rows_of_lanes(unsigned dst, const typename E::T* base, long long row_stride,
                                    int id, int head_dim) {
-    constexpr int ROWS = 128, CHUNKS = D_PAD / 8, ROWS_PER_STEP = 32 / CHUNKS;
-    const int lane = threadIdx.x % 32, warp_row0 = (int)(threadIdx.x / 32 % 4) * 32;
+    constexpr int CHUNKS = D_PAD / 8, ROWS_PER_STEP = 32 / CHUNKS;
+    static_assert(ROWS % 32 == 0 && ROWS <= 128, "whole warps of a producer warpgroup");
+    const int lane = threadIdx.x % 32, warp_row0 = (int)(threadIdx.x / 32 % (ROWS / 32)) * 32;
     const int col = (lane % CHUNKS) * 8;
     const bool col_ok = col < head_dim;
     const char* first = reinterpret_cast<const char*>(base + (col_ok ? col : 0));
@@ -134,47 +136,6 @@ DMA_DEVICE void copy_rows_of_lanes(unsigned dst, const typename E::T* base, long
                      :: "r"(dst + swizzled_offset<ROWS>(warp_row0 + from, col)), "l"(src),
                         "r"(ok ? 16 : 0));
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Barriers in shared memory (mbarrier) between a producer warpgroup, which copies tiles, and
-// the warpgroups that compute on them. A barrier completes a phase once `count` arrivals
-// happened, and starts the next; waits name the phase by its parity (the n-th use of a
-// barrier waits for parity n % 2; a wait for the parity before a fresh barrier's first phase
-// passes at once, so a producer's first wait on a free buffer does not block).
-// Arrivals release and waits acquire (CTA scope): stores before an arrival are seen after
-// the wait. `mbarrier_arrive_on_copies` arrives once this thread's cp.async copies so far
-// have landed (one of `count`, not waited for here). Copies land in the generic proxy and
-// products read through the async proxy, so a consumer fences (fence_async_shared) after
-// its wait and before its products.
-DMA_DEVICE void mbarrier_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-DMA_DEVICE void mbarrier_arrive(unsigned bar) {
-    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }"
-                 :: "r"(bar) : "memory");
-}
-DMA_DEVICE void mbarrier_arrive_on_copies(unsigned bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
-}
-DMA_DEVICE void mbarrier_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     "selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
-
-// Registers per thread of a warpgroup from here on (every warp of the group runs it): a
-// producer gives registers back so that the groups that compute can take more.
-template <int N>
-DMA_DEVICE void warpgroup_registers_down() {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N));
-}
-template <int N>
-DMA_DEVICE void warpgroup_registers_up() {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -212,6 +173,85 @@ DMA_DEVICE void wgmma_wait() {
 }
 DMA_DEVICE void fence_async_shared() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// ---------------------------------------------------------------------------------------
+// Barriers in shared memory (mbarrier) between a producer warpgroup, which copies tiles, and
+// the warpgroups that compute on them. A barrier completes a phase once `count` arrivals
+// happened, and starts the next; waits name the phase by its parity (the n-th use of a
+// barrier waits for parity n % 2; a wait for the parity before a fresh barrier's first phase
+// passes at once, so a producer's first wait on a free buffer does not block).
+// Arrivals release and waits acquire (CTA scope): stores before an arrival are seen after
+// the wait. `mbarrier_arrive_on_copies` arrives once this thread's cp.async copies so far
+// have landed (one of `count`, not waited for here). Copies land in the generic proxy and
+// products read through the async proxy, so a consumer fences (fence_async_shared) after
+// its wait and before its products.
+DMA_DEVICE void mbarrier_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+DMA_DEVICE void mbarrier_arrive(unsigned bar) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }"
+                 :: "r"(bar) : "memory");
+}
+DMA_DEVICE void mbarrier_arrive_on_copies(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+DMA_DEVICE void mbarrier_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// The two barriers of one buffer of a ring that a producer fills and consumers read: `full`
+// completes when the producer's copies (and whatever it stages beside them) landed, `free`
+// when every consumer warp handed the buffer back. Tile t of a ring of n buffers sits in
+// buffer t % n for the (t / n)-th time, the parity of the phases its barriers complete.
+struct BufferBarriers {
+    unsigned long long full, free;
+};
+
+DMA_DEVICE unsigned use_parity(long long t, int buffers) { return (unsigned)(t / buffers) & 1u; }
+
+DMA_DEVICE void init_buffer(BufferBarriers& b, unsigned full_arrivals, unsigned free_arrivals) {
+    mbarrier_init(shared_address(&b.full), full_arrivals);
+    mbarrier_init(shared_address(&b.free), free_arrivals);
+}
+
+// Producer: wait until the buffer is free for its (t / n)-th use (the first passes at once).
+DMA_DEVICE void wait_until_free(const BufferBarriers& b, unsigned parity) {
+    mbarrier_wait(shared_address(&b.free), parity ^ 1u);
+}
+
+// Consumer: wait until the buffer's copies landed, then let products read it.
+DMA_DEVICE void wait_for_copies(const BufferBarriers& b, unsigned parity) {
+    mbarrier_wait(shared_address(&b.full), parity);
+    fence_async_shared();
+}
+
+// Consumer warp: hand the buffer back once every lane's reads of it are done.
+DMA_DEVICE void hand_back(const BufferBarriers& b) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(shared_address(&b.free));
+}
+
+// Producer warp: one arrival on the buffer's `full` once every lane's stores are done.
+DMA_DEVICE void warp_arrive(const BufferBarriers& b) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(shared_address(&b.full));
+}
+
+// Registers per thread of a warpgroup from here on (every warp of the group runs it): a
+// producer gives registers back so that the groups that compute can take more.
+template <int N>
+DMA_DEVICE void warpgroup_registers_down() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N));
+}
+template <int N>
+DMA_DEVICE void warpgroup_registers_up() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N));
 }
 
 // The compiler sees a product's accumulator written when the product is issued; this keeps
