@@ -75,6 +75,8 @@ def test_host_constants_match_the_sources():
     assert warps and int(warps.group(1)) == cupy_kernels.ROW_DELTA_WARPS  # the grid covers rows
     buffers = re.search(r"constexpr int DQ_KV_BUFFERS = (\d+);", kernels)
     assert buffers and int(buffers.group(1)) == cupy_kernels.DQ_KV_BUFFERS  # dq's shared size
+    buffers = re.search(r"constexpr int DKDV_ROW_BUFFERS = (\d+);", kernels)
+    assert buffers and int(buffers.group(1)) == cupy_kernels.DKDV_ROW_BUFFERS  # dk/dv's shared
     threads = re.search(r"constexpr int WGMMA_PRODUCER_THREADS = (\d+);", kernels)
     assert threads and int(threads.group(1)) == cupy_kernels.WGMMA_PRODUCER_THREADS  # launches
 
@@ -227,24 +229,19 @@ def test_tiles_fit_every_supported_card():
 
 
 def test_warpgroup_kernels_fit_hopper_and_cover_their_tiles():
-    # 227 KiB of shared memory per block on sm_90; two warpgroups of 64 rows (forward, dq) or
-    # 64 keys (dk/dv) compute; one thread per key or row stages a tile's facts or row stats;
-    # each thread copies whole rows (CopyRows). The forward and dq add a producer warpgroup,
-    # one thread per row of their 128-row tiles, two warps per tensor of dq's 64-key tiles
-    # (copy_rows_of_lanes). Tiles of whole plan and coarse blocks.
+    # 227 KiB of shared memory per block on sm_90; a producer warpgroup and two that compute,
+    # 64 rows (forward, dq) or 64 keys (dk/dv) each. The producer copies with one thread per
+    # row of a 128-row tile, or two warps per 64-row tile (copy_rows_of_lanes): the forward's
+    # Q, K, V and dq's Q, dO (128 rows), dq's K and V, dk/dv's Q and dO (64 rows each), dk/dv's
+    # K and V (128). Tiles of whole plan and coarse blocks.
+    shapes = {cupy_kernels.WGMMA_FORWARD: (128, 128), cupy_kernels.WGMMA_DQ: (128, 64),
+              cupy_kernels.WGMMA_DKDV: (64, 128)}
     for kernel, dtype, d_pad in cupy_kernels.wgmma_instantiations():
         block_m, block_n = cupy_kernels.tiles(kernel, dtype, d_pad)
+        assert (block_m, block_n) == shapes[kernel]
         assert cupy_kernels.shared_bytes(kernel, dtype, d_pad) <= 227 * 1024
-        threads = cupy_kernels.threads(kernel, dtype, d_pad)
-        groups_of = block_n if kernel == cupy_kernels.WGMMA_DKDV else block_m
-        assert groups_of == 2 * 64 and threads >= max(block_m, block_n)
+        assert cupy_kernels.threads(kernel, dtype, d_pad) == 3 * 128
         assert cupy_backend.BLOCK_M % block_m == 0 and cupy_backend.COARSE_ROWS % block_m == 0
-        if kernel != cupy_kernels.WGMMA_DKDV:
-            assert threads == 3 * 128 and block_m == 128 and block_n in (64, 128)
-            continue
-        assert threads == 256
-        for rows in (block_m, block_n):
-            assert threads % (d_pad // 8) == 0 and rows % (threads // (d_pad // 8)) == 0
 
 
 @pytest.mark.parametrize("kernel", ["dma_forward", "dma_backward_dq", "dma_backward_dkdv"])

@@ -43,8 +43,9 @@ ROW_DELTA = "dma_row_delta"
 ROW_DELTA_WARPS = 8
 SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
 DQ_KV_BUFFERS = 3  # K/V buffers of the warpgroup dq (DQ_KV_BUFFERS in dma_attention.cuh)
-# Threads of the warpgroup forward and dq: a producer warpgroup and two that compute
-# (WGMMA_PRODUCER_THREADS in dma_attention.cuh); the warpgroup dk/dv runs two.
+DKDV_ROW_BUFFERS = 3  # Q/dO row buffers of the warpgroup dk/dv (DKDV_ROW_BUFFERS there too)
+# Threads of the warpgroup kernels: a producer warpgroup and two that compute
+# (WGMMA_PRODUCER_THREADS in dma_attention.cuh).
 WGMMA_PRODUCER_THREADS = 384
 _FIELD = re.compile(r"^\s*(const void\*|void\*|const float\*|float\*|long long|double)\s+(\w+);",
                     re.M)
@@ -147,15 +148,12 @@ def tiles(kernel: str, dtype: torch.dtype, d_pad: int) -> tuple:
 @lru_cache(maxsize=None)  # read on every launch
 def threads(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     """One warp per warp_rows rows (forward, dq) or per 16 keys (dk/dv); the warpgroup
-    kernels three warpgroups (forward, dq) or two (dk/dv); row delta ROW_DELTA_WARPS
-    warps."""
+    kernels three warpgroups; row delta ROW_DELTA_WARPS warps."""
     if kernel == ROW_DELTA:
         return ROW_DELTA_WARPS * 32
     block_m, block_n = tiles(kernel, dtype, d_pad)
-    if kernel in (WGMMA_FORWARD, WGMMA_DQ):
-        return WGMMA_PRODUCER_THREADS
     if kernel in WGMMA_KERNELS.values():
-        return 256
+        return WGMMA_PRODUCER_THREADS
     if kernel == "dma_backward_dkdv":
         return 2 * block_n
     return block_m // warp_rows(kernel, dtype, d_pad) * 32
@@ -177,7 +175,7 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
     if kernel in WGMMA_KERNELS.values():  # unpadded (swizzled) tiles
         rows = {WGMMA_FORWARD: block_m + 4 * block_n,  # q; two buffers of k and v
                 WGMMA_DQ: 2 * block_m + 2 * DQ_KV_BUFFERS * block_n,  # q, do; k and v
-                WGMMA_DKDV: 2 * block_n + 4 * block_m}[kernel]  # k, v; two of q and do
+                WGMMA_DKDV: 2 * block_n + 2 * DKDV_ROW_BUFFERS * block_m}[kernel]  # k, v; q, do
         return rows * d_pad * dtype.itemsize + WGMMA_ALIGNMENT
     rows = d_pad + SMEM_PAD
     # float32 stages its score tiles in shared memory on their way to a product (the

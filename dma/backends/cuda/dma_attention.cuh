@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
 //   runs one tile ahead of V, and the producer copies in that order: K(0), then K(i + 1)
 //   and V(i) for each i.
 // The warpgroup dq below has the same three warpgroups.
-constexpr int WGMMA_BLOCK_M = 128, WGMMA_THREADS = 256;
+constexpr int WGMMA_BLOCK_M = 128;
 constexpr int WGMMA_PRODUCER_THREADS = 384;  // a producer and two consumer warpgroups
 // Registers per thread after the split: within the 168 x 384 the block starts with.
 constexpr int PRODUCER_REGISTERS = 56, CONSUMER_REGISTERS = 224;
@@ -902,12 +902,14 @@ struct DkdvProgram {
 // listed per key tile under an explicit mask (those kept whole first); else consecutive
 // tiles of BLOCK_M rows (aligned to row_base) over the rows that keep some key of the tile:
 // the union of the keys' plan intervals (DMA case; reduced in `row_range`, shared), or the
-// rows from the tile's first causal row, within [row_base, row_end). Every thread calls it.
-template <int BLOCK_M, int BLOCK_N, int THREADS, class E>
+// rows from the tile's first causal row, within [row_base, row_end). Every thread of the
+// THREADS that share row_range calls it (thread `tid` of them); `sync` is their barrier.
+template <int BLOCK_M, int BLOCK_N, int THREADS, class E, class Sync>
 DMA_DEVICE RowTiles<BLOCK_M> key_tile_rows(const Params& p, const ScoreInputs<E>& in,
                                            long long b, long long h, long long start,
                                            const int* key_ids, long long row_base,
-                                           long long row_end, int* row_range) {
+                                           long long row_end, int* row_range, int tid,
+                                           Sync&& sync) {
     RowTiles<BLOCK_M> rows;
     if (p.tile_list) {
         rows.list = candidate_list(p, b, h, blockIdx.x);
@@ -917,13 +919,13 @@ DMA_DEVICE RowTiles<BLOCK_M> key_tile_rows(const Params& p, const ScoreInputs<E>
     }
     long long row_lo = 0, row_hi = p.seqlen_q;
     if (p.interval) {
-        __syncthreads();
-        if (threadIdx.x == 0) {
+        sync();
+        if (tid == 0) {
             row_range[0] = (int)p.seqlen_q;
             row_range[1] = 0;
         }
-        __syncthreads();
-        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS) {
+        sync();
+        for (int i = tid; i < BLOCK_N; i += THREADS) {
             const int key = key_ids[i];
             if (key < 0) continue;
             const int first = p.causal ? key - (int)p.causal_offset : 0;
@@ -933,7 +935,7 @@ DMA_DEVICE RowTiles<BLOCK_M> key_tile_rows(const Params& p, const ScoreInputs<E>
                 atomicMax(&row_range[1], end);
             }
         }
-        __syncthreads();
+        sync();
         row_lo = row_range[0];
         row_hi = row_range[1];
     } else if (p.causal) {
@@ -1050,7 +1052,8 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
                                       key_facts(in, key_ids[warp * 16 + frag_row(2)])};
             const RowTiles<BLOCK_M> rows =
                 key_tile_rows<BLOCK_M, BLOCK_N, THREADS>(p, in, b, h, start, key_ids, row_base,
-                                                         row_end, row_range);
+                                                         row_end, row_range, threadIdx.x,
+                                                         [] { __syncthreads(); });
             float dkb[2] = {0.f, 0.f};
             const long long q_off = b * p.sq_b + h * p.sq_h;
             const T* q = static_cast<const T*>(p.q) + q_off;
@@ -1109,50 +1112,103 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
 }
 
 // dk/dv on Hopper's warpgroup products (sm_90a; the shapes of dma_forward_wgmma): the walk,
-// modes and tests of dma_backward_dkdv on key tiles of BLOCK_N = 128 keys (two warpgroups
-// of 64, warp w owning keys 16w..16w + 15) and row tiles of BLOCK_M = 64. Per row tile,
-// S^T = K Q^T and dP^T = V dO^T from shared memory, then dv += P^T dO and dk += dS^T Q with
-// P^T and dS^T from registers. Row tiles (Q, dO, lse, delta) are double-buffered: tile j + 1's
-// are copied while tile j is computed.
+// modes and tests of dma_backward_dkdv on key tiles of BLOCK_N = 128 keys and row tiles of
+// BLOCK_M = 64, with the forward's three warpgroups. The producer copies each key tile's K
+// and V (and publishes its key ids), then, for every head and row tile, that tile's Q and dO
+// rows (warps 0-1 and 2-3) with their lse and delta into a ring of DKDV_ROW_BUFFERS buffers.
+// Each consumer owns 64 keys (warp w: keys 16 (w - 4) on): per row tile, S^T = K Q^T and
+// dP^T = V dO^T from shared memory, then dv += P^T dO and dk += dS^T Q with P^T and dS^T
+// from registers; it hands the row buffer back once those products are done, and the key
+// tile's once dk and dv are stored. Producer and consumers both work out each head's row
+// tiles (key_tile_rows, each side with its own barrier), so they walk the same sequence.
+constexpr int DKDV_ROW_BUFFERS = 3;
+constexpr int DKDV_PRODUCER_REGISTERS = 24, DKDV_CONSUMER_REGISTERS = 240;
+enum NamedBarrier { PRODUCER_BARRIER = 1, CONSUMER_BARRIER = 2 };
+
 template <class E, int D_PAD, int BLOCK_M, int BLOCK_N, bool SOFTCAP>
-__global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(const Params p) {
+__global__ void __launch_bounds__(WGMMA_PRODUCER_THREADS, 1)
+    dma_backward_dkdv_wgmma(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef typename E::T T;
-    constexpr int THREADS = WGMMA_THREADS;
+    constexpr int S = DKDV_ROW_BUFFERS, CONSUMER_THREADS = 256;
     constexpr int DT = D_PAD / 8, MT = BLOCK_M / 8;
     constexpr unsigned KV_BYTES = BLOCK_N * D_PAD * 2, ROWS_BYTES = BLOCK_M * D_PAD * 2;
-    static_assert(BLOCK_N == THREADS / 2 && THREADS >= BLOCK_M, "64 keys a warpgroup");
-    typedef CopyRows<BLOCK_N, D_PAD, THREADS> KeyRows;
-    typedef CopyRows<BLOCK_M, D_PAD, THREADS> QRows;
+    static_assert(BLOCK_N == 128 && BLOCK_M == 64, "a producer thread per key, two warps a row");
     extern __shared__ __align__(16) unsigned char smem[];
     const unsigned k_s = swizzled_tiles(smem);
     const unsigned v_s = k_s + KV_BYTES;
     const unsigned rows_s = v_s + KV_BYTES;  // buffer i: Q at rows_s + 2 i ROWS_BYTES, then dO
-    __shared__ int key_ids[BLOCK_N];
-    __shared__ float lse_s[2][BLOCK_M], delta_s[2][BLOCK_M];
-    __shared__ int row_range[2];
+    __shared__ int key_ids[BLOCK_N];  // staged with K and V
+    __shared__ float lse_s[S][BLOCK_M], delta_s[S][BLOCK_M];  // staged with Q and dO
+    __shared__ int producer_range[2], consumer_range[2];
+    __shared__ __align__(8) BufferBarriers key_bar, row_bars[S];
 
-    const int warp = threadIdx.x / 32, group = warpgroup_index();
+    const int group = warpgroup_index();
     const DkdvProgram<BLOCK_N> prog(p);
     const long long b = prog.b, h0 = prog.h0, n_heads = prog.n_heads, n_slots = prog.n_slots;
-    const long long first_tile = prog.first_tile, tile_step = prog.tile_step;
     const long long row_base = prog.row_base, row_end = prog.row_end;
-    const int* cand = prog.cand;
     const long long hk = h0 / p.group;
     const T* k = static_cast<const T*>(p.k) + b * p.sk_b + hk * p.sk_h;
     const T* v = static_cast<const T*>(p.v) + b * p.sv_b + hk * p.sv_h;
     const int head_dim = (int)p.head_dim;
 
-    for (long long start = first_tile; start < n_slots; start += tile_step) {
-        __syncthreads();  // every warp is done with the previous key tile
-        for (int i = threadIdx.x; i < BLOCK_N; i += THREADS)
-            key_ids[i] = key_tile_id<BLOCK_N>(p, cand, start, i, n_slots);
-        {
-            int ids[KeyRows::COUNT];
-            key_row_ids<BLOCK_N, D_PAD, THREADS>(ids, p, cand, start, n_slots);
-            copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(k_s, k, p.sk_s, ids, head_dim);
-            copy_swizzled<E, BLOCK_N, D_PAD, THREADS>(v_s, v, p.sv_s, ids, head_dim);
+    if (threadIdx.x == 0) {
+        init_buffer(key_bar, PRODUCER_THREADS + PRODUCER_WARPS, CONSUMER_WARPS);
+        for (int i = 0; i < S; ++i)
+            init_buffer(row_bars[i], PRODUCER_THREADS + PRODUCER_WARPS, CONSUMER_WARPS);
+    }
+    __syncthreads();  // the barriers exist before anyone arrives or waits
+
+    // Key tiles (n of them so far) and row tiles (u so far, over every key tile and head)
+    // count the uses of the key buffer and of the row ring, alike on both sides.
+    long long n = 0, u = 0;
+    if (group == 0) {
+        // Producer: thread i copies key i of every key tile; thread i % BLOCK_M row i of the
+        // row tiles: its Q row for i < BLOCK_M, its dO row otherwise.
+        warpgroup_registers_down<DKDV_PRODUCER_REGISTERS>();
+        const int tid = (int)threadIdx.x, row = tid % BLOCK_M;
+        const bool copies_q = tid < BLOCK_M;
+        for (long long start = prog.first_tile; start < n_slots; start += prog.tile_step, ++n) {
+            const int id = key_tile_id<BLOCK_N>(p, prog.cand, start, tid, n_slots);
+            wait_until_free(key_bar, use_parity(n, 1));
+            copy_rows_of_lanes<E, BLOCK_N, D_PAD>(k_s, k, p.sk_s, id, head_dim);
+            copy_rows_of_lanes<E, BLOCK_N, D_PAD>(v_s, v, p.sv_s, id, head_dim);
+            mbarrier_arrive_on_copies(shared_address(&key_bar.full));
+            key_ids[tid] = id;
+            warp_arrive(key_bar);
+            for (long long hh = 0; hh < n_heads; ++hh) {
+                const long long h = h0 + hh;
+                const ScoreInputs<E> in(p, b, h);
+                const RowTiles<BLOCK_M> rows = key_tile_rows<BLOCK_M, BLOCK_N, PRODUCER_THREADS>(
+                    p, in, b, h, start, key_ids, row_base, row_end, producer_range, tid,
+                    [] { named_barrier<PRODUCER_BARRIER, PRODUCER_THREADS>(); });
+                const long long q_off = b * p.sq_b + h * p.sq_h;
+                const T* rows_base = static_cast<const T*>(copies_q ? p.q : p.dout) + q_off;
+                for (long long j = 0; j < rows.count; ++j, ++u) {
+                    const long long row0 = rows.start(j);
+                    const BufferBarriers& bar = row_bars[u % S];
+                    wait_until_free(bar, use_parity(u, S));
+                    const unsigned q_buf = rows_s + 2 * (u % S) * ROWS_BYTES;
+                    copy_rows_of_lanes<E, BLOCK_M, D_PAD>(
+                        copies_q ? q_buf : q_buf + ROWS_BYTES, rows_base, p.sq_s,
+                        row0 + row < p.seqlen_q ? (int)(row0 + row) : -1, head_dim);
+                    mbarrier_arrive_on_copies(shared_address(&bar.full));
+                    if (copies_q)
+                        row_stats(p, b, h, row0 + row, lse_s[u % S][row], delta_s[u % S][row]);
+                    warp_arrive(bar);
+                }
+            }
         }
+        cp_async_wait<0>();  // nothing in flight when the block ends
+        return;
+    }
+
+    // Consumers: warpgroup `group` (1 or 2) owns keys 64 (group - 1) on.
+    warpgroup_registers_up<DKDV_CONSUMER_REGISTERS>();
+    const int consumer = group - 1, warp = (int)threadIdx.x / 32 - 4;
+    const int tid = (int)threadIdx.x - 128;
+    for (long long start = prog.first_tile; start < n_slots; start += prog.tile_step, ++n) {
+        wait_for_copies(key_bar, use_parity(n, 1));
         float dk[DT][4], dv[DT][4], st[MT][4], dpt[MT][4];
         zero(dk);
         zero(dv);
@@ -1161,54 +1217,23 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
         for (long long hh = 0; hh < n_heads; ++hh) {
             const long long h = h0 + hh;
             const ScoreInputs<E> in(p, b, h);
-            __syncthreads();  // the tile's key ids are written
             const KeyFacts mine[2] = {key_facts(in, key_ids[warp * 16 + frag_row(0)]),
                                       key_facts(in, key_ids[warp * 16 + frag_row(2)])};
-            const RowTiles<BLOCK_M> rows =
-                key_tile_rows<BLOCK_M, BLOCK_N, THREADS>(p, in, b, h, start, key_ids, row_base,
-                                                         row_end, row_range);
+            const RowTiles<BLOCK_M> rows = key_tile_rows<BLOCK_M, BLOCK_N, CONSUMER_THREADS>(
+                p, in, b, h, start, key_ids, row_base, row_end, consumer_range, tid,
+                [] { named_barrier<CONSUMER_BARRIER, CONSUMER_THREADS>(); });
             float dkb[2] = {0.f, 0.f};
-            const long long q_off = b * p.sq_b + h * p.sq_h;
-            const T* q = static_cast<const T*>(p.q) + q_off;
-            const T* dout = static_cast<const T*>(p.dout) + q_off;
-            auto copy_rows = [&](int buffer, long long row0) {
-                int ids[QRows::COUNT];
-                query_row_ids<BLOCK_M, D_PAD, THREADS>(ids, row0, p.seqlen_q);
-                const unsigned q_buf = rows_s + 2 * buffer * ROWS_BYTES;
-                copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_buf, q, p.sq_s, ids, head_dim);
-                copy_swizzled<E, BLOCK_M, D_PAD, THREADS>(q_buf + ROWS_BYTES, dout, p.sq_s, ids,
-                                                          head_dim);
-            };
-            float next_lse, next_delta;
-            __syncthreads();  // every warp is done with the previous head's buffers
-            if (rows.count > 0) {
-                copy_rows(0, rows.start(0));
-                if (threadIdx.x < BLOCK_M) {
-                    row_stats(p, b, h, rows.start(0) + threadIdx.x, next_lse, next_delta);
-                    lse_s[0][threadIdx.x] = next_lse;
-                    delta_s[0][threadIdx.x] = next_delta;
-                }
-            }
-            for (long long j = 0; j < rows.count; ++j) {
+            for (long long j = 0; j < rows.count; ++j, ++u) {
                 const long long row0 = rows.start(j);
-                const int cur = j & 1;
-                const unsigned q_cur = rows_s + 2 * cur * ROWS_BYTES, do_cur = q_cur + ROWS_BYTES;
-                cp_async_wait<0>();
-                fence_async_shared();
-                __syncthreads();  // tile j (and K, V) landed; every warp is done with tile j - 1
-                const bool more = j + 1 < rows.count;
-                const long long next_row0 = more ? rows.start(j + 1) : 0;
-                if (more) {
-                    if (threadIdx.x < BLOCK_M)
-                        row_stats(p, b, h, next_row0 + threadIdx.x, next_lse, next_delta);
-                    copy_rows(cur ^ 1, next_row0);
-                }
+                const int buf = (int)(u % S);
+                const unsigned q_cur = rows_s + 2 * buf * ROWS_BYTES, do_cur = q_cur + ROWS_BYTES;
+                wait_for_copies(row_bars[buf], use_parity(u, S));
                 // Transposed tiles: rows are the warpgroup's 64 keys, columns the query rows.
                 // S^T and dP^T are committed apart, so that P is computed while dP^T runs.
                 wgmma_fence();
-                wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(st, k_s, group * 64, q_cur);
+                wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(st, k_s, consumer * 64, q_cur);
                 wgmma_commit();
-                wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(dpt, v_s, group * 64, do_cur);
+                wgmma_rows_by_rows<E, D_PAD, BLOCK_N, BLOCK_M>(dpt, v_s, consumer * 64, do_cur);
                 wgmma_commit();
                 unsigned pt[BLOCK_M / 16][4], dst[BLOCK_M / 16][4];
                 if constexpr (SOFTCAP) {  // one pass: the d score needs each pair's tanh
@@ -1216,13 +1241,13 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                     hold_accumulator(st);
                     hold_accumulator(dpt);
                     dkdv_tile_scores<E, MT, BLOCK_M, SOFTCAP>(st, dpt, dkb, in, row0, mine,
-                                                              j < rows.whole, lse_s[cur],
-                                                              delta_s[cur]);
+                                                              j < rows.whole, lse_s[buf],
+                                                              delta_s[buf]);
                 } else {  // P while dP^T runs
                     wgmma_wait<1>();
                     hold_accumulator(st);
                     dkdv_tile_probabilities<E, MT, BLOCK_M>(st, in, row0, mine, j < rows.whole,
-                                                            lse_s[cur]);
+                                                            lse_s[buf]);
                 }
                 pack_operand<E>(pt, st);
                 wgmma_fence();
@@ -1231,7 +1256,7 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                 if constexpr (!SOFTCAP) {  // dS and d key_bias while dv += P^T dO runs
                     wgmma_wait<1>();
                     hold_accumulator(dpt);
-                    dkdv_dscores<MT>(st, dpt, dkb, delta_s[cur]);
+                    dkdv_dscores<MT>(st, dpt, dkb, delta_s[buf]);
                 }
                 pack_operand<E>(dst, dpt);
                 wgmma_fence();
@@ -1240,15 +1265,12 @@ __global__ void __launch_bounds__(WGMMA_THREADS, 1) dma_backward_dkdv_wgmma(cons
                 wgmma_wait<0>();
                 hold_accumulator(dv);
                 hold_accumulator(dk);
-                if (more && threadIdx.x < BLOCK_M) {  // published by the next barrier
-                    lse_s[cur ^ 1][threadIdx.x] = next_lse;
-                    delta_s[cur ^ 1][threadIdx.x] = next_delta;
-                }
+                hand_back(row_bars[buf]);
             }
-            cp_async_wait<0>();
             store_dkb(p, b, h, key_ids + warp * 16, dkb);
         }
         store_dkdv<E>(p, b, hk, key_ids + warp * 16, dk, dv);
+        hand_back(key_bar);
     }
 #else
     __trap();  // compiled for another target: the launcher never runs it there

@@ -35,77 +35,10 @@ DMA_DEVICE unsigned swizzled_offset(int row, int col) {
            + ((chunk ^ (row % 8)) * 16) + (col % 8) * 2;
 }
 
-// The rows of a ROWS x D_PAD tile that this thread copies, 16 bytes (8 elements) at a time:
-// all threads take one chunk column each (threadIdx.x % CHUNKS) and every STEP-th row from
-// threadIdx.x / CHUNKS, so each thread needs the ids of COUNT rows only.
-template <int ROWS, int D_PAD, int THREADS>
-struct CopyRows {
-    static constexpr int CHUNKS = D_PAD / 8, STEP = THREADS / CHUNKS, COUNT = ROWS / STEP;
-    static_assert(THREADS % CHUNKS == 0 && ROWS % STEP == 0, "whole rows per pass");
-    static DMA_DEVICE int row(int j) { return (int)threadIdx.x / CHUNKS + j * STEP; }
-    static DMA_DEVICE int col() { return ((int)threadIdx.x % CHUNKS) * 8; }
-};
-
 // The shared-space address of a kernel's first swizzled tile: its dynamic shared memory
 // rounded up to the swizzle's 1024 bytes (the launcher adds the slack).
 DMA_DEVICE unsigned swizzled_tiles(const void* smem) {
     return (shared_address(smem) + SWIZZLE_ATOM_BYTES - 1) & ~(unsigned)(SWIZZLE_ATOM_BYTES - 1);
-}
-
-// The query rows this thread copies of the ROWS rows from row0 (CopyRows), -1 past seqlen_q.
-template <int ROWS, int D_PAD, int THREADS>
-DMA_DEVICE void query_row_ids(int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT], long long row0,
-                              long long seqlen_q) {
-#pragma unroll
-    for (int j = 0; j < CopyRows<ROWS, D_PAD, THREADS>::COUNT; ++j) {
-        const long long row = row0 + CopyRows<ROWS, D_PAD, THREADS>::row(j);
-        ids[j] = row < seqlen_q ? (int)row : -1;
-    }
-}
-
-// The keys this thread copies of a tile of ROWS key slots from `start` (CopyRows; ids as
-// key_tile_id gives them, -1 past n_slots). A candidate list (the DMA case) is read from
-// one pointer with one 32-bit bound test per row: a list's slots fit in an int.
-template <int ROWS, int D_PAD, int THREADS>
-DMA_DEVICE void key_row_ids(int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT], const Params& p,
-                            const int* list, long long start, long long n_slots) {
-    typedef CopyRows<ROWS, D_PAD, THREADS> Rows;
-    if (list && !p.tile_list) {
-        const int first = Rows::row(0), left = (int)(n_slots - start) - first;
-        const int* at = list + start + first;
-#pragma unroll
-        for (int j = 0; j < Rows::COUNT; ++j)
-            ids[j] = j * Rows::STEP < left ? at[j * Rows::STEP] : -1;
-        return;
-    }
-#pragma unroll
-    for (int j = 0; j < Rows::COUNT; ++j)
-        ids[j] = key_tile_id<ROWS>(p, list, start, Rows::row(j), n_slots);
-}
-
-// Asynchronous copies of a tile's rows into its swizzled shared tile `dst` (a shared-space
-// address): row `row(j)` of the tile is row ids[j] of `base` (negative: absent, zero-filled),
-// as are columns at or past head_dim. Closes the group of copies; the caller waits for it.
-// A row's address is one 32 x 64-bit multiply-add: absent rows and columns read nothing
-// but still point at row 0, column 0, so no 64-bit select is needed.
-template <class E, int ROWS, int D_PAD, int THREADS>
-DMA_DEVICE void copy_swizzled(unsigned dst, const typename E::T* base, long long row_stride,
-                              const int (&ids)[CopyRows<ROWS, D_PAD, THREADS>::COUNT],
-                              int head_dim) {
-    typedef CopyRows<ROWS, D_PAD, THREADS> Rows;
-    const int col = Rows::col();
-    const bool col_ok = col < head_dim;
-    const char* first = reinterpret_cast<const char*>(base + (col_ok ? col : 0));
-    const unsigned long long row_bytes = (unsigned long long)row_stride * sizeof(*base);
-#pragma unroll
-    for (int j = 0; j < Rows::COUNT; ++j) {
-        const bool ok = ids[j] >= 0 && col_ok;
-        const char* src = first + (unsigned)(ids[j] >= 0 ? ids[j] : 0) * row_bytes;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                     :: "r"(dst + swizzled_offset<ROWS>(Rows::row(j), col)), "l"(src),
-                        "r"(ok ? 16 : 0));
-    }
-    cp_async_commit();
 }
 
 // Copies of one ROWS-row tile by ROWS / 32 warps of a producer warpgroup (one thread per
@@ -241,6 +174,13 @@ DMA_DEVICE void hand_back(const BufferBarriers& b) {
 DMA_DEVICE void warp_arrive(const BufferBarriers& b) {
     __syncwarp();
     if (threadIdx.x % 32 == 0) mbarrier_arrive(shared_address(&b.full));
+}
+
+// A barrier of the THREADS threads (whole warps) that use barrier ID (0 is __syncthreads'):
+// the producer's or the consumers' own, where the two run different code.
+template <int ID, int THREADS>
+DMA_DEVICE void named_barrier() {
+    asm volatile("bar.sync %0, %1;" :: "n"(ID), "n"(THREADS) : "memory");
 }
 
 // Registers per thread of a warpgroup from here on (every warp of the group runs it): a
