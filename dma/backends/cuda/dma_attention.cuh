@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
 //   P V(i) still runs, then rescales o and packs tile i + 1's P once P V(i) is done. So K
 //   runs one tile ahead of V, and the producer copies in that order: K(0), then K(i + 1)
 //   and V(i) for each i.
-// The warpgroup dq below has the same three warpgroups.
+// The warpgroup dq and dk/dv below have the same three warpgroups.
 constexpr int WGMMA_BLOCK_M = 128;
 constexpr int WGMMA_PRODUCER_THREADS = 384;  // a producer and two consumer warpgroups
 // Registers per thread after the split: within the 168 x 384 the block starts with.
@@ -1122,6 +1122,8 @@ __global__ void __launch_bounds__(BLOCK_N * 2) dma_backward_dkdv(const Params p)
 // tile's once dk and dv are stored. Producer and consumers both work out each head's row
 // tiles (key_tile_rows, each side with its own barrier), so they walk the same sequence.
 constexpr int DKDV_ROW_BUFFERS = 3;
+// dk and dv beside two score tiles take 240 registers a consumer thread; the producer makes
+// do with the 24 left (it spills, off the consumers' path).
 constexpr int DKDV_PRODUCER_REGISTERS = 24, DKDV_CONSUMER_REGISTERS = 240;
 enum NamedBarrier { PRODUCER_BARRIER = 1, CONSUMER_BARRIER = 2 };
 

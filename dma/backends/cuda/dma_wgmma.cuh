@@ -1,6 +1,7 @@
 // Hopper building blocks (sm_90a) for the warpgroup kernels in dma_attention.cuh: shared tiles
-// in the 128-byte swizzled layout that warpgroup products read, their descriptors, and the
-// products themselves (wgmma.mma_async, fp32 accumulation).
+// in the 128-byte swizzled layout that warpgroup products read, a producer warpgroup's copies
+// into them and the barriers it shares with the warpgroups that compute, the tiles'
+// descriptors, and the products themselves (wgmma.mma_async, fp32 accumulation).
 //
 // A warpgroup is four warps; its m64nNk16 product multiplies 64 rows (warp w of the group
 // owning rows 16w..16w + 15) by N columns. Its accumulator is, per warp, exactly the C layout
@@ -45,8 +46,9 @@ DMA_DEVICE unsigned swizzled_tiles(const void* smem) {
 // row): warp w copies rows 32 (w % (ROWS / 32)) on, 32 of them, whose ids its lanes hold
 // (lane i: the warp's row i; negative: absent, zero-filled, as are columns at or past
 // head_dim) and pass along the warp by shuffles. Each step copies 32 / CHUNKS whole rows,
-// one 16-byte chunk per lane. Not committed: the caller arrives on the tile's barrier when
-// the copies land (mbarrier_arrive_on_copies).
+// one 16-byte chunk per lane. A row's address is one 32 x 64-bit multiply-add: absent rows
+// and columns read nothing but still point at row 0, column 0. Not committed: the caller
+// arrives on the tile's barrier when the copies land (mbarrier_arrive_on_copies).
 template <class E, int ROWS, int D_PAD>
 DMA_DEVICE void copy_rows_of_lanes(unsigned dst, const typename E::T* base, long long row_stride,
                                    int id, int head_dim) {
