@@ -73,6 +73,8 @@ def test_host_constants_match_the_sources():
         assert f" {name}(const Params p)" in kernels
     warps = re.search(r"constexpr int ROW_DELTA_WARPS = (\d+);", kernels)
     assert warps and int(warps.group(1)) == cupy_kernels.ROW_DELTA_WARPS  # the grid covers rows
+    stages = re.search(r"constexpr int FORWARD_STAGES = (\d+);", kernels)
+    assert stages and int(stages.group(1)) == cupy_kernels.FORWARD_STAGES  # forward's shared
     buffers = re.search(r"constexpr int DQ_KV_BUFFERS = (\d+);", kernels)
     assert buffers and int(buffers.group(1)) == cupy_kernels.DQ_KV_BUFFERS  # dq's shared size
     buffers = re.search(r"constexpr int DKDV_ROW_BUFFERS = (\d+);", kernels)

@@ -42,6 +42,7 @@ WGMMA_ALIGNMENT = 1024  # its swizzled tiles start 1024-byte aligned (slack in s
 ROW_DELTA = "dma_row_delta"
 ROW_DELTA_WARPS = 8
 SMEM_PAD = 8  # elements added to each shared row (SMEM_PAD in dma_common.cuh)
+FORWARD_STAGES = 2  # K and V buffers each of the warpgroup forward (FORWARD_STAGES there too)
 DQ_KV_BUFFERS = 3  # K/V buffers of the warpgroup dq (DQ_KV_BUFFERS in dma_attention.cuh)
 DKDV_ROW_BUFFERS = 3  # Q/dO row buffers of the warpgroup dk/dv (DKDV_ROW_BUFFERS there too)
 # Threads of the warpgroup kernels: a producer warpgroup and two that compute
@@ -173,7 +174,7 @@ def shared_bytes(kernel: str, dtype: torch.dtype, d_pad: int) -> int:
         return 0
     block_m, block_n = tiles(kernel, dtype, d_pad)
     if kernel in WGMMA_KERNELS.values():  # unpadded (swizzled) tiles
-        rows = {WGMMA_FORWARD: block_m + 4 * block_n,  # q; two buffers of k and v
+        rows = {WGMMA_FORWARD: block_m + 2 * FORWARD_STAGES * block_n,  # q; k and v
                 WGMMA_DQ: 2 * block_m + 2 * DQ_KV_BUFFERS * block_n,  # q, do; k and v
                 WGMMA_DKDV: 2 * block_n + 2 * DKDV_ROW_BUFFERS * block_m}[kernel]  # k, v; q, do
         return rows * d_pad * dtype.itemsize + WGMMA_ALIGNMENT

@@ -50,9 +50,6 @@ struct TileKeys {
             all[threadIdx.x] = facts;
         }
     }
-    DMA_DEVICE void publish(KeyFacts* all) const {
-        if (threadIdx.x < BLOCK_N) all[threadIdx.x] = facts;
-    }
 };
 
 // What a forward or dq program works on: the BLOCK_M query rows from row0 of head h (the
@@ -81,12 +78,11 @@ struct QueryBlock {
           list(query_block_list(p, b, h, row0)) {}
 };
 
-// Scores of one warp's WARP_M x BLOCK_N tile (base 2) from its products qk (which may be s
-// itself), and each row's maximum; tile_max starts at -inf.
+// Scores of one warp's WARP_M x BLOCK_N tile (base 2) in place of its products s, and each
+// row's maximum; tile_max starts at -inf.
 template <class E, int MF, int NT, class Test>
-DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], const float (&qk)[MF][NT][4],
-                               float (&tile_max)[MF][2], const ScoreInputs<E>& in, int row_w,
-                               const KeyFacts* facts) {
+DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], float (&tile_max)[MF][2],
+                               const ScoreInputs<E>& in, int row_w, const KeyFacts* facts) {
 #pragma unroll
     for (int mf = 0; mf < MF; ++mf) {
         tile_max[mf][0] = tile_max[mf][1] = neg_inf();
@@ -96,7 +92,7 @@ DMA_DEVICE void forward_scores(float (&s)[MF][NT][4], const float (&qk)[MF][NT][
             for (int e = 0; e < 4; ++e) {
                 float th;
                 s[mf][nt][e] = masked_score<E, Test>(in, row_w + 16 * mf + frag_row(e),
-                                                     facts[frag_col(nt, e)], qk[mf][nt][e], th);
+                                                     facts[frag_col(nt, e)], s[mf][nt][e], th);
                 tile_max[mf][e >> 1] = fmaxf(tile_max[mf][e >> 1], s[mf][nt][e]);
             }
     }
@@ -262,7 +258,7 @@ __global__ void __launch_bounds__(BLOCK_M / WARP_M * 32,
         warp_mma<E, D_PAD, NT, true, true, MF>(s, q_w, LD, k_s, LD);
         float tile_max[MF][2];
         with_keep_test<SOFTCAP, false>(in, start + BLOCK_N <= blk.n_full, [&](auto test) {
-            forward_scores<E, MF, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[cur]);
+            forward_scores<E, MF, NT, decltype(test)>(s, tile_max, in, row_w, facts[cur]);
         });
         online_softmax(s, tile_max, m, l, o);
         if (more) next.publish(key_ids[cur ^ 1], facts[cur ^ 1]);
@@ -402,7 +398,7 @@ __global__ void __launch_bounds__(WGMMA_PRODUCER_THREADS, 1) dma_forward_wgmma(c
     // rescaled by alpha. Hands K(t) and its facts back.
     auto probabilities = [&](long long t) {
         with_keep_test<SOFTCAP, true>(in, (t + 1) * BLOCK_N <= blk.n_full, [&](auto test) {
-            forward_scores<E, 1, NT, decltype(test)>(s, s, tile_max, in, row_w, facts[t % S]);
+            forward_scores<E, 1, NT, decltype(test)>(s, tile_max, in, row_w, facts[t % S]);
         });
         hand_back(k_bars[t % S]);
         return softmax_probabilities(s, tile_max, m, l, alpha);
