@@ -53,7 +53,7 @@ def triton(session):
     session.run("pytest", "-q", *workers, "tests/conformance", "tests/test_gpu_modes.py",
                 "tests/test_selection.py", "tests/test_nn.py", "tests/test_triton_fitting.py",
                 "tests/test_triton_kernel_report.py", "tests/test_triton_probe.py",
-                "tests/test_row_delta.py", "-k", "triton",
+                "tests/test_row_delta.py", "tests/test_plan_graphs.py", "-k", "triton",
                 *session.posargs,
                 env=env)
 

@@ -32,7 +32,9 @@ def main():
     parser.add_argument("--backend", default=None, help="dma backend (default: automatic)")
     parser.add_argument("--contenders", nargs="+", default=None,
                         help="dma, dma-<backend>, sdpa, sdpa-cudnn, sdpa-flash, sdpa-math, flex "
-                             "(the second one listed is the ratio baseline)")
+                             "(the second one listed is the ratio baseline); a dma contender "
+                             "ending in :eager-plan builds its selection plans without CUDA "
+                             "graphs (DMA_PLAN_GRAPHS=0)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--csv", default="bench-results.csv")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -130,14 +131,30 @@ def _fwd_bwd(forward: Callable, leaves):
     return run
 
 
-def dma_contender(shape: Shape, inputs, backend: Optional[str]):
+def dma_contender(shape: Shape, inputs, backend: Optional[str], plan_graphs: bool = True):
+    """dma's forward; `plan_graphs=False` builds every selection plan eagerly
+    (DMA_PLAN_GRAPHS=0 for the call), for A/B runs of dma/plan_graphs.py."""
     q, k, v, key_bias = inputs
 
     def forward():
         return dma.attention(q, k, v, key_bias=key_bias, window=shape.window, causal=True,
                              backend=backend)
 
-    return forward
+    if plan_graphs:
+        return forward
+
+    def forward_with_eager_plan():
+        before = os.environ.get("DMA_PLAN_GRAPHS")
+        os.environ["DMA_PLAN_GRAPHS"] = "0"
+        try:
+            return forward()
+        finally:
+            if before is None:
+                del os.environ["DMA_PLAN_GRAPHS"]
+            else:
+                os.environ["DMA_PLAN_GRAPHS"] = before
+
+    return forward_with_eager_plan
 
 
 def sdpa_contender(inputs, kernel: Optional[str], attn_mask=None):
@@ -239,8 +256,12 @@ def _timed_function(shape: Shape, contender: str, mode: str, inputs, backend,
                     cuda_graph: bool = False):
     """The function to time for one contender: forward under no_grad, or forward+backward;
     with `cuda_graph` the forward replayed from a CUDA graph."""
-    if contender == "dma" or contender.startswith("dma-"):  # dma-<backend>
-        forward = dma_contender(shape, inputs, contender.partition("-")[2] or backend)
+    if contender == "dma" or contender.startswith("dma-"):  # dma-<backend>[:eager-plan]
+        name, _, variant = contender.partition(":")
+        if variant not in ("", "eager-plan"):
+            raise ValueError(f"unknown dma variant {variant!r} (known: eager-plan)")
+        forward = dma_contender(shape, inputs, name.partition("-")[2] or backend,
+                                plan_graphs=variant != "eager-plan")
     elif contender.startswith("sdpa"):
         forward = sdpa_contender(inputs, contender.partition("-")[2] or None)
     elif contender == "flex":
@@ -359,11 +380,11 @@ def run_benchmark(shapes, device, contenders=("dma", "sdpa"), backend=None, mode
 
 
 def format_table(rows, baseline_name) -> str:
-    header = (f"{'shape':46} {'contender':12} {'mode':8} {'ms':>9} {'x ' + baseline_name:>12} "
+    header = (f"{'shape':46} {'contender':20} {'mode':8} {'ms':>9} {'x ' + baseline_name:>12} "
               f"{'extra MiB':>10} {'b2b ms':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['shape']:46} {r['contender']:12} {r['mode']:8} {r['ms']:9.3f} "
+        lines.append(f"{r['shape']:46} {r['contender']:20} {r['mode']:8} {r['ms']:9.3f} "
                      f"{r['ratio']:12.3f} {r['extra_mib']:10.0f} {r['ms_b2b']:9.3f} "
                      f"{r['note']}".rstrip())
     return "\n".join(lines)

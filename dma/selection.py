@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from . import plan_graphs
 from .layout import expand_heads, to_query_heads
 from .packages import installed
 from .triton_launch import next_pow2, run_kernel
@@ -211,19 +212,16 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
         allowed = allowed_keys(problem, inputs, batch, heads).reshape(batch * heads, sk)
         allowed = allowed.contiguous()
     scores = key_selection_scores(problem, inputs, batch, heads).reshape(batch * heads, sk)
-    scores = scores.contiguous()
-    if problem.seqlen_q == 1:
-        first_row, end_row, candidates, counts = _single_row_plan(problem, scores, allowed,
-                                                                  block_m, engine)
-        full = counts  # one row: every candidate is kept by all the block's rows
-    else:
-        ranking = None
-        if engine == "triton":
-            first_row, end_row, *ranking = _key_intervals_triton(problem, scores, allowed)
-        else:
-            first_row, end_row = _key_intervals(problem, scores, allowed, engine)
-        candidates, counts, full = _candidate_lists_by(engine, problem, first_row, end_row,
-                                                       block_m, full_first, ranking)
+    tensors = None
+    if engine == "triton" and plan_graphs.graphs_enabled(problem.device) and (
+            problem.seqlen_q == 1 or triton_sort(sk) != "torch sort"):
+        tensors = plan_graphs.replay_or_capture(
+            _plan_graph_key(problem, scores, allowed, block_m, full_first), (scores, allowed),
+            lambda s, a: plan_tensors(problem, s, a, block_m, engine, full_first))
+    if tensors is None:
+        tensors = plan_tensors(problem, scores.contiguous(), allowed, block_m, engine,
+                               full_first)
+    first_row, end_row, candidates, counts, full = tensors
     n_blocks = candidates.shape[1]
     return IntervalPlan(
         block_m=block_m,
@@ -235,6 +233,54 @@ def build_interval_plan(problem: Problem, inputs: Inputs, block_m: int,
         candidate_count=counts.reshape(batch, heads, n_blocks),
         full_count=full.reshape(batch, heads, n_blocks),
     )
+
+
+def _plan_graph_key(problem: Problem, scores, allowed, block_m: int, full_first: bool):
+    """What a triton plan depends on besides the values of its scores and allowed keys
+    (plan_graphs.py); the tuning constants too, which tests change."""
+    return (scores.device, tuple(scores.shape), scores.dtype, allowed is None,
+            problem.seqlen_q, problem.seqlen_k, problem.causal, problem.causal_offset,
+            problem.window, block_m, full_first, PLAN_CHUNK, THRESHOLD_ROWS,
+            THRESHOLD_CHUNK, SORT_IN_ONE_PROGRAM, SORT_BY_MERGING, SORT_MERGE_CHUNKS,
+            MERGE_SEARCHES, CANDIDATE_PROGRAM_BLOCKS, RANKED_PROGRAM_BLOCKS)
+
+
+def plan_tensors(problem: Problem, scores, allowed, block_m: int, engine: str,
+                 full_first: bool):
+    """The plan's tensors from (n, Sk) selection scores and allowed keys (None: every key):
+    (first_row, end_row) int32 (n, Sk), then candidates (n, n_blocks, width), their counts
+    and full counts (n, n_blocks). Reads nothing else of the inputs, so that a CUDA graph
+    can replay it on new scores (plan_graphs.py)."""
+    if problem.seqlen_q == 1:
+        first_row, end_row, candidates, counts = _single_row_plan(problem, scores, allowed,
+                                                                  block_m, engine)
+        return first_row, end_row, candidates, counts, counts  # one row keeps them all
+    if engine == "triton":
+        first_row, end_row, candidates, counts = _triton_plan_outputs(problem, scores,
+                                                                      block_m, count_parts=2)
+        _, _, *ranking = _key_intervals_triton(problem, scores, allowed,
+                                               out=(first_row, end_row))
+        candidates, counts, full = _candidate_lists_triton(
+            problem, first_row, end_row, block_m, full_first, ranking, out=(candidates, counts))
+    else:
+        first_row, end_row = _key_intervals(problem, scores, allowed, engine)
+        candidates, counts, full = _candidate_lists_by(engine, problem, first_row, end_row,
+                                                       block_m, full_first)
+    return first_row, end_row, candidates, counts, full
+
+
+def _triton_plan_outputs(problem: Problem, scores, block_m: int, count_parts: int):
+    """A triton plan's outputs carved from one int32 buffer: first_row and end_row (n, Sk),
+    candidates (n, n_blocks, width) and counts (n, count_parts, n_blocks). One allocation,
+    and a CUDA graph of the plan hands its outputs out with one copy (plan_graphs.py)."""
+    n, sk = scores.shape
+    n_blocks = max(1, -(-problem.seqlen_q // block_m))
+    width = min(sk, problem.window + block_m)
+    sizes = [n * sk, n * sk, n * n_blocks * width, n * count_parts * n_blocks]
+    packed = torch.empty(sum(sizes), dtype=torch.int32, device=scores.device)
+    first_row, end_row, candidates, counts = packed.split(sizes)
+    return (first_row.view(n, sk), end_row.view(n, sk), candidates.view(n, n_blocks, width),
+            counts.view(n, count_parts, n_blocks))
 
 
 def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: str):
@@ -249,7 +295,11 @@ def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: st
     w = min(problem.window, sk)
     width = min(sk, problem.window + block_m)
     if engine == "triton":
-        return _single_row_plan_triton(scores, allowed, w, width)
+        first_row, end_row, candidates, counts = _triton_plan_outputs(problem, scores, block_m,
+                                                                      count_parts=1)
+        _single_row_plan_triton(scores, allowed, w, width,
+                                out=(first_row, end_row, candidates, counts))
+        return first_row, end_row, candidates, counts.view(n, 1)
     order, n_allowed = best_first_order(scores, allowed), allowed.sum(-1)
     top = order[:, :w]
     kept = torch.arange(w, device=device) < n_allowed[:, None]
@@ -262,10 +312,11 @@ def _single_row_plan(problem: Problem, scores, allowed, block_m: int, engine: st
     return torch.zeros_like(end_row), end_row, candidates, counts
 
 
-def _single_row_plan_triton(scores, allowed, window: int, width: int):
+def _single_row_plan_triton(scores, allowed, window: int, width: int, out):
     """The decoding plan without a sort: a radix select of the window-th best score in three
     histogram launches (two for 16-bit scores), then per chunk the kept counts and the plan
-    (selection_kernels.py)."""
+    (selection_kernels.py), into `out`: first_row, end_row (n, Sk), candidates (n, 1, width)
+    and counts (n, 1, 1)."""
     from . import selection_kernels as kern
 
     n, sk = scores.shape
@@ -273,10 +324,7 @@ def _single_row_plan_triton(scores, allowed, window: int, width: int):
     n_chunks = -(-sk // PLAN_CHUNK)
     hist = torch.zeros(n, 3 * kern.BINS.value + 1, dtype=torch.int32, device=device)
     chunk_counts = torch.empty(n, n_chunks, 2, dtype=torch.int32, device=device)
-    first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
-    end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
-    candidates = torch.empty(n, 1, width, dtype=torch.int32, device=device)
-    counts = torch.empty(n, 1, dtype=torch.int32, device=device)
+    first_row, end_row, candidates, counts = out
     grid = (n_chunks, n)
     keys = (scores, scores.stride(0), *_allowed_args(allowed, scores), hist, hist.stride(0))
     # 16-bit scores are told apart by their first two digits (selection_kernels.py)
@@ -290,7 +338,6 @@ def _single_row_plan_triton(scores, allowed, window: int, width: int):
                candidates, counts, candidates.stride(0), n_chunks, sk, window, width,
                CHUNK=PLAN_CHUNK, CHUNKS_PAD=next_pow2(n_chunks),
                LEVELS=levels)
-    return first_row, end_row, candidates, counts
 
 
 def _key_intervals(problem: Problem, scores, allowed, engine: str):
@@ -384,12 +431,14 @@ def _merged_chunk_sort_triton(scores, allowed, order32, ranks):
     return n_allowed
 
 
-def _key_intervals_triton(problem: Problem, scores, allowed, sort: Optional[str] = None):
+def _key_intervals_triton(problem: Problem, scores, allowed, sort: Optional[str] = None,
+                          out: Optional[tuple] = None):
     """The same intervals in five launches or so (selection_kernels.py), and what the
     candidate lists can scan instead of every earlier key: (first_row, end_row, order, tau,
     n_allowed), int32: the keys best first (allowed ones first), each row's threshold as a
     position in that order (Sk: the row keeps every allowed key it sees), the allowed count.
-    `sort`: one of TRITON_SORTS (default `triton_sort(Sk)`); all give the same result."""
+    `sort`: one of TRITON_SORTS (default `triton_sort(Sk)`); all give the same result.
+    `out`: (first_row, end_row) to write, contiguous (n, Sk) int32."""
     from . import selection_kernels as kern
 
     n, sk = scores.shape
@@ -423,8 +472,10 @@ def _key_intervals_triton(problem: Problem, scores, allowed, sort: Optional[str]
         CAUSAL=problem.causal, BLOCK_M=rows, CHUNK=THRESHOLD_CHUNK,
         SCAN_CHUNK=4 * THRESHOLD_CHUNK, ECHUNK=min(32, 2 * rows),
     )
-    first_row = torch.empty(n, sk, dtype=torch.int32, device=device)
-    end_row = torch.empty(n, sk, dtype=torch.int32, device=device)
+    if out is None:
+        out = (torch.empty(n, sk, dtype=torch.int32, device=device),
+               torch.empty(n, sk, dtype=torch.int32, device=device))
+    first_row, end_row = out
     run_kernel(kern._key_intervals_kernel, (-(-sk // chunk), n),
         ranks, tau, *_allowed_args(allowed, ranks), first_row, end_row, tau.stride(0),
         problem.seqlen_q, sk, problem.causal_offset, problem.seqlen_q.bit_length() + 1,
@@ -457,13 +508,11 @@ def _row_thresholds_torch(problem: Problem, ranks, allowed):
 
 
 def _candidate_lists_by(engine: str, problem: Problem, first_row, end_row, block_m: int,
-                        full_first: bool = False, ranking=None):
+                        full_first: bool = False):
     """(candidates, counts, full counts) of blocks of `block_m` rows from int32 (n, Sk)
-    intervals (see IntervalPlan.candidates); `ranking`: the (order, tau, n_allowed) of
-    `_key_intervals_triton`, if at hand."""
+    intervals (see IntervalPlan.candidates)."""
     if engine == "triton":
-        return _candidate_lists_triton(problem, first_row, end_row, block_m, full_first,
-                                       ranking)
+        return _candidate_lists_triton(problem, first_row, end_row, block_m, full_first)
     if engine == "numba":
         from .selection_numba import candidate_lists
 
@@ -493,7 +542,9 @@ def _row_thresholds_numba(problem: Problem, ranks, allowed):
 
 
 def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
-                            full_first: bool, ranking=None):
+                            full_first: bool, ranking=None, out: Optional[tuple] = None):
+    """(candidates, counts, full counts); `out`: the candidates (n, n_blocks, width) and
+    counts (n, 2, n_blocks) to write (_triton_plan_outputs)."""
     from .selection_kernels import _candidates_kernel
 
     # first_row is every key's causal start (as all engines write it): the kernel derives it
@@ -510,8 +561,10 @@ def _candidate_lists_triton(problem: Problem, first_row, end_row, block_m: int,
     per_program = candidate_blocks_per_program(n_blocks, block_m, problem.window,
                                                problem.seqlen_q, rank_scan)
     n_programs = -(-n_blocks // per_program)
-    candidates = torch.empty(n, n_blocks, width, dtype=torch.int32, device=device)
-    counts = torch.empty(n, 2, n_blocks, dtype=torch.int32, device=device)
+    if out is None:
+        out = (torch.empty(n, n_blocks, width, dtype=torch.int32, device=device),
+               torch.empty(n, 2, n_blocks, dtype=torch.int32, device=device))
+    candidates, counts = out
     # Each program's two lists of listed keys (one when it serves one block): at most the
     # size of the candidate lists themselves.
     listed = torch.empty(n, n_programs, min(per_program, 2), width, dtype=torch.int32,
