@@ -14,10 +14,11 @@ that are not views of one buffer are packed into one inside the graph.
 
 Not captured (the eager plan runs): CPU tensors; a shape seen once (its first call also
 compiles the kernels, which a capture must not do; a decoding cache that grows by a key per
-step never repeats a shape); a plan path with a step that cannot be captured (the caller
-says so); calls made while the caller captures a graph of its own (the whole call,
-plan included, is then in the caller's graph). `DMA_PLAN_GRAPHS=0` turns graphs off.
-Graphs are kept per CUDA stream, so calls on different streams never share inputs.
+step never repeats a shape); plans that selection.py keeps eager (those that sort through
+torch); calls made while the caller captures a graph of its own (the whole call, plan
+included, is then in the caller's graph); a shape whose capture failed (it warns once).
+`DMA_PLAN_GRAPHS=0` turns graphs off. Graphs are kept per CUDA stream, so calls on
+different streams never share inputs.
 """
 
 from __future__ import annotations
