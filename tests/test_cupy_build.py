@@ -71,16 +71,11 @@ def test_host_constants_match_the_sources():
     for name in (*cupy_kernels.KERNELS, *cupy_kernels.WGMMA_KERNELS.values(),
                  cupy_kernels.ROW_DELTA):  # all exist
         assert f" {name}(const Params p)" in kernels
-    warps = re.search(r"constexpr int ROW_DELTA_WARPS = (\d+);", kernels)
-    assert warps and int(warps.group(1)) == cupy_kernels.ROW_DELTA_WARPS  # the grid covers rows
-    stages = re.search(r"constexpr int FORWARD_STAGES = (\d+);", kernels)
-    assert stages and int(stages.group(1)) == cupy_kernels.FORWARD_STAGES  # forward's shared
-    buffers = re.search(r"constexpr int DQ_KV_BUFFERS = (\d+);", kernels)
-    assert buffers and int(buffers.group(1)) == cupy_kernels.DQ_KV_BUFFERS  # dq's shared size
-    buffers = re.search(r"constexpr int DKDV_ROW_BUFFERS = (\d+);", kernels)
-    assert buffers and int(buffers.group(1)) == cupy_kernels.DKDV_ROW_BUFFERS  # dk/dv's shared
-    threads = re.search(r"constexpr int WGMMA_PRODUCER_THREADS = (\d+);", kernels)
-    assert threads and int(threads.group(1)) == cupy_kernels.WGMMA_PRODUCER_THREADS  # launches
+    # Sizes the host computes the grid, shared memory and threads of each launch from.
+    for name in ("ROW_DELTA_WARPS", "FORWARD_STAGES", "DQ_KV_BUFFERS", "DKDV_ROW_BUFFERS",
+                 "WGMMA_PRODUCER_THREADS"):
+        value = re.search(rf"constexpr int {name} = (\d+);", kernels)
+        assert value and int(value.group(1)) == getattr(cupy_kernels, name), name
 
 
 def _problem(**kw):
