@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and headline numbers in one run, for a CUDA machine without nox:
-# the plan-graph and CUDA-graph tests, the conformance suite for triton and cupy, then the
-# 16k benchmark with and without plan graphs (contenders interleaved), the table last.
+# the plan-graph and CUDA-graph tests, the conformance suite for triton and cupy (with the
+# cupy warpgroup kernels' own cases on compute capability 9.0), then the 16k benchmark of
+# CONTENDERS (default: cupy, cuDNN, triton, and both backends with eager plans; timed
+# interleaved), the table last.
 #
 #   bash benchmarks/gpu_suite.sh [output dir]     # default: ./gpu-suite
 #
@@ -28,18 +30,19 @@ python -c "import xdist" 2>/dev/null && workers="-n 8"
 budget=$(( $(left) - 150 ))  # leave the benchmark its time
 if [ "$budget" -gt 30 ]; then
     DMA_TEST_DEVICE=cuda timeout "$budget" python -m pytest -q -x $workers tests/conformance \
-        tests/test_gpu_modes.py -k "triton or cupy" > "$out/conformance.txt" 2>&1
+        tests/test_gpu_modes.py tests/test_cupy_wgmma.py -k "triton or cupy or wgmma" \
+        > "$out/conformance.txt" 2>&1
     echo "exit $? (124: out of time)"; tail -1 "$out/conformance.txt"
 else
     echo "skipped: no time left"
 fi
 
-echo "== 16k, window 2048, plan graphs on and off ($SECONDS s)"
+contenders=${CONTENDERS:-dma-cupy sdpa-cudnn dma-triton dma-cupy:eager-plan dma-triton:eager-plan}
+echo "== 16k, window 2048: $contenders ($SECONDS s)"
 budget=$(left)
 if [ "$budget" -gt 30 ]; then
     timeout "$budget" python benchmarks/bench_attention.py --reps 5 --seqlens 16384 \
-        --contenders dma-cupy sdpa-cudnn dma-cupy:eager-plan dma-triton dma-triton:eager-plan \
-        --csv "$out/w2048_16k.csv" > "$out/bench_16k.txt" 2>&1
+        --contenders $contenders --csv "$out/w2048_16k.csv" > "$out/bench_16k.txt" 2>&1
     tail -11 "$out/bench_16k.txt"
 else
     echo "skipped: no time left"
