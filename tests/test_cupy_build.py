@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,19 @@ def test_vector_loads_need_aligned_whole_rows():
     assert not cupy_backend._vector_loads(problem, (inputs.q[:, :, :, 1:],))
     odd, odd_inputs = validate(*(torch.randn(1, 8, 2, 20, dtype=torch.float16),) * 3)
     assert not cupy_backend._vector_loads(odd, (odd_inputs.q,))
+
+
+def test_forward_ablation_finds_each_stage_in_the_kernel(tmp_path):
+    # benchmarks/ablate_cupy_forward.py cuts stages out of the warpgroup forward's source by
+    # pattern: each cut must find its stage in the kernel as it is now.
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "ablate_cupy_forward.py"
+    spec = importlib.util.spec_from_file_location("ablate_cupy_forward", path)
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    original = (cupy_kernels.source_dir() / "dma_attention.cuh").read_text()
+    for variant in ablate.VARIANTS:
+        folder = ablate.variant_sources(variant, cupy_kernels.source_dir(), tmp_path / variant)
+        text = (folder / "dma_attention.cuh").read_text()
+        assert (text == original) == (variant == "base"), variant
