@@ -43,6 +43,7 @@ from dma.benchmarking import (
     back_to_back_ms,
     document_ids,
     document_mask,
+    kernel_us_per_call,
     make_inputs,
     time_once_ms,
 )
@@ -151,19 +152,7 @@ def kernel_times(configs, use, step, calls: int, rounds: int) -> list:
     for _ in range(rounds):
         for i, config in enumerate(configs):
             use(config)
-            step()
-            torch.cuda.synchronize()
-            activities = [torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=activities) as prof:
-                for _ in range(calls):
-                    step()
-                torch.cuda.synchronize()
-            per_kernel = collections.defaultdict(float)
-            for event in prof.events():
-                if event.device_type == torch.autograd.DeviceType.CUDA:  # kernels, copies
-                    name = event.name.split("(")[0].split("<")[0].removeprefix("void ")
-                    per_kernel[name[:40]] += event.device_time / calls
-            for name, us in per_kernel.items():
+            for name, us in kernel_us_per_call(step, calls).items():
                 samples[i][name].append(us)
     return [{name: statistics.median(values) for name, values in per_config.items()}
             for per_config in samples]

@@ -97,7 +97,7 @@ def check_compiles(variants, source_dir: Path) -> None:
 def kernel_us(seqlen: int, window: int, calls: int = 10) -> float:
     """GPU us per call of the forward kernel on the benchmark shape."""
     import dma
-    from dma.benchmarking import Shape, make_inputs
+    from dma.benchmarking import Shape, kernel_us_per_call, make_inputs
 
     shape = Shape(1, seqlen, 32, 8, 128, window, torch.bfloat16)
     q, k, v, kb = make_inputs(shape, "cuda")
@@ -107,18 +107,11 @@ def kernel_us(seqlen: int, window: int, calls: int = 10) -> float:
                              backend="cupy")
 
     with torch.no_grad():
-        call()
-        torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(calls):
-                call()
-            torch.cuda.synchronize()
-    events = [e for e in prof.events() if KERNEL in e.name]
-    if len(events) != calls:
-        raise SystemExit(f"expected {calls} launches of {KERNEL}, profiled {len(events)} "
-                         "(is this a compute capability 9.0 GPU?)")
-    return sum(e.device_time for e in events) / calls
+        per_kernel = kernel_us_per_call(call, calls)
+    if KERNEL not in per_kernel:
+        raise SystemExit(f"{KERNEL} did not run (is this a compute capability 9.0 GPU?): "
+                         f"{sorted(per_kernel)}")
+    return per_kernel[KERNEL]
 
 
 def main():

@@ -14,19 +14,20 @@ import argparse
 import torch
 
 import dma.selection as selection
-from dma.benchmarking import Shape, host_and_wall_ms, make_inputs, median_ms, sdpa_contender
+from dma.benchmarking import (
+    Shape,
+    host_and_wall_ms,
+    kernel_us_per_call,
+    make_inputs,
+    median_ms,
+    sdpa_contender,
+)
 from dma.selection import build_interval_plan
 from dma.validation import validate
 
 
 def _gpu_us(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / reps
+    return sum(kernel_us_per_call(fn, reps).values())
 
 
 def compare_sorts(problem, inputs, seqlen: int, plan_heads: int):

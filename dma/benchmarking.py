@@ -99,6 +99,25 @@ def back_to_back_ms(fn: Callable, device: torch.device, calls: int) -> float:
     return 1e3 * (time.perf_counter() - t0) / calls
 
 
+def kernel_us_per_call(fn: Callable, calls: int) -> dict:
+    """{kernel name: GPU us per call} over `calls` calls of `fn` (after one unprofiled
+    call), from torch.profiler; names are cut at their template or argument list."""
+    import collections
+
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:  # kernels, copies
+            name = event.name.split("(")[0].split("<")[0].removeprefix("void ")
+            per_kernel[name[:40]] += event.device_time / calls
+    return dict(per_kernel)
+
+
 def host_and_wall_ms(fn: Callable, calls: int, warmup: int = 5) -> tuple[float, float]:
     """(host, wall) ms per call of `calls` CUDA calls issued without synchronising: host is
     how long issuing them took, wall includes the GPU finishing. A call whose host time
