@@ -6,6 +6,7 @@ same random inputs (never zeros); times are medians of repeated runs, with CUDA 
 
 from __future__ import annotations
 
+import collections
 import csv
 import functools
 import os
@@ -102,8 +103,6 @@ def back_to_back_ms(fn: Callable, device: torch.device, calls: int) -> float:
 def kernel_us_per_call(fn: Callable, calls: int) -> dict:
     """{kernel name: GPU us per call} over `calls` calls of `fn` (after one unprofiled
     call), from torch.profiler; names are cut at their template or argument list."""
-    import collections
-
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
