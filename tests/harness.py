@@ -7,8 +7,10 @@ NaN never passes, and every element is checked.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -190,3 +192,12 @@ def check_case(case: Case, backend: str, device: str):
         if not err <= bound:
             failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (torch {base:.3g})")
     assert not failures, f"{case.name} on {backend}/{device}: " + "; ".join(failures)
+
+
+def benchmark_script(name: str):
+    """The module of benchmarks/<name>.py (the scripts are not a package)."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

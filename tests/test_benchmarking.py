@@ -6,6 +6,7 @@ import math
 import torch
 
 from dma.benchmarking import Shape, format_table, run_benchmark
+from harness import benchmark_script
 
 
 def test_run_benchmark_reports_both_timings():
@@ -33,13 +34,7 @@ def test_graph_timing_rows():
 
 
 def test_mask_benchmark_runs_on_cpu(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_masks.py"
-    spec = importlib.util.spec_from_file_location("bench_masks", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_masks")
     rows = bench.main(["--device", "cpu", "--seqlen", "96", "--docs", "3", "--heads", "2",
                        "--kv-heads", "1", "--head-dim", "16", "--dtype", "float32",
                        "--backend", "torch", "--contenders", "dma", "sdpa", "--reps", "2",

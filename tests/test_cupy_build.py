@@ -7,7 +7,6 @@ import math
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from dma.backends import cupy_backend, cupy_kernels
 from dma.backends.gpu_launch import LaunchArgs
 from dma.benchmarking import document_ids, document_mask
 from dma.validation import validate
+from harness import benchmark_script
 
 NVCC = shutil.which("nvcc")
 
@@ -288,12 +288,7 @@ def test_vector_loads_need_aligned_whole_rows():
 def test_forward_ablation_finds_each_stage_in_the_kernel(tmp_path):
     # benchmarks/ablate_cupy_forward.py cuts stages out of the warpgroup forward's source by
     # pattern: each cut must find its stage in the kernel as it is now.
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "ablate_cupy_forward.py"
-    spec = importlib.util.spec_from_file_location("ablate_cupy_forward", path)
-    ablate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablate)
+    ablate = benchmark_script("ablate_cupy_forward")
     original = (cupy_kernels.source_dir() / "dma_attention.cuh").read_text()
     for variant in ablate.VARIANTS:
         folder = ablate.variant_sources(variant, cupy_kernels.source_dir(), tmp_path / variant)
