@@ -11,6 +11,8 @@ machine, or of its host, hits them alike); with --kernels also each kernel's GPU
 
     python benchmarks/ab_configs.py --backend cupy --kernels \\
         '{}' '{"env": {"DMA_CUPY_WGMMA": "0"}}'
+    python benchmarks/ab_configs.py --backend cupy --kernels \\
+        '{}' '{"env": {"DMA_CUPY_SOURCES": "/tmp/trial/dma/backends/cuda"}}'
 
 `--docs N` times the explicit-mask path instead (N packed documents as an attn_mask, as
 bench_masks.py and profile_kernels.py --docs do). `--kernels` also profiles each
@@ -21,7 +23,9 @@ the host's noise.
 Each configuration is a JSON object {kernel: settings} laid over the defaults of
 dma/backends/triton_backend.py (CONFIGS; triton only); its entry "selection" sets
 constants of dma/selection.py (the plan's sizes and sort paths) instead, and its entry
-"env" environment variables read at each call (DMA_PLAN_GRAPHS, DMA_CUPY_WGMMA, ...).
+"env" environment variables read at each call (DMA_PLAN_GRAPHS, DMA_CUPY_WGMMA, ...;
+DMA_CUPY_SOURCES compares kernel sources: a changed copy of dma/backends/cuda/ against the
+package's, in one process).
 To compare two versions of the code, run the same command in both checkouts, one after the
 other, on the same machine: host time per call can drift by 2x within minutes
 (docs/performance.md), so short, host-bound calls compare reliably only within one run.

@@ -5,8 +5,9 @@ out, and against the window (tiles per block), on one DMA shape (bf16, B1, H32/8
     python benchmarks/ablate_cupy_forward.py --variants base nosoftmax --windows 1024 4096
     python benchmarks/ablate_cupy_forward.py --check              # compile only (nvcc)
 
-Each variant is the kernel source with one stage taken out, compiled from a copy of
-dma/backends/cuda/ (the package is untouched):
+Each variant is the kernel source with one stage taken out, compiled from a copy of the
+sources (DMA_CUPY_SOURCES names the copy to the backend; the package is untouched, and a
+DMA_CUPY_SOURCES set before the run is the copy that the variants start from):
 
 * `base`: the kernel as it is;
 * `nosoftmax`: no scores, keep tests or softmax (the products' outputs go straight into
@@ -25,6 +26,7 @@ alternating the variants.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -135,9 +137,7 @@ def main():
     folders = {variant: variant_sources(variant, source_dir) for variant in args.variants}
 
     def use(folder: Path):  # compile (or load) the kernels from `folder` from now on
-        cupy_kernels.source_dir = lambda: folder
-        cupy_kernels._program.cache_clear()
-        cupy_kernels._functions.clear()
+        os.environ["DMA_CUPY_SOURCES"] = str(folder)
 
     times = {variant: [] for variant in args.variants}
     steps = [(r, v) for r in range(args.rounds) for v in args.variants]

@@ -294,3 +294,30 @@ def test_forward_ablation_finds_each_stage_in_the_kernel(tmp_path):
         folder = ablate.variant_sources(variant, cupy_kernels.source_dir(), tmp_path / variant)
         text = (folder / "dma_attention.cuh").read_text()
         assert (text == original) == (variant == "base"), variant
+
+
+def test_kernels_compile_from_the_folder_that_dma_cupy_sources_names(tmp_path, monkeypatch):
+    # A changed copy of the sources (kernel experiments) replaces the package's at each
+    # launch, keys the loaded kernels by its own program text, and must keep the Params
+    # layout that the launcher packs.
+    package = cupy_kernels.package_sources()
+    monkeypatch.delenv("DMA_CUPY_SOURCES", raising=False)
+    assert cupy_kernels.source_dir() == package
+    copy = tmp_path / "cuda"
+    shutil.copytree(package, copy)
+    monkeypatch.setenv("DMA_CUPY_SOURCES", str(copy))
+    assert cupy_kernels.source_dir() == copy
+    cupy_kernels.check_params_header(copy)
+    assert cupy_kernels._program(copy) == cupy_kernels._program(package)
+    header = copy / "dma_attention.cuh"
+    header.write_text(header.read_text() + "\n// changed\n")
+    cupy_kernels._program.cache_clear()
+    assert cupy_kernels._program(copy) != cupy_kernels._program(package)
+
+    params = copy / cupy_kernels.PARAMS_HEADER
+    params.write_text(params.read_text().replace("long long", "long  long", 1))
+    with pytest.raises(ValueError, match="DMA_CUPY_SOURCES.*differs"):
+        cupy_kernels.check_params_header(copy)
+    params.unlink()
+    with pytest.raises(ValueError, match="DMA_CUPY_SOURCES.*holds no"):
+        cupy_kernels.check_params_header(copy)

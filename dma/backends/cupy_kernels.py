@@ -54,16 +54,24 @@ _sources = ExitStack()
 
 
 @lru_cache(maxsize=1)
-def source_dir() -> Path:
-    """The folder holding the .cuh sources, as a real path (extracted if the package is
+def package_sources() -> Path:
+    """The package's folder of .cuh sources, as a real path (extracted if the package is
     zipped)."""
     return Path(_sources.enter_context(resources.as_file(resources.files(__package__) / "cuda")))
+
+
+def source_dir() -> Path:
+    """The folder the kernels compile from: DMA_CUPY_SOURCES, a changed copy of the
+    package's sources for kernel experiments (read at each launch, so a benchmark can
+    switch between copies), or the package's own."""
+    override = os.environ.get("DMA_CUPY_SOURCES")
+    return Path(override) if override else package_sources()
 
 
 @lru_cache(maxsize=1)
 def params_fields() -> tuple:
     """(name, numpy type name) of every Params field, in declaration order."""
-    text = (source_dir() / PARAMS_HEADER).read_text()
+    text = (package_sources() / PARAMS_HEADER).read_text()
     body = text[text.index("struct Params {"):]
     body = body[:body.index("};")]
     kinds = {"long long": "int64", "double": "float64"}
@@ -243,21 +251,36 @@ def hopper_kernel(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple
     return kernel
 
 
-@lru_cache(maxsize=1)
-def _program() -> str:
+def check_params_header(folder: Path) -> None:
+    """Sources from another folder (DMA_CUPY_SOURCES) must declare the Params that the
+    launcher packs: the package's own dma_params.cuh."""
+    if folder == package_sources():
+        return
+    theirs = folder / PARAMS_HEADER
+    if not theirs.is_file():
+        raise ValueError(f"DMA_CUPY_SOURCES={folder} holds no {PARAMS_HEADER}: it must name a "
+                         "copy of the package's dma/backends/cuda/ folder")
+    if theirs.read_text() != (package_sources() / PARAMS_HEADER).read_text():
+        raise ValueError(f"DMA_CUPY_SOURCES={folder}: its {PARAMS_HEADER} differs from the "
+                         "package's, whose Params layout the launcher packs")
+
+
+@lru_cache(maxsize=8)
+def _program(folder: Path) -> str:
     # The digest of the sources keys cupy's on-disk cache, which sees only this text.
     digest = hashlib.sha256()
-    for path in sorted(source_dir().glob("*.cuh")):
+    for path in sorted(folder.glob("*.cuh")):
         digest.update(path.read_bytes())
     return f"// sources {digest.hexdigest()}\n#include \"{KERNEL_HEADER}\"\n"
 
 
+# Loaded kernels by device, instantiation, sources folder and extra options.
 _functions: dict = {}
 
 
 def _extra_options() -> tuple:
     """Extra NVRTC options from DMA_CUPY_OPTIONS (space separated), for tuning experiments
-    such as -DDMA_FORWARD_MIN_BLOCKS=3; read when a kernel is first compiled."""
+    such as -DDMA_FORWARD_MIN_BLOCKS=3; read at each launch (a new value compiles anew)."""
     return tuple(os.environ.get("DMA_CUPY_OPTIONS", "").split())
 
 
@@ -265,7 +288,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
 
 
-def _hopper_function(name: str):
+def _hopper_function(name: str, folder: Path, extra_options: tuple):
     """One kernel compiled for sm_90a through NVRTC directly (cupy.RawModule adds its own
     -arch for the device, sm_90, and refuses a second one; warpgroup products need the
     architecture-specific target). Cached on disk by the sources, options and NVRTC
@@ -277,16 +300,16 @@ def _hopper_function(name: str):
     except ImportError:  # older layouts
         from cupy.cuda import nvrtc
 
-    options = ["--std=c++17", f"-I{source_dir()}", "-arch=sm_90a", "-default-device",
-               *_extra_options()]
-    key = hashlib.sha256("\n".join([_program(), name, *options, str(nvrtc.getVersion())])
-                         .encode()).hexdigest()
+    options = ["--std=c++17", f"-I{folder}", "-arch=sm_90a", "-default-device",
+               *extra_options]
+    key = hashlib.sha256("\n".join([_program(folder), name, *options,
+                                    str(nvrtc.getVersion())]).encode()).hexdigest()
     path = _cache_dir() / f"dma_{key}.bin"
     if path.exists():
         lowered, cubin = path.read_bytes().split(b"\0", 1)
         lowered = lowered.decode()
     else:
-        program = nvrtc.createProgram(_program(), "dma_program.cu", [], [])
+        program = nvrtc.createProgram(_program(folder), "dma_program.cu", [], [])
         try:
             nvrtc.addNameExpression(program, name)
             try:
@@ -307,18 +330,20 @@ def _hopper_function(name: str):
 
 
 def _function(device_index: int, kernel: str, dtype: torch.dtype, d_pad: int, softcap: bool):
-    key = (device_index, kernel, dtype, d_pad, softcap)
+    folder, extra_options = source_dir(), _extra_options()
+    key = (device_index, kernel, dtype, d_pad, softcap, folder, extra_options)
     if key not in _functions:
         import cupy
 
+        check_params_header(folder)
         name = instantiation(kernel, dtype, d_pad, softcap)
         with cupy.cuda.Device(device_index):
             if kernel in WGMMA_KERNELS.values():
-                module, function = _hopper_function(name)
+                module, function = _hopper_function(name, folder, extra_options)
             else:
-                module = cupy.RawModule(code=_program(), name_expressions=[name],
-                                        options=("--std=c++17", f"-I{source_dir()}",
-                                                 *_extra_options()))
+                module = cupy.RawModule(code=_program(folder), name_expressions=[name],
+                                        options=("--std=c++17", f"-I{folder}",
+                                                 *extra_options))
                 function = module.get_function(name)
             # Over 48 KiB of dynamic shared memory needs the function's limit raised.
             smem = shared_bytes(kernel, dtype, d_pad)
