@@ -29,7 +29,11 @@ tree() {  # tree NAME PATCH...: a copy of this checkout's code with the patches 
     mkdir -p "$work/$1"
     cp -r dma tests benchmarks docs pyproject.toml noxfile.py README.md "$work/$1/"
     for patch in "${@:2}"; do
-        (cd "$work/$1" && git apply "$root/benchmarks/trials/$patch") || exit 1
+        if command -v git > /dev/null; then
+            (cd "$work/$1" && git apply "$root/benchmarks/trials/$patch") || exit 1
+        else
+            patch -s -p1 -d "$work/$1" < "$root/benchmarks/trials/$patch" || exit 1
+        fi
     done
     echo "$work/$1"
 }
