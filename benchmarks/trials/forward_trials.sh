@@ -10,7 +10,8 @@
 #
 #   bash benchmarks/trials/forward_trials.sh [output dir]     # default: ./forward-trials
 #
-# DEADLINE (seconds, default 560) bounds the run; each stage's output lands in the output dir.
+# DEADLINE (seconds, default 560) bounds the run (a stage gets what is left of its share);
+# each stage's output lands in the output dir.
 # The A/B lines print each configuration's largest difference from the first one's output
 # (max |o - first|): the trial's forward against main's on the same inputs.
 set -u
@@ -20,6 +21,10 @@ out=$(realpath -m "${1:-forward-trials}")
 mkdir -p "$out"
 deadline=${DEADLINE:-560}
 left() { echo $(( deadline - SECONDS )); }
+upto() {  # upto SECONDS: SECONDS, or what is left before the deadline if that is less
+    local rest=$(( deadline - SECONDS ))
+    echo $(( $1 < rest ? $1 : (rest > 1 ? rest : 1) ))
+}
 export PYTHONUNBUFFERED=1
 workers=""
 python -c "import xdist" 2>/dev/null && workers="-n 8"
@@ -52,11 +57,11 @@ exp=$(tree exp exp_overlap.patch) || exit 1
 persistent=$(tree persistent exp_overlap.patch persistent_forward.patch) || exit 1
 
 echo "== 1. exponentials overlapping P V: many-tile tests ($SECONDS s)"
-DMA_TEST_DEVICE=cuda in_tree "$exp" 150 python -m pytest -q -x $workers \
+DMA_TEST_DEVICE=cuda in_tree "$exp" $(upto 150) python -m pytest -q -x $workers \
     tests/test_cupy_wgmma.py -k many_tiles > "$out/exp_tests.txt" 2>&1
 echo "exit $?"; tail -1 "$out/exp_tests.txt"
 echo "== A/B: the trial's kernel sources (second) against main's ($SECONDS s)"
-PYTHONPATH=$root timeout 120 python benchmarks/ab_configs.py --backend cupy --mode fwd \
+PYTHONPATH=$root timeout $(upto 120) python benchmarks/ab_configs.py --backend cupy --mode fwd \
     --kernels --rounds 3 '{"env": {"DMA_CUPY_SOURCES": "'"$exp/dma/backends/cuda"'"}}' '{}' \
     > "$out/exp_ab.txt" 2>&1
 echo "exit $?"; grep -v -i warn "$out/exp_ab.txt" | tail -7 | cut -c1-300
@@ -64,11 +69,11 @@ best=$root
 faster "$out/exp_ab.txt" && best=$exp
 
 echo "== 2. persistent programs: walk tests ($SECONDS s)"
-DMA_TEST_DEVICE=cuda in_tree "$persistent" 150 python -m pytest -q -x $workers \
+DMA_TEST_DEVICE=cuda in_tree "$persistent" $(upto 150) python -m pytest -q -x $workers \
     tests/test_cupy_wgmma.py -k "programs" > "$out/persistent_tests.txt" 2>&1
 echo "exit $?"; tail -1 "$out/persistent_tests.txt"
 echo "== A/B: a program per multiprocessor (first) against one per block ($SECONDS s)"
-in_tree "$persistent" 120 python benchmarks/ab_configs.py --backend cupy --mode fwd \
+in_tree "$persistent" $(upto 120) python benchmarks/ab_configs.py --backend cupy --mode fwd \
     --kernels --rounds 3 '{}' '{"env": {"DMA_CUPY_PROGRAMS": "0"}}' \
     > "$out/persistent_ab.txt" 2>&1
 echo "exit $?"; grep -v -i warn "$out/persistent_ab.txt" | tail -7 | cut -c1-300
