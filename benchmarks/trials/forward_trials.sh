@@ -23,7 +23,7 @@ mkdir -p "$out"
 deadline=${DEADLINE:-560}
 left() { echo $(( deadline - SECONDS )); }
 upto() {  # upto SECONDS: SECONDS, or what is left before the deadline if that is less
-    local rest=$(( deadline - SECONDS ))
+    local rest=$(left)
     echo $(( $1 < rest ? $1 : (rest > 1 ? rest : 1) ))
 }
 export PYTHONUNBUFFERED=1
