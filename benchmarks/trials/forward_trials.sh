@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The cupy forward trials on a Hopper GPU in one run, from a checkout of main: it builds two
-# trees beside the checkout (main + exp_overlap.patch; that + persistent_forward.patch), then
-#  1. exponentials overlapping P V: the warpgroup tests' many-tile cases in its tree, then its
-#     kernel sources against main's in one process (ab_configs, DMA_CUPY_SOURCES);
-#  2. persistent programs on top: the walk tests in its tree, then a program per
-#     multiprocessor against a program per block (DMA_CUPY_PROGRAMS=0);
-#  3. the warpgroup, modes and CUDA-graph tests in the fastest tree whose tests passed (main
-#     if neither trial is faster), and its 16k benchmark (cupy, cuDNN, triton), the table
-#     last.
+# The cupy forward trials on a Hopper GPU in one run, from a checkout of main. It builds two
+# trees beside the checkout: `persistent` (main + exp_overlap.patch + persistent_forward.patch,
+# measured faster, not yet through the whole GPU suite) and `stages` (that + kv_stages.patch),
+# then
+#  1. the whole cupy GPU suite in `persistent` (the warpgroup tests, the conformance suite,
+#     the modes and CUDA-graph tests): what landing it needs;
+#  2. K and V buffer counts in `stages`: two buffers each and two Q buffers (as `persistent`)
+#     against three K buffers or three V buffers with one Q buffer (the same shared memory),
+#     in one process (ab_configs, DMA_CUPY_OPTIONS);
+#  3. where a count is faster, the many-tile and walk tests with it;
+#  4. the 16k benchmark (cupy, cuDNN, triton) in the fastest tree whose tests passed (main if
+#     none), then the forward's ablation there if time is left; the table last.
 #
 #   bash benchmarks/trials/forward_trials.sh [output dir]     # default: ./forward-trials
 #
 # DEADLINE (seconds, default 560) bounds the run (a stage gets what is left of its share);
-# each stage's output lands in the output dir.
+# each stage's output lands in the output dir. Tests run with pytest-xdist where it is
+# installed (8 workers), else one by one (slower: the whole suite may not fit the deadline).
 # The A/B lines print each configuration's largest difference from the first one's output
-# (max |o - first|): the trial's forward against main's on the same inputs.
+# (max |o - first|): the same inputs through each configuration.
 set -u
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -49,54 +53,62 @@ in_tree() {  # in_tree DIR SECONDS COMMAND...: run COMMAND in DIR with its own p
 forward_us() {  # the forward kernel's GPU us per call of each configuration of an A/B output
     grep -o "dma_forward_wgmma [0-9.]*" "$1" | awk '{print $2}' | tr '\n' ' '
 }
-faster() {  # faster FILE: whether the first configuration's forward kernel beat the second's
-    forward_us "$1" | awk '{n = NF; a = $1; b = $2} END {exit !(n == 2 && a < 0.99 * b)}'
+fastest() {  # fastest FILE: 1-based index of the configuration whose forward kernel beat the
+             # first's by 1% or more and the others' (0: none)
+    forward_us "$1" | awk '{best = 0; for (i = 2; i <= NF; ++i)
+        if ($i < 0.99 * $1 && (best == 0 || $i < $best)) best = i; print best - (best > 0)}'
 }
 
 nvidia-smi --query-gpu=name --format=csv,noheader
-exp=$(tree exp exp_overlap.patch) || exit 1
 persistent=$(tree persistent exp_overlap.patch persistent_forward.patch) || exit 1
+stages=$(tree stages exp_overlap.patch persistent_forward.patch kv_stages.patch) || exit 1
 
-echo "== 1. exponentials overlapping P V: many-tile tests ($SECONDS s)"
-DMA_TEST_DEVICE=cuda in_tree "$exp" $(upto 150) python -m pytest -q -x $workers \
-    tests/test_cupy_wgmma.py -k many_tiles > "$out/exp_tests.txt" 2>&1
-exp_ok=$?
-echo "exit $exp_ok"; tail -1 "$out/exp_tests.txt"
-echo "== A/B: the trial's kernel sources (first) against main's ($SECONDS s)"
-PYTHONPATH=$root timeout $(upto 120) python benchmarks/ab_configs.py --backend cupy --mode fwd \
-    --kernels --rounds 3 '{"env": {"DMA_CUPY_SOURCES": "'"$exp/dma/backends/cuda"'"}}' '{}' \
-    > "$out/exp_ab.txt" 2>&1
-echo "exit $?"; grep -v -i warn "$out/exp_ab.txt" | tail -7 | cut -c1-300
-best=$root  # a trial's tree takes over only where its tests passed and its forward is faster
-[ "$exp_ok" = 0 ] && faster "$out/exp_ab.txt" && best=$exp
-
-echo "== 2. persistent programs: walk tests ($SECONDS s)"
-DMA_TEST_DEVICE=cuda in_tree "$persistent" $(upto 150) python -m pytest -q -x $workers \
-    tests/test_cupy_wgmma.py -k "programs" > "$out/persistent_tests.txt" 2>&1
+echo "== 1. persistent: the cupy GPU suite ($SECONDS s)"
+DMA_TEST_DEVICE=cuda in_tree "$persistent" $(upto 240) python -m pytest -q -x $workers tests \
+    -k "(cupy or programs) and not test_cupy_build" > "$out/persistent_tests.txt" 2>&1
 persistent_ok=$?
-echo "exit $persistent_ok"; tail -1 "$out/persistent_tests.txt"
-echo "== A/B: a program per multiprocessor (first) against one per block ($SECONDS s)"
-in_tree "$persistent" $(upto 120) python benchmarks/ab_configs.py --backend cupy --mode fwd \
-    --kernels --rounds 3 '{}' '{"env": {"DMA_CUPY_PROGRAMS": "0"}}' \
-    > "$out/persistent_ab.txt" 2>&1
-echo "exit $?"; grep -v -i warn "$out/persistent_ab.txt" | tail -7 | cut -c1-300
-[ "$best" = "$exp" ] && [ "$persistent_ok" = 0 ] && faster "$out/persistent_ab.txt" \
-    && best=$persistent
+echo "exit $persistent_ok (124: out of time)"; tail -1 "$out/persistent_tests.txt"
+
+echo "== 2. K/V buffers: 2/2 with two Q buffers (first), 3/2, 2/3 with one ($SECONDS s)"
+options=("" "-DDMA_FORWARD_K_STAGES=3 -DDMA_FORWARD_Q_BUFFERS=1"
+         "-DDMA_FORWARD_V_STAGES=3 -DDMA_FORWARD_Q_BUFFERS=1")
+configs=()
+for option in "${options[@]}"; do
+    configs+=("$( [ -z "$option" ] && echo '{}' \
+        || echo '{"env": {"DMA_CUPY_OPTIONS": "'"$option"'"}}')")
+done
+in_tree "$stages" $(upto 100) python benchmarks/ab_configs.py --backend cupy --mode fwd \
+    --kernels --rounds 3 "${configs[@]}" > "$out/stages_ab.txt" 2>&1
+echo "exit $?"; grep -v -i warn "$out/stages_ab.txt" | tail -9 | cut -c1-300
+choice=$(fastest "$out/stages_ab.txt")
+best=$root best_options=""
+[ "$persistent_ok" = 0 ] && best=$persistent
+if [ "${choice:-0}" -gt 0 ]; then
+    echo "== 3. stages with ${options[$choice]}: many-tile and walk tests ($SECONDS s)"
+    DMA_CUPY_OPTIONS="${options[$choice]}" DMA_TEST_DEVICE=cuda in_tree "$stages" $(upto 120) \
+        python -m pytest -q -x $workers tests/test_cupy_wgmma.py -k "many_tiles or programs" \
+        > "$out/stages_tests.txt" 2>&1
+    stages_ok=$?
+    echo "exit $stages_ok"; tail -1 "$out/stages_tests.txt"
+    [ "$stages_ok" = 0 ] && [ "$best" = "$persistent" ] && best=$stages \
+        && best_options=${options[$choice]}
+fi
 
 label=${best#$work/}
 [ "$best" = "$root" ] && label=main
-echo "== 3. fastest tree: $label ($SECONDS s, $(left) s left)"
-budget=$(( $(left) - 100 ))
-if [ "$best" != "$root" ] && [ "$budget" -gt 60 ]; then
-    DMA_TEST_DEVICE=cuda in_tree "$best" "$budget" python -m pytest -q -x $workers \
-        tests/test_cupy_wgmma.py tests/test_gpu_modes.py tests/test_cuda_graphs.py \
-        -k "cupy or wgmma or programs" > "$out/best_tests.txt" 2>&1
-    echo "exit $? (124: out of time)"; tail -1 "$out/best_tests.txt"
+echo "== 4. fastest tree: $label $best_options ($SECONDS s, $(left) s left)"
+if [ "$(left)" -gt 40 ]; then
+    DMA_CUPY_OPTIONS="$best_options" in_tree "$best" $(upto 80) \
+        python benchmarks/bench_attention.py --reps 5 --seqlens 16384 \
+        --contenders dma-cupy sdpa-cudnn dma-triton --csv "$out/forward_trials_16k.csv" \
+        > "$out/bench.txt" 2>&1
+    echo "exit $?"
 fi
-if [ "$(left)" -gt 60 ]; then
-    in_tree "$best" $(( $(left) - 5 )) python benchmarks/bench_attention.py --reps 5 \
-        --seqlens 16384 --contenders dma-cupy sdpa-cudnn dma-triton \
-        --csv "$out/forward_trials_16k.csv" > "$out/bench.txt" 2>&1
-    echo "exit $?"; tail -8 "$out/bench.txt"
+if [ "$(left)" -gt 90 ]; then
+    DMA_CUPY_OPTIONS="$best_options" in_tree "$best" $(( $(left) - 5 )) \
+        python benchmarks/ablate_cupy_forward.py --rounds 1 --windows 1024 4096 \
+        > "$out/ablate.txt" 2>&1
+    echo "exit $?"; grep -v "it/s\|s/it" "$out/ablate.txt" | tail -8
 fi
+grep -v -i warn "$out/bench.txt" 2>/dev/null | tail -7
 echo "done in $SECONDS s"
