@@ -41,3 +41,41 @@ def test_mask_benchmark_runs_on_cpu(tmp_path):
                        "--csv", str(tmp_path / "masks.csv")])
     assert len(rows) == 4 and all(r["ms"] > 0 and not r["note"] for r in rows)
     assert (tmp_path / "masks.csv").exists()
+
+
+def test_target_verdicts():
+    """The target table judges both timings against each limit, and says which cases did
+    not run or could not be measured."""
+    targets = benchmark_script("targets")
+    case = "16k"
+
+    def row(contender, mode, ms, b2b, note=""):
+        return dict(case=case, contender=contender, mode=mode, ms=ms, ms_b2b=b2b,
+                    extra_mib=1.0, note=note)
+
+    rows = [row("dma-triton", "fwd", 1.0, 0.9), row("sdpa-cudnn", "fwd", 4.0, 2.0),
+            row("dma-cupy", "fwd", 1.6, 1.0), row("flex", "fwd", math.nan, math.nan, "no flex"),
+            row("dma-triton", "fwd+bwd", 1.0, 1.0), row("sdpa-cudnn", "fwd+bwd", 2.0, 2.0),
+            row("dma-cupy", "fwd+bwd", 1.0, 1.0)]
+    table = targets.verdicts(rows, [], "triton", "cupy", {case: None})
+    met = {(t["backend"], t["case"], t["mode"], t["against"]): t["met"] for t in table}
+    assert met[("triton", case, "fwd", "sdpa-cudnn")] == "from idle only"  # 0.25, 0.45
+    assert met[("triton", case, "fwd+bwd", "sdpa-cudnn")] == "no"  # 0.5 against 0.35
+    assert met[("cupy", case, "fwd", "sdpa-cudnn")] == "from idle only"  # 0.4, 0.5
+    assert met[("cupy", case, "fwd", "dma-triton")] == "back to back only"  # 1.6, 1.11
+    assert met[("cupy", case, "fwd+bwd", "sdpa-cudnn")] == "yes"  # 0.5 against 0.55
+    assert met[("triton", case, "fwd", "flex")] == "not measured"
+    assert met[("triton", "128k", "fwd", "sdpa-cudnn")] == "not run"
+    assert "from idle only" in targets.format_verdicts(table)
+
+
+def test_targets_run_on_cpu(tmp_path):
+    targets = benchmark_script("targets")
+    table = targets.main(["--device", "cpu", "--scale", "256", "--backends", "torch",
+                          "numba", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
+                          "--reps", "1", "--cases", "nowindow", "plan",
+                          "--out", str(tmp_path)])
+    met = {(t["backend"], t["case"], t["mode"], t["against"]): t for t in table}
+    assert met[("numba", "nowindow", "fwd", "dma-torch")]["ratio_idle"] > 0
+    assert met[("torch", "plan", "fwd", "plan share")]["met"] == "not measured"
+    assert (tmp_path / "rows.csv").exists() and (tmp_path / "targets.csv").exists()
