@@ -32,7 +32,6 @@ On a CPU, `--scale N` divides every length and window by N so the flow can be tr
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import time
@@ -177,7 +176,7 @@ def _verdict(limit: float, ratios) -> str:
 
 
 def verdicts(rows: list[dict], shares: list[dict], first: str, second: Optional[str],
-             cases: dict) -> list[dict]:
+             cases: set) -> list[dict]:
     """The target table: per target, the measured ratios from idle and back to back, the
     limit and whether it is met; targets whose case did not run say so."""
     by_key = {(r["case"], r["mode"], r["contender"]): r for r in rows}
@@ -293,7 +292,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     start = time.monotonic()
-    rows, shares, ran = [], [], {}
+    rows, shares, ran = [], [], set()
     for case in (c for c in CASES if c.name in args.cases):
         if args.deadline is not None and time.monotonic() - start > args.deadline:
             print(f"{case.name}: skipped, past the deadline")
@@ -308,15 +307,12 @@ def main(argv=None):
                                       modes=case.modes, reps=args.reps or case.reps)
             print(format_table(case_rows, case.baselines[0]), flush=True)
             rows += [dict(r, case=case.name) for r in case_rows]
-        ran[case.name] = shape
+        ran.add(case.name)
 
     if rows:
         write_csv(rows, os.path.join(args.out, "rows.csv"))
     table = verdicts(rows, shares, first, second, ran)
-    with open(os.path.join(args.out, "targets.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(table, os.path.join(args.out, "targets.csv"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for s in shares:
         print(f"plan share {s['contender']}: plan {s['plan_us']:.1f} us of "

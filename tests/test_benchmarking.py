@@ -57,7 +57,7 @@ def test_target_verdicts():
             row("dma-cupy", "fwd", 1.6, 1.0), row("flex", "fwd", math.nan, math.nan, "no flex"),
             row("dma-triton", "fwd+bwd", 1.0, 1.0), row("sdpa-cudnn", "fwd+bwd", 2.0, 2.0),
             row("dma-cupy", "fwd+bwd", 1.0, 1.0)]
-    table = targets.verdicts(rows, [], "triton", "cupy", {case: None})
+    table = targets.verdicts(rows, [], "triton", "cupy", {case})
     met = {(t["backend"], t["case"], t["mode"], t["against"]): t["met"] for t in table}
     assert met[("triton", case, "fwd", "sdpa-cudnn")] == "from idle only"  # 0.25, 0.45
     assert met[("triton", case, "fwd+bwd", "sdpa-cudnn")] == "no"  # 0.5 against 0.35
