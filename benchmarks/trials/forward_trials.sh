@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The cupy forward trials on a Hopper GPU in one run, from a checkout of main. It builds two
 # trees beside the checkout: `persistent` (main + exp_overlap.patch + persistent_forward.patch,
-# measured faster, not yet through the whole GPU suite) and `stages` (that + kv_stages.patch),
-# then
-#  1. the whole cupy GPU suite in `persistent` (the warpgroup tests, the conformance suite,
-#     the modes and CUDA-graph tests): what landing it needs;
+# measured faster, not yet through the whole GPU suite, + transient_plans.patch, not yet run
+# on a GPU) and `stages` (that + kv_stages.patch), then
+#  1. in `persistent`, the plan-graph and CUDA-graph tests (both backends), then the whole
+#     cupy GPU suite (the warpgroup tests, the conformance suite, the modes): what landing
+#     them needs;
 #  2. K and V buffer counts in `stages`: two buffers each and two Q buffers (as `persistent`)
 #     against three K buffers or three V buffers with one Q buffer (the same shared memory),
 #     in one process (ab_configs, DMA_CUPY_OPTIONS);
@@ -60,14 +61,20 @@ fastest() {  # fastest FILE: 1-based index of the configuration whose forward ke
 }
 
 nvidia-smi --query-gpu=name --format=csv,noheader
-persistent=$(tree persistent exp_overlap.patch persistent_forward.patch) || exit 1
-stages=$(tree stages exp_overlap.patch persistent_forward.patch kv_stages.patch) || exit 1
+landing=(exp_overlap.patch persistent_forward.patch transient_plans.patch)
+persistent=$(tree persistent "${landing[@]}") || exit 1
+stages=$(tree stages "${landing[@]}" kv_stages.patch) || exit 1
 
-echo "== 1. persistent: the cupy GPU suite ($SECONDS s)"
+echo "== 1. persistent: the graph tests, then the cupy GPU suite ($SECONDS s)"
+DMA_TEST_DEVICE=cuda in_tree "$persistent" $(upto 90) python -m pytest -q -x \
+    tests/test_plan_graphs.py tests/test_cuda_graphs.py > "$out/graph_tests.txt" 2>&1
+graphs_ok=$?
+echo "exit $graphs_ok"; tail -1 "$out/graph_tests.txt"
 DMA_TEST_DEVICE=cuda in_tree "$persistent" $(upto 240) python -m pytest -q -x $workers tests \
     -k "(cupy or programs) and not test_cupy_build" > "$out/persistent_tests.txt" 2>&1
 persistent_ok=$?
 echo "exit $persistent_ok (124: out of time)"; tail -1 "$out/persistent_tests.txt"
+[ "$graphs_ok" = 0 ] || persistent_ok=$graphs_ok
 
 echo "== 2. K/V buffers: 2/2 with two Q buffers (first), 3/2, 2/3 with one ($SECONDS s)"
 options=("" "-DDMA_FORWARD_K_STAGES=3 -DDMA_FORWARD_Q_BUFFERS=1"
