@@ -91,9 +91,16 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def _type_name(x) -> str:
+    """`x`'s type as a user would write it: `int`, `numpy.int64`, `torch.Tensor`."""
+    kind = type(x)
+    module = kind.__module__.split(".")[0]
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
 def _require_tensor(name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(t)}")
     return t
 
 
@@ -165,25 +172,25 @@ def validate(
         raise ValueError(f"head dim D must be at least 1; got q {_describe(q)}")
 
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool; got {_type_name(causal)}")
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool; got {type(return_lse).__name__}")
+        raise TypeError(f"return_lse must be a bool; got {_type_name(return_lse)}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int):
-            raise TypeError(f"window must be an int >= 1 or None; got {type(window).__name__}")
+            raise TypeError(f"window must be an int >= 1 or None; got {_type_name(window)}")
         if window < 1:
             raise ValueError(f"window must be >= 1; got {window}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     else:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+            raise TypeError(f"scale must be a float or None; got {_type_name(scale)}")
         scale = float(scale)
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite; got {scale}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-            raise TypeError(f"softcap must be a float > 0 or None; got {type(softcap).__name__}")
+            raise TypeError(f"softcap must be a float > 0 or None; got {_type_name(softcap)}")
         softcap = float(softcap)
         if not (softcap > 0 and math.isfinite(softcap)):
             raise ValueError(f"softcap must be a finite float > 0; got {softcap}")

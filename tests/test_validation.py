@@ -43,6 +43,7 @@ BAD = [
     ("window 0", dict(window=0), ValueError, ["window", ">= 1"]),
     ("window float", dict(window=2.5), TypeError, ["window"]),
     ("window bool", dict(window=True), TypeError, ["window"]),
+    ("window tensor", dict(window=torch.tensor(3)), TypeError, ["window", "torch.Tensor"]),
     ("softcap 0", dict(softcap=0.0), ValueError, ["softcap"]),
     ("softcap negative", dict(softcap=-1.0), ValueError, ["softcap"]),
     ("scale nan", dict(scale=float("nan")), ValueError, ["scale", "finite"]),
