@@ -95,8 +95,9 @@ class DecodeCache:
                 torch.cat([self.scores, scores], 2), torch.cat([self.positions, new_pos], 2))
 
     def keep_best(self, k, v, scores, positions):
-        """Keep, per (batch, kv head), the `window` best keys by (score, position)."""
-        self.length = int(positions.max()) + 1
+        """Keep, per (batch, kv head), the `window` best keys by (score, position), of what
+        `extend` returned. No host sync: a decoding step queues its work and returns."""
+        self.length += positions.shape[2] - self.size  # the new tokens' count, on the host
         b, n, hkv, d = k.shape
         if n > self.window:
             flat = scores.detach().float().reshape(b * hkv, n)

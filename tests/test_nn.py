@@ -108,7 +108,15 @@ def test_decoding_matches_full_forward_with_bounded_cache(backend, chunk):
     cache = dma.nn.DecodeCache(layer.window)
     outputs = []
     for start in range(0, x.shape[1], chunk):
-        outputs.append(layer.step(x[:, start:start + chunk], cache))
+        if device == "cuda":  # a step queues its work: any host sync in it raises
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            outputs.append(layer.step(x[:, start:start + chunk], cache))
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        assert cache.length == min(start + chunk, x.shape[1])
         assert cache.size <= layer.window  # memory does not grow with the tokens decoded
     torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=1e-4, atol=1e-5)
     assert cache.length == x.shape[1]
