@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import autograd, dispatch
+from .autograd import autocast_dtype
 from .validation import validate
 
 
@@ -33,6 +34,7 @@ def attention(
     key_bias + attn_bias (ties go to the later key). Returns o like q, or (o, lse) with
     `return_lse=True` (lse float32 (B, H, Sq)).
     """
+    q, k, v, key_bias, attn_bias = _autocast_inputs(q, k, v, key_bias, attn_bias)
     if torch.compiler.is_compiling():
         # Traced models call the custom ops; validation and dispatch run inside them.
         from .compiled import attention_traceable
@@ -48,6 +50,24 @@ def attention(
     chosen = dispatch.choose(problem, backend)
     o, lse = autograd.run(problem, inputs, chosen)
     return (o, lse) if return_lse else o
+
+
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_inputs(q, k, v, key_bias, attn_bias):
+    """Under torch.autocast, the floating inputs in autocast's dtype, as SDPA takes them
+    (float64 and tensors on other devices stay as they are; autograd carries the gradients
+    back through the casts). Anything else is left for validation to report."""
+    if not isinstance(q, torch.Tensor):
+        return q, k, v, key_bias, attn_bias
+    dtype = autocast_dtype(q.device.type)
+    if dtype is None:
+        return q, k, v, key_bias, attn_bias
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE
+        and t.device.type == q.device.type else t
+        for t in (q, k, v, key_bias, attn_bias))
 
 
 def explain(q, k, v, **kwargs) -> dict[str, list[str]]:

@@ -7,11 +7,33 @@ problems (B, Sq or Sk of 0) are answered here and never reach a backend.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
 
 from .backends.base import Backend
 from .selection import build_interval_plan
 from .validation import SELECT_INTERVAL, Inputs, Problem
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs this device type's lower-precision ops in, or None
+    where autocast is off (or the device type has none)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type autocast does not know
+        pass
+    return None
+
+
+def _without_autocast(device: torch.device):
+    """The inputs were cast at the entry (api.py, as SDPA takes them); inside, the torch
+    ops of the plan and of the torch backend run in the dtypes they were written for."""
+    if autocast_dtype(device.type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def make_plan(problem: Problem, inputs: Inputs, backend: Backend):
@@ -34,8 +56,9 @@ def forward_impl(problem: Problem, inputs: Inputs, backend: Backend):
     """(o, lse, plan): the forward every route shares."""
     if problem.is_empty:
         return (*_empty_forward(problem), None)
-    plan = make_plan(problem, inputs, backend)
-    o, lse = backend.forward(problem, inputs, plan)
+    with _without_autocast(problem.device):
+        plan = make_plan(problem, inputs, backend)
+        o, lse = backend.forward(problem, inputs, plan)
     return o, lse, plan
 
 
@@ -51,10 +74,12 @@ def backward_impl(problem: Problem, inputs: Inputs, backend: Backend, plan, o, l
         )
     # ds = p * (dp - delta) with delta = rowsum(do * o) - dlse covers the gradients of both
     # outputs (d lse_i / d s_ij = p_ij).
-    delta = backend.row_delta(problem, o, do)
-    if dlse is not None:
-        delta = delta - torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
-    return backend.backward(problem, inputs, plan, o, lse, do.contiguous(), delta.contiguous())
+    with _without_autocast(problem.device):
+        delta = backend.row_delta(problem, o, do)
+        if dlse is not None:
+            delta = delta - torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
+        return backend.backward(problem, inputs, plan, o, lse, do.contiguous(),
+                                delta.contiguous())
 
 
 class AttentionFunction(torch.autograd.Function):

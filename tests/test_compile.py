@@ -32,3 +32,23 @@ def test_fullgraph_compile_matches_eager(device, window):
     for got, want in zip(grads, eager_grads):
         assert not torch.isnan(got).any()
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", available_devices())
+def test_fullgraph_compile_under_autocast(device):
+    """The autocast casts (api.py) trace too: float32 inputs, bfloat16 output, as eagerly."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 48, 4, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 48, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    kb = torch.randn(1, 2, 48, device=device, requires_grad=True)
+
+    def model(q, k, v, kb):
+        return dma.attention(q, k, v, key_bias=kb, window=8, causal=True)
+
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got, want = compiled(q, k, v, kb), model(q, k, v, kb)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grads = torch.autograd.grad(got.float().sum(), (q, k, v, kb))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
