@@ -110,12 +110,20 @@ def _remember(cache: OrderedDict, key, value, limit: int) -> None:
         cache.popitem(last=False)
 
 
+def _graph_inputs(inputs) -> tuple:
+    """The graph's own tensors for `inputs` (None stays None). Normal tensors even when the
+    capture runs under torch.inference_mode: later calls outside it copy into them, which
+    an inference tensor refuses."""
+    with torch.inference_mode(False):
+        return tuple(
+            None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in inputs)
+
+
 def _capture(key, inputs, build) -> Optional[CapturedPlan]:
     """A graph of `build` on inputs of its own, or None (with a warning, once per key) if
     the capture fails: that key then stays eager."""
-    graph_inputs = tuple(
-        None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-        for t in inputs)
+    graph_inputs = _graph_inputs(inputs)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):

@@ -64,6 +64,18 @@ def test_triton_plans_write_their_outputs_into_one_buffer():
         assert base is not None and all(t._base is base for t in outputs)
 
 
+def test_graph_inputs_take_copies_outside_inference_mode():
+    """A plan shape captured under torch.inference_mode is replayed by later calls outside
+    it, which copy their scores into the graph's inputs."""
+    scores = torch.randn(4, 10)
+    with torch.inference_mode():
+        inference_scores = torch.randn(4, 10)
+        graph_inputs = plan_graphs._graph_inputs((inference_scores, None))
+    assert graph_inputs[1] is None and not graph_inputs[0].is_inference()
+    graph_inputs[0].copy_(scores)
+    assert torch.equal(graph_inputs[0], scores)
+
+
 def test_cpu_plans_stay_eager(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a CPU plan asked for a CUDA graph")
@@ -126,6 +138,23 @@ def test_replayed_plans_match_eager_ones(case, monkeypatch):
     assert plan_graphs.stats.replays == 4  # calls 2 (right after its capture) to 5
     for expected, plan in handed_out:
         _assert_same_plans(expected, plan)
+
+
+@needs_cuda
+def test_plans_captured_under_inference_mode_replay_outside_it(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("DMA_PLAN_GRAPHS", "1")
+    plan_graphs.clear()
+    problem, inputs = _problem("cuda", 256, 256, 32, True, True, seed=0)
+    with torch.inference_mode():
+        for _ in range(2):  # seen, then captured and replayed
+            build_interval_plan(problem, inputs, 64, full_first=True)
+    assert plan_graphs.stats.captures == 1
+    problem, inputs = _problem("cuda", 256, 256, 32, True, True, seed=1)
+    plan = build_interval_plan(problem, inputs, 64, full_first=True)
+    assert plan_graphs.stats.replays == 2
+    monkeypatch.setenv("DMA_PLAN_GRAPHS", "0")
+    _assert_same_plans(build_interval_plan(problem, inputs, 64, full_first=True), plan)
 
 
 @needs_cuda
