@@ -28,12 +28,25 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _without_autocast(device: torch.device):
-    """The inputs were cast at the entry (api.py, as SDPA takes them); inside, the torch
-    ops of the plan and of the torch backend run in the dtypes they were written for."""
-    if autocast_dtype(device.type) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
+def kernel_context(device: torch.device):
+    """What a call's kernels and torch ops run under, entered only where needed:
+    * the inputs' CUDA device as the current one: Triton launches on the current device,
+      and the plan's CUDA graphs follow its current stream (tensors on cuda:1 while cuda:0
+      is current, as where a model's layers are spread over several GPUs);
+    * autocast off: the inputs were cast at the entry (api.py, as SDPA takes them), and the
+      plan's and the torch backend's own ops run in the dtypes they were written for."""
+    guards = []
+    if (device.type == "cuda" and device.index is not None
+            and device.index != torch.cuda.current_device()):
+        guards.append(torch.cuda.device(device))
+    if autocast_dtype(device.type) is not None:
+        guards.append(torch.autocast(device.type, enabled=False))
+    if len(guards) <= 1:
+        return guards[0] if guards else contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for guard in guards:
+        stack.enter_context(guard)
+    return stack
 
 
 def make_plan(problem: Problem, inputs: Inputs, backend: Backend):
@@ -56,7 +69,7 @@ def forward_impl(problem: Problem, inputs: Inputs, backend: Backend):
     """(o, lse, plan): the forward every route shares."""
     if problem.is_empty:
         return (*_empty_forward(problem), None)
-    with _without_autocast(problem.device):
+    with kernel_context(problem.device):
         plan = make_plan(problem, inputs, backend)
         o, lse = backend.forward(problem, inputs, plan)
     return o, lse, plan
@@ -74,7 +87,7 @@ def backward_impl(problem: Problem, inputs: Inputs, backend: Backend, plan, o, l
         )
     # ds = p * (dp - delta) with delta = rowsum(do * o) - dlse covers the gradients of both
     # outputs (d lse_i / d s_ij = p_ij).
-    with _without_autocast(problem.device):
+    with kernel_context(problem.device):
         delta = backend.row_delta(problem, o, do)
         if dlse is not None:
             delta = delta - torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)

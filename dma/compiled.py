@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .autograd import backward_impl, forward_impl, make_plan
+from .autograd import backward_impl, forward_impl, kernel_context, make_plan
 from .dispatch import choose
 from .validation import validate
 
@@ -58,7 +58,8 @@ def attention_backward(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor
                                window, causal, scale, softcap)
     problem = problem._replace(needs_grad=tuple(needs))
     chosen = choose(problem, backend or None)
-    plan = make_plan(problem, inputs, chosen)
+    with kernel_context(problem.device):
+        plan = make_plan(problem, inputs, chosen)
     grads = backward_impl(problem, inputs, chosen, plan, o, lse, do, dlse)
     return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
 
