@@ -40,7 +40,8 @@ def torch(session):
 def numba(session):
     install(session, "test,numba")
     session.run("pytest", "-q", "tests/conformance", "tests/test_nn.py", "tests/test_selection.py",
-                "tests/test_numba_tiles.py", "tests/test_autocast.py", "-k", "numba",
+                "tests/test_numba_tiles.py", "tests/test_autocast.py",
+                "tests/test_batch_chunks.py", "-k", "numba",
                 *session.posargs)
 
 

@@ -35,21 +35,65 @@ def attention(
     `return_lse=True` (lse float32 (B, H, Sq)).
     """
     q, k, v, key_bias, attn_bias = _autocast_inputs(q, k, v, key_bias, attn_bias)
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # traced calls validate inside the custom ops
+        problem, inputs = validate(
+            q, k, v, key_bias=key_bias, window=window, attn_bias=attn_bias,
+            attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal,
+            scale=scale, softcap=softcap, return_lse=return_lse,
+        )
+    chunk = _batch_chunk(q)
+    if chunk is not None:
+        o, lse = _in_batch_chunks(
+            chunk, q, k, v, key_bias=key_bias, window=window, attn_bias=attn_bias,
+            attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal,
+            scale=scale, softcap=softcap, backend=backend)
+        return (o, lse) if return_lse else o
+    if compiling:
         # Traced models call the custom ops; validation and dispatch run inside them.
         from .compiled import attention_traceable
 
         o, lse = attention_traceable(q, k, v, key_bias, attn_bias, attn_mask, key_padding_mask,
                                      window, causal, scale, softcap, backend)
         return (o, lse) if return_lse else o
-    problem, inputs = validate(
-        q, k, v, key_bias=key_bias, window=window, attn_bias=attn_bias, attn_mask=attn_mask,
-        key_padding_mask=key_padding_mask, causal=causal, scale=scale, softcap=softcap,
-        return_lse=return_lse,
-    )
     chosen = dispatch.choose(problem, backend)
     o, lse = autograd.run(problem, inputs, chosen)
     return (o, lse) if return_lse else o
+
+
+# A CUDA grid holds at most 65535 programs along y, where the GPU kernels put batch x heads
+# (and the plan its batch x plan heads): larger calls run as several calls.
+MAX_GPU_BATCH_HEADS = 65535
+GRID_LIMITED_DEVICES = ("cuda",)
+
+
+def _batch_chunk(q) -> Optional[int]:
+    """Batch entries per call where the whole batch would exceed MAX_GPU_BATCH_HEADS, else
+    None (the call runs as it is)."""
+    if not (isinstance(q, torch.Tensor) and q.dim() == 4
+            and q.device.type in GRID_LIMITED_DEVICES):
+        return None
+    batch, heads = q.shape[0], q.shape[2]
+    if batch <= 1 or batch * heads <= MAX_GPU_BATCH_HEADS:
+        return None
+    return max(1, MAX_GPU_BATCH_HEADS // heads)
+
+
+def _in_batch_chunks(chunk: int, q, k, v, **options):
+    """(o, lse) of the call made as calls on `chunk` batch entries each: batch entries never
+    interact, inputs with a batch dim of 1 broadcast to every chunk, and autograd sums their
+    gradients over the chunks."""
+    batch = q.shape[0]
+
+    def part(t, start):
+        sliced = isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
+        return t[start:start + chunk] if sliced else t
+
+    outputs = [
+        attention(part(q, start), part(k, start), part(v, start), return_lse=True,
+                  **{name: part(t, start) for name, t in options.items()})
+        for start in range(0, batch, chunk)]
+    return torch.cat([o for o, _ in outputs]), torch.cat([lse for _, lse in outputs])
 
 
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
