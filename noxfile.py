@@ -56,7 +56,7 @@ def triton(session):
                 "tests/test_selection.py", "tests/test_nn.py", "tests/test_triton_fitting.py",
                 "tests/test_triton_kernel_report.py", "tests/test_triton_probe.py",
                 "tests/test_row_delta.py", "tests/test_plan_graphs.py", "tests/test_autocast.py",
-                "tests/test_devices.py", "-k", "triton",
+                "tests/test_devices.py", "tests/test_batch_chunks.py", "-k", "triton",
                 *session.posargs,
                 env=env)
 
@@ -71,6 +71,6 @@ def cupy(session):
         session.install(".[cupy13]")
     session.run("pytest", "-q", "tests/conformance", "tests/test_cupy_build.py",
                 "tests/test_cupy_wgmma.py", "tests/test_gpu_modes.py", "tests/test_nn.py",
-                "tests/test_row_delta.py", "tests/test_autocast.py", "tests/test_devices.py", "-k",
-                "cupy or warpgroup",
+                "tests/test_row_delta.py", "tests/test_autocast.py", "tests/test_devices.py",
+                "tests/test_batch_chunks.py", "-k", "cupy or warpgroup",
                 *session.posargs)

@@ -53,3 +53,21 @@ def test_small_calls_and_other_devices_are_not_split():
     q = torch.randn(3, 4, 4, 8)
     assert api._batch_chunk(q) is None  # a CPU tensor
     assert api._batch_chunk(torch.randn(1, 4, 70000, 8)) is None  # one batch entry
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_decoding_more_sequences_than_a_grid_holds(backend):
+    """2100 sequences x 32 heads = 67200 programs along y: beyond one grid."""
+    if dma.backends()[backend].reasons(None):
+        pytest.skip(f"{backend} unavailable here")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2100, 1, 32, 64, generator=g).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(2100, 80, 8, 64, generator=g).to("cuda", torch.bfloat16)
+            for _ in range(2))
+    key_bias = torch.randn(2100, 8, 80, generator=g).to("cuda", torch.bfloat16)
+    options = dict(key_bias=key_bias, window=16, causal=True)
+    got = dma.attention(q, k, v, **options, backend=backend)
+    expected = dma.attention(q.double(), k.double(), v.double(),
+                             **dict(options, key_bias=key_bias.double()), backend="torch")
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
