@@ -28,6 +28,9 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+_NO_GUARD = contextlib.nullcontext()  # reusable: the common case costs no allocation
+
+
 def kernel_context(device: torch.device):
     """What a call's kernels and torch ops run under, entered only where needed:
     * the inputs' CUDA device as the current one: Triton launches on the current device,
@@ -42,7 +45,7 @@ def kernel_context(device: torch.device):
     if autocast_dtype(device.type) is not None:
         guards.append(torch.autocast(device.type, enabled=False))
     if len(guards) <= 1:
-        return guards[0] if guards else contextlib.nullcontext()
+        return guards[0] if guards else _NO_GUARD
     stack = contextlib.ExitStack()
     for guard in guards:
         stack.enter_context(guard)
