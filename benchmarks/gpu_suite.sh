@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and headline numbers in one run, for a CUDA machine without nox:
 # the plan-graph and CUDA-graph tests, the conformance suite for triton and cupy (with the
-# cupy warpgroup kernels' own cases on compute capability 9.0), then the 16k benchmark of
+# cupy warpgroup kernels' own cases on compute capability 9.0, and the GPU cases of decoding,
+# autocast, -inf scores, large batches and a second device), then the 16k benchmark of
 # CONTENDERS (default: cupy, cuDNN, triton, and both backends with eager plans; timed
 # interleaved), the table last.
 #
@@ -30,7 +31,9 @@ python -c "import xdist" 2>/dev/null && workers="-n 8"
 budget=$(( $(left) - 150 ))  # leave the benchmark its time
 if [ "$budget" -gt 30 ]; then
     DMA_TEST_DEVICE=cuda timeout "$budget" python -m pytest -q -x $workers tests/conformance \
-        tests/test_gpu_modes.py tests/test_cupy_wgmma.py -k "triton or cupy or wgmma" \
+        tests/test_gpu_modes.py tests/test_cupy_wgmma.py tests/test_nn.py tests/test_autocast.py \
+        tests/test_infinite_scores.py tests/test_batch_chunks.py tests/test_devices.py \
+        -k "triton or cupy or wgmma" \
         > "$out/conformance.txt" 2>&1
     echo "exit $? (124: out of time)"; tail -1 "$out/conformance.txt"
 else
