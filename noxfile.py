@@ -41,7 +41,8 @@ def numba(session):
     install(session, "test,numba")
     session.run("pytest", "-q", "tests/conformance", "tests/test_nn.py", "tests/test_selection.py",
                 "tests/test_numba_tiles.py", "tests/test_autocast.py",
-                "tests/test_batch_chunks.py", "tests/test_infinite_scores.py", "-k", "numba",
+                "tests/test_batch_chunks.py", "tests/test_infinite_scores.py",
+                "tests/test_autograd_route.py", "-k", "numba",
                 *session.posargs)
 
 
@@ -57,7 +58,7 @@ def triton(session):
                 "tests/test_triton_kernel_report.py", "tests/test_triton_probe.py",
                 "tests/test_row_delta.py", "tests/test_plan_graphs.py", "tests/test_autocast.py",
                 "tests/test_devices.py", "tests/test_batch_chunks.py",
-                "tests/test_infinite_scores.py", "-k", "triton",
+                "tests/test_infinite_scores.py", "tests/test_autograd_route.py", "-k", "triton",
                 *session.posargs,
                 env=env)
 
@@ -73,6 +74,6 @@ def cupy(session):
     session.run("pytest", "-q", "tests/conformance", "tests/test_cupy_build.py",
                 "tests/test_cupy_wgmma.py", "tests/test_gpu_modes.py", "tests/test_nn.py",
                 "tests/test_row_delta.py", "tests/test_autocast.py", "tests/test_devices.py",
-                "tests/test_batch_chunks.py", "tests/test_infinite_scores.py", "-k",
-                "cupy or warpgroup",
+                "tests/test_batch_chunks.py", "tests/test_infinite_scores.py",
+                "tests/test_autograd_route.py", "-k", "cupy or warpgroup",
                 *session.posargs)

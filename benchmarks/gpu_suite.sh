@@ -33,6 +33,7 @@ if [ "$budget" -gt 30 ]; then
     DMA_TEST_DEVICE=cuda timeout "$budget" python -m pytest -q -x $workers tests/conformance \
         tests/test_gpu_modes.py tests/test_cupy_wgmma.py tests/test_nn.py tests/test_autocast.py \
         tests/test_infinite_scores.py tests/test_batch_chunks.py tests/test_devices.py \
+        tests/test_autograd_route.py \
         -k "triton or cupy or wgmma" \
         > "$out/conformance.txt" 2>&1
     echo "exit $? (124: out of time)"; tail -1 "$out/conformance.txt"

@@ -115,8 +115,9 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        inputs = Inputs(*ctx.saved_tensors[:7])
-        o, lse = ctx.saved_tensors[7:]
+        saved = ctx.saved_tensors  # once: activation checkpointing unpacks each save once
+        inputs = Inputs(*saved[:7])
+        o, lse = saved[7:]
         grads = backward_impl(ctx.problem, inputs, ctx.backend, ctx.plan, o, lse, do, dlse)
         return (None, None, None, None) + tuple(grads)
 

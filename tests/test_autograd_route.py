@@ -7,6 +7,7 @@ import torch
 
 import dma
 from dma import autograd
+from harness import available_devices
 
 
 @pytest.fixture
@@ -90,3 +91,36 @@ def test_an_unused_output_gets_the_gradient_of_zeros(used, monkeypatch):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
         # lse does not depend on v
         assert (g.abs().sum() > 0) == (used == "o" or name != "v")
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("backend", list(dma.backends()))
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant, backend, device,
+                                                            monkeypatch):
+    """torch.utils.checkpoint recomputes the forward in backward and unpacks each saved
+    tensor once (the non-reentrant mode fails on a second ctx.saved_tensors)."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("DMA_DETERMINISTIC", "1")  # so that both routes agree bit for bit
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 70, 4, 16, generator=g).to(device, dtype)
+    k, v = (torch.randn(1, 70, 2, 16, generator=g).to(device, dtype) for _ in range(2))
+    key_bias = torch.randn(1, 2, 70, generator=g).to(device, dtype)
+    if dma.explain(q, k, v, key_bias=key_bias, window=9, causal=True)[backend]:
+        pytest.skip(f"{backend} cannot serve this here")
+
+    def layer(q, k, v, key_bias):
+        return dma.attention(q, k, v, key_bias=key_bias, window=9, causal=True,
+                             backend=backend)
+
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, key_bias)]
+        o = (checkpoint(layer, *leaves, use_reentrant=reentrant) if checkpointed
+             else layer(*leaves))
+        o.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
