@@ -118,8 +118,29 @@ class AttentionFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # once: activation checkpointing unpacks each save once
         inputs = Inputs(*saved[:7])
         o, lse = saved[7:]
-        grads = backward_impl(ctx.problem, inputs, ctx.backend, ctx.plan, o, lse, do, dlse)
+        with torch.no_grad():
+            grads = backward_impl(ctx.problem, inputs, ctx.backend, ctx.plan, o, lse, do, dlse)
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = no_second_derivative(grads)
         return (None, None, None, None) + tuple(grads)
+
+
+SECOND_DERIVATIVE = "dma.attention has no second derivative (double backward)"
+
+
+def no_second_derivative(grads):
+    """Gradients, each made to raise if it is differentiated again: the kernels compute the
+    first derivative only, and without this a gradient penalty (create_graph=True) would
+    treat dma's gradients as constants and silently miss its terms. (What
+    @once_differentiable does, also where the incoming gradient needs none.)"""
+    delayed = getattr(torch._C._functions, "DelayedError", None)
+    live = [g for g in grads if g is not None]
+    if delayed is None or not live:
+        return grads
+    marked = delayed(SECOND_DERIVATIVE.encode(), len(live))(
+        *(g.detach().requires_grad_() for g in live))
+    marked = iter((marked,) if isinstance(marked, torch.Tensor) else marked)  # one: bare
+    return tuple(None if g is None else next(marked) for g in grads)
 
 
 def run(problem: Problem, inputs: Inputs, backend: Backend):

@@ -124,3 +124,25 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant, backend, d
         grads.append([t.grad for t in leaves])
     for plain, recomputed in zip(*grads):
         assert torch.equal(plain, recomputed)
+
+
+@pytest.mark.parametrize("device", available_devices())
+@pytest.mark.parametrize("backend", list(dma.backends()))
+def test_second_order_gradients_raise_a_clear_error(backend, device):
+    """create_graph=True (as gradient penalties ask) gives the usual first-order gradients;
+    differentiating them again says it is not supported, rather than a wrong zero."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 30, 2, 16, generator=g).to(device).requires_grad_()
+    k = torch.randn(1, 30, 2, 16, generator=g).to(device)
+    if dma.explain(q, k, k, causal=True)[backend]:
+        pytest.skip(f"{backend} cannot serve this here")
+    for wanted in ([q], [q, k.requires_grad_()]):  # one gradient alone, and several
+        first = torch.autograd.grad(
+            dma.attention(q, k, k, causal=True, backend=backend).sum(), wanted)
+        again = torch.autograd.grad(
+            dma.attention(q, k, k, causal=True, backend=backend).sum(), wanted,
+            create_graph=True)
+        for plain, with_graph in zip(first, again):
+            assert torch.equal(plain, with_graph) and with_graph.requires_grad
+            with pytest.raises(RuntimeError, match="no second derivative"):
+                with_graph.square().sum().backward()
